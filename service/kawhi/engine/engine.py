@@ -1,0 +1,410 @@
+"""The KAWHI engine: rollout groups in, reweighted per-token advantages out.
+
+Two steps, so a front end can validate on arrival and batch the heavy part:
+
+* :meth:`Engine.prepare` (cheap, CPU): validates a group, selects its key regions
+  (METHOD §2), tokenises, splits responses into segments and computes the group
+  advantages (§1). Every mistake is a :class:`GroupError` with a JSON pointer.
+* :meth:`Engine.run` (heavy): one reference forward per group with the prefix shared,
+  the alignment score alpha_t (§4), segment weights and token advantages (§5).
+
+:meth:`Engine.reweight` does both for in-process use by a trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from kawhi import __version__
+from kawhi.engine.alignment import alignment_scores, repeat_kv
+from kawhi.engine.config import MethodConfig
+from kawhi.engine.errors import GroupError, OptionsError
+from kawhi.engine.estimators import InvalidRewardError, group_advantages
+from kawhi.engine.images import ImageLimits, decode_base64, decode_image, sha256_hex
+from kawhi.engine.regions import RegionSelection, select_regions
+from kawhi.engine.segments import Segment, segment_tokens, token_segment_index
+from kawhi.engine.weights import normalize_weights, paragraph_weights, segment_means, token_weights
+from kawhi.models.qwen import PromptInputs, QwenVLReference, TokenizedText
+from kawhi_client.schema import (
+    GroupResult,
+    ImageRef,
+    Options,
+    Paragraph,
+    Problem,
+    ResponseResult,
+    RolloutGroup,
+)
+
+__all__ = ["Engine", "EngineLimits", "GroupError", "OptionsError", "PreparedGroup", "DEMO_MODEL_DIR"]
+
+log = logging.getLogger(__name__)
+
+DEMO_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "demo"
+DEMO_MODEL_NAME = "kawhi-demo-qwen2.5-vl-tiny"
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """Sizes a group may have; larger ones are refused (413) before any model work."""
+
+    max_responses: int = 64
+    max_response_tokens: int = 8192
+    max_group_tokens: int = 131072  # prefix + all responses of one group
+    image: ImageLimits = field(default_factory=ImageLimits)
+
+
+@dataclass
+class PreparedResponse:
+    tokens: TokenizedText
+    segments: list[Segment]
+    segment_ids: np.ndarray  # (T,) int
+    advantage: float
+
+
+@dataclass
+class PreparedGroup:
+    """A validated group, ready for the forward. ``num_tokens`` = prefix + all responses."""
+
+    index: int
+    id: Optional[str]
+    config: MethodConfig
+    heads: tuple[int, ...]
+    prompt: PromptInputs
+    regions: RegionSelection
+    responses: list[PreparedResponse]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.prompt.input_ids.numel()) + sum(len(r.tokens.token_ids) for r in self.responses)
+
+
+class Engine:
+    """KAWHI over one frozen reference model. Not thread-safe: one caller at a time runs it."""
+
+    def __init__(
+        self,
+        model: QwenVLReference,
+        defaults: MethodConfig | None = None,
+        *,
+        limits: EngineLimits | None = None,
+        is_demo: bool = False,
+        model_name: str | None = None,
+    ) -> None:
+        self.model = model
+        self.defaults = defaults or MethodConfig()
+        self.limits = limits or EngineLimits()
+        self.is_demo = is_demo
+        self.model_name = model_name or model.name
+        self.tokenizer_fingerprint = model.tokenizer_fingerprint()
+        if model.preset_heads is None:
+            log.warning("no published vision-critical head set for %s: 'preset' means all %d heads "
+                        "(METHOD §3: run the head ablation for this model)", self.model_name, model.num_heads)
+
+    @classmethod
+    def load(
+        cls,
+        model: str | Path | None = None,
+        *,
+        device: str = "cpu",
+        dtype: str = "auto",
+        defaults: MethodConfig | None = None,
+        limits: EngineLimits | None = None,
+    ) -> "Engine":
+        """Load a local model folder, or the embedded demo model when ``model`` is None."""
+        if model is None:
+            reference = QwenVLReference.from_pretrained(DEMO_MODEL_DIR, device=device, dtype="float32",
+                                                        name=DEMO_MODEL_NAME)
+            log.warning("serving the embedded DEMO model (random weights): its advantages are for plumbing, "
+                        "not for training; pass --model /path/to/Qwen2.5-VL-7B-Instruct for real use")
+            return cls(reference, defaults, limits=limits, is_demo=True, model_name=DEMO_MODEL_NAME)
+        reference = QwenVLReference.from_pretrained(model, device=device, dtype=dtype)
+        return cls(reference, defaults, limits=limits)
+
+    # ------------------------------------------------------------------ options
+    def resolve_options(self, options: Options | Mapping[str, Any] | None) -> MethodConfig:
+        """Request options over the engine defaults. Raises OptionsError naming the field."""
+        if isinstance(options, Options):
+            options = options.model_dump(exclude_none=True)
+        try:
+            config = self.defaults.updated(options)
+        except (TypeError, ValueError) as exc:
+            message = str(exc)
+            fields = [f.name for f in dataclasses.fields(MethodConfig) if f.name in message]
+            raise OptionsError(fields[0] if fields else "options", message) from None
+        self.resolve_heads(config)
+        return config
+
+    def resolve_heads(self, config: MethodConfig) -> tuple[int, ...]:
+        """The query-head indices alpha averages over, validated against the model."""
+        if config.heads == "all":
+            return tuple(range(self.model.num_heads))
+        if config.heads == "preset":
+            return self.model.preset_heads or tuple(range(self.model.num_heads))
+        bad = [h for h in config.heads if h >= self.model.num_heads]
+        if bad:
+            raise OptionsError("heads", f"head indices {bad} out of range: the model has {self.model.num_heads} heads")
+        return tuple(sorted(set(config.heads)))
+
+    def info(self) -> dict[str, Any]:
+        m = self.model
+        return {
+            "model": self.model_name,
+            "is_demo": self.is_demo,
+            "model_type": m.model_type,
+            "version": __version__,
+            "tokenizer_fingerprint": self.tokenizer_fingerprint,
+            "vocab_size": m.vocab_size,
+            "num_heads": m.num_heads,
+            "num_kv_heads": m.num_kv_heads,
+            "preset_heads": list(m.preset_heads) if m.preset_heads else None,
+            "heads": list(self.resolve_heads(self.defaults)),
+            "patch_side": m.patch_side,
+            "device": str(m.device),
+            "dtype": str(m.dtype).replace("torch.", ""),
+            "limits": {
+                "max_responses": self.limits.max_responses,
+                "max_response_tokens": self.limits.max_response_tokens,
+                "max_group_tokens": self.limits.max_group_tokens,
+                "max_image_bytes": self.limits.image.max_bytes,
+                "max_image_pixels": self.limits.image.max_pixels,
+                "image_formats": list(self.limits.image.formats),
+            },
+            "defaults": self.defaults.to_dict(),
+        }
+
+    # ------------------------------------------------------------------ prepare
+    def prepare(
+        self,
+        group: RolloutGroup,
+        config: MethodConfig,
+        image: Image.Image,
+        *,
+        image_sha256: str,
+        index: int = 0,
+        region_cache: Any = None,
+    ) -> PreparedGroup:
+        """Validate and pre-process one group (everything but the forward).
+
+        image: the decoded RGB image (see kawhi.engine.images.decode_image).
+        region_cache: optional object with ``get(key) -> dict | None`` and
+        ``set(key, dict)``; region selections are cached under a content-hash key.
+        Raises GroupError (pointer relative to the group).
+        """
+        heads = self.resolve_heads(config)
+        if len(group.responses) > self.limits.max_responses:
+            raise GroupError("/responses", f"{len(group.responses)} responses; the limit is "
+                             f"{self.limits.max_responses}", status=413, title="Group too large")
+        advantages = self._advantages(group, config)
+        resized, grid = self.model.resize_image(image)
+        regions = self._regions(resized, grid, config, image_sha256, region_cache)
+        try:
+            prompt = self.model.encode_prompt(resized, prompt=group.prompt, messages=group.messages)
+        except Exception as exc:  # a template or message-shape problem in the caller's messages
+            raise GroupError("/messages" if group.messages is not None else "/prompt", str(exc)) from None
+
+        responses = []
+        total = int(prompt.input_ids.numel())
+        for i, (response, advantage) in enumerate(zip(group.responses, advantages)):
+            tokens = self._tokens(response, i)
+            total += len(tokens.token_ids)
+            segments = segment_tokens(tokens.text, tokens.offsets, config.granularity)
+            responses.append(PreparedResponse(tokens, segments, token_segment_index(segments, len(tokens.token_ids)),
+                                              float(advantage)))
+        if total > self.limits.max_group_tokens or total > self.model.max_positions:
+            limit = min(self.limits.max_group_tokens, self.model.max_positions)
+            raise GroupError("/responses", f"the group holds {total} tokens (prompt and image included); "
+                             f"the limit is {limit}", status=413, title="Group too large")
+        return PreparedGroup(index, group.id, config, heads, prompt, regions, responses)
+
+    def _advantages(self, group: RolloutGroup, config: MethodConfig) -> np.ndarray:
+        if group.advantages is not None:
+            if len(group.advantages) != len(group.responses):
+                raise GroupError("/advantages", f"{len(group.advantages)} advantages for "
+                                 f"{len(group.responses)} responses")
+            return self._estimate(None, "given", config, group.advantages, "/advantages")
+        if config.estimator == "given":
+            raise GroupError("/advantages", "estimator 'given' needs 'advantages', one per response")
+        rewards = []
+        for i, response in enumerate(group.responses):
+            if response.reward is None:
+                raise GroupError(f"/responses/{i}/reward", "reward is missing")
+            rewards.append(response.reward)
+        return self._estimate(rewards, config.estimator, config, None, "/responses/{i}/reward")
+
+    @staticmethod
+    def _estimate(rewards, estimator, config, given, pointer_format: str) -> np.ndarray:
+        try:
+            return group_advantages(rewards, estimator, eps=config.eps, std=config.std, given=given)
+        except InvalidRewardError as exc:
+            pointer = pointer_format.format(i=exc.index) if "{i}" in pointer_format else f"{pointer_format}/{exc.index}"
+            raise GroupError(pointer, str(exc)) from None
+
+    def _tokens(self, response: Any, i: int) -> TokenizedText:
+        limit = self.limits.max_response_tokens
+        if response.token_ids is not None:
+            ids = response.token_ids
+            if len(ids) > limit:
+                raise GroupError(f"/responses/{i}/token_ids", f"{len(ids)} tokens; the limit is {limit}",
+                                 status=413, title="Response too long")
+            for j, token in enumerate(ids):
+                if not 0 <= token < self.model.vocab_size:
+                    raise GroupError(f"/responses/{i}/token_ids/{j}",
+                                     f"token id {token} is outside the model's vocabulary [0, {self.model.vocab_size})")
+                if token in self.model.placeholder_ids:
+                    raise GroupError(f"/responses/{i}/token_ids/{j}",
+                                     f"token id {token} is an image/video placeholder, which a response cannot hold")
+            return self.model.decode(ids)
+        # Characters bound tokens from above; refuse absurd texts before tokenising them.
+        if len(response.text) > limit * 64:
+            raise GroupError(f"/responses/{i}/text", f"{len(response.text)} characters is far beyond "
+                             f"{limit} tokens", status=413, title="Response too long")
+        tokens = self.model.tokenize(response.text)
+        if len(tokens.token_ids) > limit:
+            raise GroupError(f"/responses/{i}/text", f"{len(tokens.token_ids)} tokens; the limit is {limit}",
+                             status=413, title="Response too long")
+        return tokens
+
+    def _regions(self, resized: Image.Image, grid: tuple[int, int], config: MethodConfig, image_sha256: str,
+                 region_cache: Any) -> RegionSelection:
+        s = config.sguf
+        key = (f"regions:v1:{image_sha256}:{grid[0]}x{grid[1]}:{config.regions}:{config.skip_ratio}:{config.seed}:"
+               f"{s.delta_s}:{s.delta_l}:{s.beta}:{s.sigma}")
+        if region_cache is not None:
+            cached = region_cache.get(key)
+            if cached is not None:
+                return RegionSelection.from_dict(cached)
+        seed = (config.seed, int(image_sha256[:16], 16))
+        regions = select_regions(np.asarray(resized), grid, config.regions, config.skip_ratio, seed, config.sguf)
+        if region_cache is not None:
+            region_cache.set(key, regions.to_dict())
+        return regions
+
+    # ------------------------------------------------------------------ run
+    def run(self, prepared: Sequence[PreparedGroup]) -> list[GroupResult]:
+        """The reference forward and the reweighting for each prepared group.
+
+        A group that fails here (it should not) gets a GroupResult with ``error`` set;
+        the others are unaffected.
+        """
+        results = []
+        for group in prepared:
+            try:
+                results.append(self._run_group(group))
+            except Exception as exc:
+                log.exception("group %s failed in the forward", group.id)
+                results.append(GroupResult(id=group.id, error=Problem(
+                    title="Internal error", status=500, detail=f"{type(exc).__name__}: {exc}", pointer="")))
+        return results
+
+    def _run_group(self, group: PreparedGroup) -> GroupResult:
+        config = group.config
+        rope = config.rope == "after"
+        states = self.model.final_layer_inputs(group.prompt, [r.tokens.token_ids for r in group.responses])
+        visual_keys = self.model.project(states.visual, "key", rope)  # (H_kv, N, d)
+        selected = torch.tensor(group.regions.selected.tolist(), dtype=torch.long, device=visual_keys.device)
+        heads = torch.as_tensor(group.heads, dtype=torch.long, device=visual_keys.device)
+        n_rep = self.model.num_heads // self.model.num_kv_heads
+        results = []
+        for response, response_states in zip(group.responses, states.responses):
+            n_tokens = len(response.tokens.token_ids)
+            if n_tokens == 0:  # the documented rule for an empty response: nothing to weight
+                results.append(ResponseResult(advantage=response.advantage, paragraphs=[], token_advantages=[],
+                                              token_weights=[]))
+                continue
+            if config.similarity == "query_key":
+                probes = self.model.project(response_states, "query", rope)
+            else:  # key-key ablation: the response tokens' own keys, repeated to the query heads
+                probes = repeat_kv(self.model.project(response_states, "key", rope), n_rep)
+            alpha = alignment_scores(probes, visual_keys, selected, heads).cpu().double().numpy()
+            results.append(self._reweight_response(response, alpha, config))
+        return GroupResult(
+            id=group.id,
+            grid=list(group.regions.grid),
+            key_tokens=group.regions.key.tolist(),
+            selected_tokens=group.regions.selected.tolist(),
+            responses=results,
+        )
+
+    @staticmethod
+    def _reweight_response(response: PreparedResponse, alpha: np.ndarray, config: MethodConfig) -> ResponseResult:
+        """alpha (T,) -> segment weights (§5) -> per-token advantages."""
+        segments, ids = response.segments, response.segment_ids
+        abar = segment_means(alpha, ids, len(segments))
+        weights = paragraph_weights(abar, temperature=config.temperature, smoothing=config.smoothing,
+                                    w_min=config.w_min, w_max=config.w_max)
+        counts = np.array([s.token_end - s.token_start for s in segments])
+        weights = normalize_weights(weights, counts, config.normalize)
+        per_token = token_weights(weights, ids)
+        return ResponseResult(
+            advantage=response.advantage,
+            paragraphs=[Paragraph(char_start=s.char_start, char_end=s.char_end, token_start=s.token_start,
+                                  token_end=s.token_end, alpha=float(a), weight=float(w))
+                        for s, a, w in zip(segments, abar, weights)],
+            token_advantages=(response.advantage * per_token).tolist(),
+            token_weights=per_token.tolist(),
+        )
+
+    # ------------------------------------------------------------------ in-process
+    def reweight(
+        self,
+        groups: Sequence[RolloutGroup | Mapping[str, Any]],
+        options: Options | Mapping[str, Any] | None = None,
+        *,
+        load_image: Callable[[ImageRef], bytes] | None = None,
+    ) -> list[GroupResult]:
+        """Prepare and run ``groups`` in-process; a bad group yields a result with ``error``.
+
+        load_image resolves an ImageRef to bytes; the default accepts ``data`` and
+        ``path`` (a trainer's own files), not ``sha256``.
+        """
+        config = self.resolve_options(options)
+        load_image = load_image or load_image_bytes
+        prepared, results = [], {}
+        for index, raw in enumerate(groups):
+            try:
+                group = raw if isinstance(raw, RolloutGroup) else RolloutGroup.model_validate(raw)
+                data = load_image(group.image)
+                image = decode_image(data, self.limits.image)
+                prepared.append(self.prepare(group, config, image, image_sha256=sha256_hex(data), index=index))
+            except GroupError as exc:
+                results[index] = GroupResult(id=_group_id(raw), error=Problem(**exc.to_problem()))
+            except ValueError as exc:  # pydantic's ValidationError is a ValueError
+                results[index] = GroupResult(id=_group_id(raw), error=Problem(
+                    title="Invalid rollout group", status=422, detail=str(exc), pointer=""))
+        for group, result in zip(prepared, self.run(prepared)):
+            results[group.index] = result
+        return [results[i] for i in range(len(groups))]
+
+
+def load_image_bytes(ref: ImageRef, base_dir: Path | None = None) -> bytes:
+    """ImageRef -> bytes for in-process and CLI use: ``data`` or a local ``path``."""
+    if ref.data is not None:
+        return decode_base64(ref.data)
+    if ref.path is not None:
+        path = Path(ref.path)
+        if base_dir is not None and not path.is_absolute():
+            path = base_dir / path
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise GroupError("/image/path", f"cannot read {path}: {exc.strerror}", status=404,
+                             title="Image not found") from None
+    raise GroupError("/image/sha256", f"unknown image {ref.sha256}: in-process use needs the bytes or a path",
+                     status=404, title="Image not found")
+
+
+def _group_id(raw: Any) -> Optional[str]:
+    if isinstance(raw, RolloutGroup):
+        return raw.id
+    if isinstance(raw, Mapping) and isinstance(raw.get("id"), str):
+        return raw["id"]
+    return None

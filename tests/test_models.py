@@ -1,0 +1,163 @@
+"""The reference-model adapters on tiny random models of each architecture."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from kawhi.models.heads import preset_heads
+from kawhi.models.qwen import smart_resize
+from tiny_models import ARCHITECTURES, tiny_reference
+
+RESPONSES = ["First, the bar chart shows 42.\n\nTherefore the answer is 7.", "So the axis reads 3.", ""]
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def reference(request):
+    return tiny_reference(request.param)
+
+
+def figure(width=200, height=150) -> Image.Image:
+    image = Image.new("RGB", (width, height), "white")
+    ImageDraw.Draw(image).rectangle([30, 30, 120, 100], outline="black", width=3)
+    return image
+
+
+def full_forward(reference, prompt, response_ids):
+    """Final-layer inputs of one response from an independent forward of the whole sequence."""
+    ids = torch.cat([prompt.input_ids, torch.tensor(response_ids, dtype=torch.long)])
+    whole = type(prompt)(ids, prompt.pixel_values, prompt.image_grid_thw, prompt.visual_positions, prompt.grid)
+    with torch.inference_mode():
+        return reference._run_until_final_layer(
+            input_ids=ids[None], pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw,
+            mm_token_type_ids=(ids[None] == reference.image_token_id).int(),
+            position_ids=reference.prompt_positions(whole))
+
+
+def test_prompt_has_one_visual_token_per_grid_cell(reference):
+    resized, grid = reference.resize_image(figure())
+    assert resized.size == (grid[1] * reference.patch_side, grid[0] * reference.patch_side)
+    prompt = reference.encode_prompt(resized, prompt="How many sides?")
+    assert prompt.grid == grid
+    assert prompt.visual_positions.numel() == grid[0] * grid[1]
+    assert torch.all(prompt.input_ids[prompt.visual_positions] == reference.image_token_id)
+    # visual tokens are contiguous and come before the prompt text
+    assert torch.all(prompt.visual_positions.diff() == 1)
+
+
+def test_shared_prefix_equals_independent_forwards(reference):
+    resized, _ = reference.resize_image(figure())
+    prompt = reference.encode_prompt(resized, prompt="Describe the figure.")
+    responses = [reference.tokenize(text).token_ids for text in RESPONSES]
+    states = reference.final_layer_inputs(prompt, responses)
+    assert states.visual.hidden.shape[0] == prompt.visual_positions.numel()
+    for ids, got in zip(responses, states.responses):
+        assert got.hidden.shape[0] == len(ids)
+        if not ids:
+            continue
+        P = prompt.input_ids.numel()
+        expected = full_forward(reference, prompt, ids)
+        torch.testing.assert_close(got.hidden, expected.hidden[0, P:], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got.cos, expected.cos[0, P:])
+        torch.testing.assert_close(states.visual.hidden, expected.hidden[0, prompt.visual_positions], atol=1e-4,
+                                   rtol=1e-4)
+
+
+def test_projection_matches_the_attention_modules_own_computation(reference):
+    """q/k recomputed from captured inputs equal what the final attention layer computes."""
+    resized, _ = reference.resize_image(figure())
+    prompt = reference.encode_prompt(resized, prompt="x")
+    ids = reference.tokenize(RESPONSES[0]).token_ids
+    states = reference.final_layer_inputs(prompt, [ids])
+    captured = {}
+    attn = reference._final_layer.self_attn
+    rope = reference._apply_rope
+
+    def spy(q, k, cos, sin, *args, **kwargs):
+        captured["q"], captured["k"] = q, k
+        captured["out"] = rope(q, k, cos, sin, *args, **kwargs)
+        return captured["out"]
+
+    module = __import__(type(attn).__module__, fromlist=["apply_rotary_pos_emb"])
+    original = module.apply_rotary_pos_emb
+    module.apply_rotary_pos_emb = spy
+    try:
+        full_forward_through_final_layer(reference, prompt, ids)
+    finally:
+        module.apply_rotary_pos_emb = original
+    P = prompt.input_ids.numel()
+    q_after = captured["out"][0][0, :, P:]
+    k_vis_after = captured["out"][1][0][:, prompt.visual_positions]
+    torch.testing.assert_close(reference.project(states.responses[0], "query", rope=True), q_after.float(),
+                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(reference.project(states.visual, "key", rope=True), k_vis_after.float(),
+                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(reference.project(states.responses[0], "query", rope=False),
+                               captured["q"][0, :, P:].float(), atol=1e-4, rtol=1e-4)
+    # after-RoPE differs from before-RoPE away from position 0
+    assert not torch.allclose(q_after.float(), captured["q"][0, :, P:].float(), atol=1e-3)
+
+
+def full_forward_through_final_layer(reference, prompt, ids):
+    seq = torch.cat([prompt.input_ids, torch.tensor(ids, dtype=torch.long)])
+    whole = type(prompt)(seq, prompt.pixel_values, prompt.image_grid_thw, prompt.visual_positions, prompt.grid)
+    with torch.inference_mode():
+        reference._base(input_ids=seq[None], pixel_values=prompt.pixel_values,
+                        image_grid_thw=prompt.image_grid_thw,
+                        mm_token_type_ids=(seq[None] == reference.image_token_id).int(),
+                        position_ids=reference.prompt_positions(whole))
+
+
+def test_forward_stops_before_the_final_layer(reference):
+    """The final decoder layer and the LM head never run."""
+    calls = []
+    layer = reference._final_layer
+    handle = layer.mlp.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        resized, _ = reference.resize_image(figure())
+        reference.final_layer_inputs(reference.encode_prompt(resized, prompt="x"), [reference.tokenize(" the answer is").token_ids])
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+def test_response_positions_continue_the_models_own_rope_index(reference):
+    resized, _ = reference.resize_image(figure())
+    prompt = reference.encode_prompt(resized, prompt="x")
+    ids = torch.cat([prompt.input_ids, torch.tensor(reference.tokenize(" the answer is").token_ids[:3])])
+    whole = type(prompt)(ids, prompt.pixel_values, prompt.image_grid_thw, prompt.visual_positions, prompt.grid)
+    full = reference.prompt_positions(whole)[:, 0]
+    start = int(reference.prompt_positions(prompt).max()) + 1
+    assert torch.equal(full[:, -3:], torch.arange(start, start + 3).expand(3, -1))
+
+
+def test_decode_offsets_cover_the_text_exactly(reference):
+    text = "Angle ∠ABC = 90°.\n\n三角形 🙂 done"
+    ids = reference.tokenize(text).token_ids
+    decoded = reference.decode(ids)
+    assert decoded.text == text
+    assert decoded.offsets[0][0] == 0 and decoded.offsets[-1][1] == len(text)
+    for (s0, e0), (s1, _) in zip(decoded.offsets, decoded.offsets[1:]):
+        assert s0 <= e0 and s1 >= e0 - 1  # at most one shared (split multi-byte) character
+    # every character is covered by some token
+    covered = set()
+    for s, e in decoded.offsets:
+        covered.update(range(s, e))
+    assert covered == set(range(len(text)))
+
+
+def test_smart_resize_rule():
+    assert smart_resize(150, 200, 28, 56 * 56, 28 * 28 * 64) == (140, 196)
+    h, w = smart_resize(4000, 4000, 28, 56 * 56, 28 * 28 * 64)
+    assert h * w <= 28 * 28 * 64 and h % 28 == 0 and w % 28 == 0
+    with pytest.raises(ValueError):
+        smart_resize(10, 5000, 28, 56 * 56, 28 * 28 * 64)
+
+
+def test_head_presets():
+    assert preset_heads("Qwen/Qwen2.5-VL-7B-Instruct", 28) == (0, 1, 3, 22, 23, 24, 25, 26, 27)
+    assert preset_heads("/models/Qwen3-VL-4B-Instruct", 32) == (2, 3, 4, 12, 13, 19, 25, 27)
+    assert preset_heads("Qwen2.5-VL-7B-tiny", 4) is None  # indices do not fit this model
+    assert preset_heads("llava", 32) is None

@@ -1,0 +1,70 @@
+"""Tiny random-weight reference models of each supported architecture, built offline.
+
+They share the embedded demo model's tokenizer, so they load in well under a second
+and exercise each architecture's real transformers code (vision tower, 3-D RoPE,
+GQA, Qwen3-VL's q/k norms and deepstack).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import transformers
+from transformers import AutoTokenizer
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from kawhi.engine.engine import DEMO_MODEL_DIR
+from kawhi.models.qwen import QwenVLReference
+
+ARCHITECTURES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+@functools.lru_cache(maxsize=None)
+def demo_tokenizer():
+    return AutoTokenizer.from_pretrained(DEMO_MODEL_DIR, local_files_only=True)
+
+
+def _config(model_type: str, tokenizer) -> transformers.PretrainedConfig:
+    ids = tokenizer.convert_tokens_to_ids
+    special = dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                   vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    if model_type == "qwen2_vl":
+        vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        return transformers.Qwen2VLConfig(text_config=text, vision_config=vision, **special)
+    if model_type == "qwen2_5_vl":
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                      fullatt_block_indexes=[1])
+        return transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **special)
+    if model_type == "qwen3_vl":
+        text.update(head_dim=16)
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                   "mrope_interleaved": True}
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                      patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                      deepstack_visual_indexes=[0])
+        return transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **special)
+    raise ValueError(model_type)
+
+
+def tiny_reference(model_type: str, seed: int = 0, name: str | None = None) -> QwenVLReference:
+    """A QwenVLReference over a freshly initialised tiny model of ``model_type``."""
+    tokenizer = demo_tokenizer()
+    config = _config(model_type, tokenizer)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model_class = {"qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
+                   "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
+                   "qwen3_vl": transformers.Qwen3VLForConditionalGeneration}[model_type]
+    model = model_class(config).eval()
+    patch = config.vision_config.patch_size
+    processor = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2,
+                                         size={"shortest_edge": 4 * (2 * patch) ** 2,
+                                               "longest_edge": 64 * (2 * patch) ** 2})
+    return QwenVLReference(model, tokenizer, processor, name or f"tiny-{model_type}")
