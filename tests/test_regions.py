@@ -8,8 +8,6 @@ so a stroke at least 9 px from a patch border leaves its neighbours exactly flat
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,11 +16,6 @@ from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
-
-try:
-    import kawhi  # noqa: F401
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))
 
 from kawhi.engine import regions
 from kawhi.engine.config import SgufParams
