@@ -1,0 +1,71 @@
+"""Structured logs: one JSON object per line, carrying the request id of the request being served."""
+
+from __future__ import annotations
+
+import contextvars
+import datetime as _dt
+import json
+import logging
+import re
+import sys
+import uuid
+from typing import Any, Optional
+
+request_id_var: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("kawhi_request_id", default=None)
+
+_VALID_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+
+# LogRecord attributes that are not user "extra" fields.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "color_message"}
+
+
+def accept_request_id(value: Optional[str]) -> str:
+    """The caller's X-Request-ID when it is a sane token, else a fresh one."""
+    if value and _VALID_ID.match(value):
+        return value
+    return uuid.uuid4().hex
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": _dt.datetime.fromtimestamp(record.created, _dt.timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        rid = getattr(record, "request_id", None) or request_id_var.get()
+        if rid:
+            out["request_id"] = rid
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and key not in out and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str, separators=(",", ":"))
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        rid = getattr(record, "request_id", None) or request_id_var.get()
+        return f"{line} [{rid}]" if rid else line
+
+
+def configure_logging(level: str = "info", json_logs: bool = True) -> None:
+    """Route the root, uvicorn and kawhi loggers to one stderr handler."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if json_logs else TextFormatter())
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        lg = logging.getLogger(name)
+        lg.handlers = []
+        lg.propagate = True
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)  # kawhi logs each request itself

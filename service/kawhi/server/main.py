@@ -1,0 +1,182 @@
+"""`kawhi serve`: run the HTTP service under uvicorn.
+
+``add_serve_parser(subparsers)`` registers the subcommand on the ``kawhi`` CLI; every
+setting (``kawhi.server.settings.Settings``) is a flag named after it
+(``--batch-tokens``, ``--temperature``, ``--sguf-delta-s`` ...). Precedence: flag >
+``KAWHI_*`` environment variable > default. ``python -m kawhi.server.main`` runs the
+same command on its own.
+
+SIGTERM drains: the first signal flips the server to *draining* (``/readyz`` 503,
+new /v1 work 503 + Retry-After, the listener stays open so load balancers see
+it), in-flight requests finish (at most ``drain_timeout_s``), then uvicorn shuts
+down and the process exits 0. A second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+import typing
+from typing import Any, Optional
+
+from pydantic import SecretStr
+
+log = logging.getLogger("kawhi.server")
+
+# flags that get a short help line of their own in `kawhi serve --help`
+_GROUPS = {
+    "model": "model",
+    "device": "model",
+    "dtype": "model",
+    "host": "network",
+    "port": "network",
+    "api_keys": "network",
+    "root_path": "network",
+}
+
+
+def _flag_type(annotation: Any) -> tuple[Any, Optional[list[Any]], bool]:
+    """(argparse type, choices, is_bool) for a settings annotation."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
+        annotation = args[0]
+    if typing.get_origin(annotation) is typing.Literal:
+        choices = list(typing.get_args(annotation))
+        return type(choices[0]), choices, False
+    if annotation is bool:
+        return bool, None, True
+    if annotation in (int, float):
+        return annotation, None, False
+    return str, None, False
+
+
+def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `serve` on an argparse subparsers object; sets ``func`` to run the server."""
+    from kawhi.server.settings import METHOD_FIELDS, Settings
+
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the HTTP service (FastAPI + uvicorn)",
+        description=(
+            "Serve KAWHI over HTTP. With no arguments: the embedded demo model on 127.0.0.1:8000. "
+            "Every flag also reads KAWHI_<NAME> from the environment (flag > env > default)."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    groups = {
+        "model": parser.add_argument_group("model"),
+        "network": parser.add_argument_group("network and auth"),
+        "server": parser.add_argument_group("limits, scheduling, caches, logging"),
+        "method": parser.add_argument_group("method defaults (kawhi/engine/config.py)"),
+    }
+    for name, field in Settings.model_fields.items():
+        group = groups["method" if name in METHOD_FIELDS else _GROUPS.get(name, "server")]
+        flag = "--" + name.replace("_", "-")
+        env = "KAWHI_" + name.upper()
+        default = field.default
+        if isinstance(default, SecretStr):
+            default = "<redacted>"
+        help_text = f"{field.description or ''} [env {env}; default {default!r}]"
+        tp, choices, is_bool = _flag_type(field.annotation)
+        if is_bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=help_text)
+        else:
+            group.add_argument(flag, dest=name, type=tp, choices=choices, default=argparse.SUPPRESS,
+                               help=help_text, metavar=None if choices else name.upper())
+    parser.set_defaults(func=run_serve)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Any:
+    """Settings with the flags the operator gave (argparse leaves the others unset) over env and defaults."""
+    from kawhi.server.settings import Settings
+
+    given = {name: getattr(args, name) for name in Settings.model_fields if hasattr(args, name)}
+    return Settings(**given)
+
+
+class DrainingServer:
+    """uvicorn.Server whose first SIGTERM/SIGINT drains before stopping (see module doc)."""
+
+    def __new__(cls, config: Any, state: Any) -> Any:  # build a subclass lazily: uvicorn imported on demand
+        import uvicorn
+
+        class _Server(uvicorn.Server):
+            def handle_exit(self, sig: int, frame: Any) -> None:
+                if state.draining or self.should_exit:
+                    return super().handle_exit(sig, frame)  # second signal: stop now
+                self._captured_signals.append(sig)
+                state.begin_drain()
+                threading.Thread(target=self._drain, name="kawhi-drain", daemon=True).start()
+
+            def _drain(self) -> None:
+                deadline = time.monotonic() + state.settings.drain_timeout_s
+                while time.monotonic() < deadline and not state.idle():
+                    time.sleep(0.05)
+                if not state.idle():
+                    log.warning("drain timeout: stopping with work in flight", extra={"in_flight": state.active})
+                else:
+                    log.info("drained")
+                self.should_exit = True
+
+        return _Server(config)
+
+
+def _exit_zero(signum: int, frame: Any) -> None:  # the signal uvicorn re-raises after a clean drain
+    raise SystemExit(0)
+
+
+def serve(settings: Any) -> None:
+    """Run the server in this (main) thread until SIGTERM/SIGINT."""
+    import uvicorn
+
+    from kawhi.server.app import create_app
+    from kawhi.server.logs import configure_logging
+
+    configure_logging(settings.log_level, settings.log_json)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=max(1.0, settings.drain_timeout_s),
+        server_header=False,
+        proxy_headers=False,
+    )
+    server = DrainingServer(config, app.state.kawhi)
+    # uvicorn re-raises the captured signal once it has shut down; exit 0 then (a clean drain).
+    signal.signal(signal.SIGTERM, _exit_zero)
+    signal.signal(signal.SIGINT, _exit_zero)
+    server.run()
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        print(f"kawhi serve: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    serve(settings)
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="kawhi")
+    sub = parser.add_subparsers(dest="command")
+    add_serve_parser(sub)
+    args = parser.parse_args(["serve", *(argv if argv is not None else sys.argv[1:])])
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Prometheus metrics of the server, on a registry owned by the app (not the global one).
+
+Names follow the Prometheus conventions (base units, ``_total`` for counters,
+``_seconds`` for durations). Every app has its own ``CollectorRegistry`` so several
+apps can live in one process (tests) without clashing.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+FORWARD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+GROUP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self.requests = Counter(
+            "kawhi_requests", "HTTP requests answered, by route template and status", ["route", "status"], registry=r
+        )
+        self.request_duration = Histogram(
+            "kawhi_request_duration_seconds",
+            "HTTP request latency, by route template and status",
+            ["route", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge("kawhi_requests_in_flight", "HTTP requests being answered", registry=r)
+        self.queue_depth = Gauge(
+            "kawhi_queue_depth", "rollout groups admitted and not yet in a forward (preparing or queued)", registry=r
+        )
+        self.batch_groups = Histogram(
+            "kawhi_batch_groups", "rollout groups per batched forward", buckets=GROUP_BUCKETS, registry=r
+        )
+        self.batch_tokens = Histogram(
+            "kawhi_batch_tokens", "tokens per batched forward", buckets=TOKEN_BUCKETS, registry=r
+        )
+        self.forward_seconds = Histogram(
+            "kawhi_forward_seconds", "wall time of one batched reference forward", buckets=FORWARD_BUCKETS, registry=r
+        )
+        self.prepare_seconds = Histogram(
+            "kawhi_prepare_seconds", "wall time to decode, validate and tokenize one group", buckets=FORWARD_BUCKETS,
+            registry=r,
+        )
+        self.groups = Counter("kawhi_groups", "rollout groups reweighted", registry=r)
+        self.cache_hits = Counter("kawhi_cache_hits", "cache hits, by kind", ["kind"], registry=r)
+        self.cache_misses = Counter("kawhi_cache_misses", "cache misses, by kind", ["kind"], registry=r)
+        self.redis_degraded = Gauge(
+            "kawhi_redis_degraded", "1 while Redis is configured but unreachable (serving from memory)", registry=r
+        )
+        self.redis_errors = Counter("kawhi_redis_errors", "failed Redis calls", registry=r)
+        self.errors = Counter("kawhi_errors", "problem responses, by problem type", ["type"], registry=r)
+        self.engine_ready = Gauge("kawhi_engine_ready", "1 once the reference model is loaded", registry=r)
+        self.info = Gauge("kawhi_build_info", "constant 1, labelled with version and model", ["version", "model"],
+                          registry=r)
+        for kind in ("image", "result", "region"):
+            self.cache_hits.labels(kind)
+            self.cache_misses.labels(kind)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

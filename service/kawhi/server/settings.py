@@ -1,0 +1,210 @@
+"""Server settings: every knob of `kawhi serve`, read from flags, `KAWHI_*` env vars and defaults.
+
+Precedence: command-line flag > ``KAWHI_<NAME>`` environment variable > default.
+The CLI passes only the flags the operator actually gave as init arguments, which
+pydantic-settings ranks above the environment.
+
+Besides the server's own limits, every default of the method (`MethodConfig`, see
+``kawhi/engine/config.py``) is a setting of the same name (``KAWHI_TEMPERATURE``,
+``KAWHI_SKIP_RATIO`` ...), and the SGUF thresholds are ``KAWHI_SGUF_<NAME>``. These
+fields are generated from ``dataclasses.fields(MethodConfig)`` so a new engine knob
+becomes a server setting without touching this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Literal, Optional
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, create_model, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from kawhi.engine.config import MethodConfig, SgufParams
+from kawhi.engine.images import ImageLimits
+
+_IMAGE = ImageLimits()  # the engine's image limits are the defaults here
+
+MiB = 1024 * 1024
+
+
+class _ServerSettings(BaseSettings):
+    """The server's own settings (the method defaults are added below)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="KAWHI_",
+        case_sensitive=False,
+        extra="ignore",
+        validate_default=True,
+    )
+
+    # --- model -------------------------------------------------------------------
+    model: Optional[str] = Field(
+        None, description="reference model: a local path or hub id; unset = the embedded tiny demo model"
+    )
+    device: str = Field("cpu", description="torch device of the reference model (cpu, cuda, cuda:1 ...)")
+    dtype: str = Field("auto", description="torch dtype of the reference model (auto, float32, bfloat16, float16)")
+
+    # --- network -----------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="interface to bind")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to bind (0 = any free port)")
+    api_keys: Optional[SecretStr] = Field(
+        None, description="comma-separated bearer API keys; unset or empty = no authentication"
+    )
+    root_path: str = Field("", description="ASGI root_path when served behind a path-prefixing proxy")
+
+    # --- request limits ----------------------------------------------------------
+    max_body_bytes: int = Field(64 * MiB, gt=0, description="largest request body; larger -> 413 before parsing")
+    max_image_bytes: int = Field(_IMAGE.max_bytes, gt=0, description="largest encoded image; larger -> 413")
+    max_image_pixels: int = Field(
+        _IMAGE.max_pixels, gt=0, description="largest decoded image (width*height, read from the header); larger -> 413"
+    )
+    min_image_side: int = Field(_IMAGE.min_side, ge=1, description="smallest image width/height accepted")
+    max_groups: int = Field(256, gt=0, description="most rollout groups in one request; more -> 413")
+    max_responses_per_group: int = Field(64, gt=0, description="most responses in one group; more -> 413")
+    max_tokens_per_response: int = Field(8192, gt=0, description="most tokens in one response; more -> 413")
+    max_request_tokens: int = Field(
+        1_048_576, gt=0, description="most tokens (prefix + responses, all groups) in one request; more -> 413"
+    )
+
+    # --- scheduling --------------------------------------------------------------
+    batch_tokens: int = Field(
+        32768,
+        gt=0,
+        description="token budget of one batched forward; a single group larger than this is refused (413)",
+    )
+    batch_wait_ms: float = Field(
+        5.0, ge=0, description="how long the batcher waits for more groups before running a partial batch"
+    )
+    queue_groups: int = Field(
+        512, gt=0, description="groups admitted and not yet in a forward; a request that would exceed it -> 429"
+    )
+    request_timeout_s: float = Field(120.0, gt=0, description="per-request deadline; exceeded -> 504")
+    drain_timeout_s: float = Field(
+        60.0, ge=0, description="on SIGTERM, how long in-flight requests may take to finish before exit"
+    )
+    prepare_threads: int = Field(
+        1, ge=1, description="threads that decode images and tokenize (the forward has its own thread)"
+    )
+
+    # --- caches ------------------------------------------------------------------
+    redis_url: Optional[str] = Field(
+        None, description="redis://host:port/db; unset = in-process LRU caches only"
+    )
+    redis_timeout_s: float = Field(0.5, gt=0, description="socket timeout of every Redis call")
+    redis_retry_s: float = Field(2.0, gt=0, description="while Redis is down, how often to probe it")
+    cache_image_bytes: int = Field(512 * MiB, ge=0, description="in-process LRU budget for image bytes")
+    cache_result_bytes: int = Field(128 * MiB, ge=0, description="in-process LRU budget for stored responses")
+    cache_region_bytes: int = Field(32 * MiB, ge=0, description="in-process LRU budget for region selections")
+    image_ttl_s: int = Field(86400, gt=0, description="how long Redis keeps an image")
+    result_ttl_s: int = Field(3600, gt=0, description="how long a response is kept for idempotent retries")
+    region_ttl_s: int = Field(86400, gt=0, description="how long Redis keeps a region selection")
+
+    # --- logging -----------------------------------------------------------------
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    log_json: bool = Field(True, description="structured JSON logs (one object per line)")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _empty_keys_are_none(cls, v: Any) -> Any:
+        if isinstance(v, str) and not v.strip():
+            return None
+        return v
+
+    @field_validator("redis_url", "model", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: Any) -> Any:
+        if isinstance(v, str) and not v.strip():
+            return None
+        return v
+
+    # ------------------------------------------------------------------------------
+    def api_key_list(self) -> list[bytes]:
+        if self.api_keys is None:
+            return []
+        return [k.strip().encode() for k in self.api_keys.get_secret_value().split(",") if k.strip()]
+
+    def method_config(self) -> MethodConfig:
+        """The server-wide method defaults as a validated MethodConfig."""
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(MethodConfig):
+            if f.name == "sguf":
+                continue
+            values[f.name] = getattr(self, f.name)
+        values["heads"] = parse_heads(values["heads"])
+        sguf = SgufParams(**{f.name: getattr(self, f"sguf_{f.name}") for f in dataclasses.fields(SgufParams)})
+        return MethodConfig(**values, sguf=sguf)
+
+    def redacted(self) -> dict[str, Any]:
+        """Every setting, JSON-ready, with secrets hidden (printed once at start-up)."""
+        out = self.model_dump(mode="json")
+        keys = self.api_key_list()
+        out["api_keys"] = f"<{len(keys)} key(s) redacted>" if keys else None
+        if self.redis_url:
+            out["redis_url"] = redact_url(self.redis_url)
+        return out
+
+
+def parse_heads(value: Any) -> Any:
+    """'preset' | 'all' | '0,1,3' | '[0, 1, 3]' | a list -> MethodConfig's heads spec."""
+    if isinstance(value, (list, tuple)):
+        return tuple(int(h) for h in value)
+    text = str(value).strip()
+    if text in ("preset", "all"):
+        return text
+    text = text.strip("[]() ")
+    try:
+        heads = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"heads must be 'preset', 'all' or comma-separated ints, got {value!r}") from None
+    if not heads:
+        raise ValueError("heads must not be empty")
+    return heads
+
+
+def redact_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def _method_fields() -> dict[str, Any]:
+    """One settings field per MethodConfig / SgufParams field, default = the engine's default."""
+    fields: dict[str, Any] = {}
+    hints = typing.get_type_hints(MethodConfig)
+    for f in dataclasses.fields(MethodConfig):
+        if f.name == "sguf":
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        tp = hints[f.name]
+        if f.name == "heads":  # 'preset' | 'all' | '0,1,3' — kept as text, parsed by method_config()
+            tp, default = str, default if isinstance(default, str) else ",".join(map(str, default))
+        fields[f.name] = (tp, Field(default, description=f"method default `{f.name}` (kawhi/engine/config.py)"))
+    sguf_hints = typing.get_type_hints(SgufParams)
+    for f in dataclasses.fields(SgufParams):
+        fields[f"sguf_{f.name}"] = (
+            sguf_hints[f.name],
+            Field(f.default, description=f"SGUF threshold `{f.name}` (kawhi/engine/config.py)"),
+        )
+    return fields
+
+
+METHOD_FIELDS: tuple[str, ...] = tuple(_method_fields())
+
+
+def _check_method(self: Any) -> Any:
+    self.method_config()  # raises ValueError on a bad combination (w_min > w_max, ...)
+    return self
+
+
+Settings = create_model(  # type: ignore[call-overload]
+    "Settings",
+    __base__=_ServerSettings,
+    __doc__="All settings of `kawhi serve` (server limits + method defaults).",
+    __validators__={"_check_method": model_validator(mode="after")(_check_method)},
+    **_method_fields(),
+)
