@@ -235,3 +235,27 @@ def test_info_labels_the_demo(demo_engine):
     assert info["is_demo"] is True and "demo" in info["model"]
     assert info["heads"] == list(range(demo_engine.model.num_heads))
     assert info["defaults"]["temperature"] == 0.1
+
+
+def test_real_qwen_token_ids_from_a_trainer_are_scored_one_to_one():
+    """Token ids as a Qwen2.5-VL trainer produces them (real vocabulary, <|im_end|>
+    included, multi-byte characters split across tokens) get one advantage each, and
+    paragraphs follow the text those ids decode to."""
+    engine = Engine(tiny_reference("qwen2_5_vl", real_qwen_vocab=True))
+    tokenizer = engine.model.tokenizer
+    texts = ["三角形ABC中，∠C = 90° 🙂\n\nAB = 10.\n\nAnswer: 4.8", "Answer: 5"]
+    ids = [tokenizer(t + "<|im_end|>", add_special_tokens=False)["input_ids"] for t in texts]
+    assert ids[0][-1] == 151645 and max(ids[0]) < 151936
+    raw = group_dict(rewards=(1.0, 0.0), texts=texts)
+    for response, token_ids in zip(raw["responses"], ids):
+        response["token_ids"] = token_ids
+    result = engine.reweight([raw])[0]
+    assert result.error is None
+    first = result.responses[0]
+    assert len(first.token_advantages) == len(ids[0])
+    assert [(p.char_start, p.char_end) for p in first.paragraphs][:2] == [(0, 20), (20, 30)]
+    decoded = engine.model.decode(ids[0])
+    assert decoded.text == texts[0] + "<|im_end|>"
+    # the decoded text of each paragraph's tokens is that paragraph's span
+    for p in first.paragraphs:
+        assert tokenizer.decode(ids[0][p.token_start:p.token_end]) == decoded.text[p.char_start:p.char_end]

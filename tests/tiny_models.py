@@ -25,11 +25,11 @@ def demo_tokenizer():
     return AutoTokenizer.from_pretrained(DEMO_MODEL_DIR, local_files_only=True)
 
 
-def _config(model_type: str, tokenizer) -> transformers.PretrainedConfig:
+def _config(model_type: str, tokenizer, vocab_size: int | None = None) -> transformers.PretrainedConfig:
     ids = tokenizer.convert_tokens_to_ids
     special = dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
                    vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
-    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    text = dict(vocab_size=vocab_size or len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                 bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
@@ -53,10 +53,21 @@ def _config(model_type: str, tokenizer) -> transformers.PretrainedConfig:
     raise ValueError(model_type)
 
 
-def tiny_reference(model_type: str, seed: int = 0, name: str | None = None) -> QwenVLReference:
-    """A QwenVLReference over a freshly initialised tiny model of ``model_type``."""
-    tokenizer = demo_tokenizer()
-    config = _config(model_type, tokenizer)
+def tiny_reference(model_type: str, seed: int = 0, name: str | None = None, *,
+                   real_qwen_vocab: bool = False) -> QwenVLReference:
+    """A QwenVLReference over a freshly initialised tiny model of ``model_type``.
+
+    real_qwen_vocab: use the real Qwen2.5-VL tokenizer (151,936-row embedding) instead
+    of the demo one, so token ids are those a real Qwen trainer produces.
+    """
+    if real_qwen_vocab:
+        from kawhi.models.qwen_tokenizer import QWEN2_VL_VOCAB_SIZE, build_qwen2_vl_tokenizer
+
+        tokenizer = build_qwen2_vl_tokenizer()
+        config = _config(model_type, tokenizer, QWEN2_VL_VOCAB_SIZE)
+    else:
+        tokenizer = demo_tokenizer()
+        config = _config(model_type, tokenizer)
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     model_class = {"qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
