@@ -45,23 +45,32 @@ from kawhi.server.settings import Settings
 log = logging.getLogger("kawhi.server")
 
 
-def load_engine(settings: Any) -> Any:
-    """The engine the settings describe (model, device, dtype, limits, method defaults).
-
-    Imports torch and loads weights: call it off the event loop.
-    """
-    from kawhi.engine.engine import Engine, EngineLimits
+def engine_limits(settings: Any) -> Any:
+    """The engine's limits (kawhi.engine.engine.EngineLimits) that the settings describe."""
+    from kawhi.engine.engine import EngineLimits
     from kawhi.engine.images import ImageLimits
 
     s = settings
     image = ImageLimits(max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels, min_side=s.min_image_side)
-    limits = EngineLimits(
+    return EngineLimits(
         max_responses=s.max_responses_per_group,
         max_response_tokens=s.max_tokens_per_response,
         max_group_tokens=s.batch_tokens,
         image=image,
     )
-    return Engine.load(s.model, device=s.device, dtype=s.dtype, defaults=s.method_config(), limits=limits)
+
+
+def load_engine(settings: Any) -> Any:
+    """The engine the settings describe (model, device, dtype, limits, method defaults).
+
+    Imports torch and loads weights: call it off the event loop.
+    """
+    from kawhi.engine.engine import Engine
+
+    s = settings
+    return Engine.load(
+        s.model, device=s.device, dtype=s.dtype, defaults=s.method_config(), limits=engine_limits(s)
+    )
 
 
 class ServerState:

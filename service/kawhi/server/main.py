@@ -27,6 +27,10 @@ from pydantic import SecretStr
 
 log = logging.getLogger("kawhi.server")
 
+# Namespace prefix of the serve flags: they never mix with a parent parser's options
+# (the `kawhi` CLI has its own --log-level), and only flags actually given are set.
+_DEST = "serve__"
+
 # flags that get a short help line of their own in `kawhi serve --help`
 _GROUPS = {
     "model": "model",
@@ -83,10 +87,10 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         help_text = f"{field.description or ''} [env {env}; default {default!r}]"
         tp, choices, is_bool = _flag_type(field.annotation)
         if is_bool:
-            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                               help=help_text)
+            group.add_argument(flag, dest=_DEST + name, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_text)
         else:
-            group.add_argument(flag, dest=name, type=tp, choices=choices, default=argparse.SUPPRESS,
+            group.add_argument(flag, dest=_DEST + name, type=tp, choices=choices, default=argparse.SUPPRESS,
                                help=help_text, metavar=None if choices else name.upper())
     parser.set_defaults(func=run_serve)
     return parser
@@ -96,7 +100,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     """Settings with the flags the operator gave (argparse leaves the others unset) over env and defaults."""
     from kawhi.server.settings import Settings
 
-    given = {name: getattr(args, name) for name in Settings.model_fields if hasattr(args, name)}
+    given = {name: getattr(args, _DEST + name) for name in Settings.model_fields if hasattr(args, _DEST + name)}
     return Settings(**given)
 
 

@@ -112,6 +112,11 @@ class _ServerSettings(BaseSettings):
             return None
         return v
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
+
     @field_validator("redis_url", "model", mode="before")
     @classmethod
     def _empty_is_none(cls, v: Any) -> Any:
