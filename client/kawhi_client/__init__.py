@@ -1,5 +1,39 @@
-"""kawhi_client: the light SDK of the KAWHI service (httpx + pydantic, no torch)."""
+"""kawhi_client: the light SDK of the KAWHI service (httpx + pydantic, no torch).
 
+    from kawhi_client import Client
+    with Client("http://kawhi:8000") as kawhi:
+        results = kawhi.reweight(groups)           # list[GroupResult], input order
+
+See docs/client.md.
+"""
+
+from kawhi_client.arrays import pad_token_advantages, token_advantage_rows
+from kawhi_client.client import (
+    AsyncClient,
+    Client,
+    ClientStats,
+    Limits,
+    RetryPolicy,
+    Timeouts,
+    parse_retry_after,
+)
+from kawhi_client.errors import (
+    GatewayTimeout,
+    ImageNotFound,
+    InvalidRequest,
+    KawhiConnectionError,
+    KawhiError,
+    KawhiHTTPError,
+    KawhiTimeout,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    ProtocolError,
+    ServerError,
+    ServerNotReady,
+    Unauthorized,
+    Unavailable,
+)
 from kawhi_client.schema import (
     GroupResult,
     ImageRef,
@@ -15,6 +49,34 @@ from kawhi_client.schema import (
 )
 
 __all__ = [
+    # clients
+    "AsyncClient",
+    "Client",
+    "ClientStats",
+    "Limits",
+    "RetryPolicy",
+    "Timeouts",
+    "parse_retry_after",
+    # arrays
+    "pad_token_advantages",
+    "token_advantage_rows",
+    # errors
+    "GatewayTimeout",
+    "ImageNotFound",
+    "InvalidRequest",
+    "KawhiConnectionError",
+    "KawhiError",
+    "KawhiHTTPError",
+    "KawhiTimeout",
+    "NotFound",
+    "Overloaded",
+    "PayloadTooLarge",
+    "ProtocolError",
+    "ServerError",
+    "ServerNotReady",
+    "Unauthorized",
+    "Unavailable",
+    # wire models
     "GroupResult",
     "ImageRef",
     "Options",
