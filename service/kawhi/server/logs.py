@@ -51,7 +51,10 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        rid = getattr(record, "request_id", None) or request_id_var.get()
+        extra = {k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")}
+        rid = extra.pop("request_id", None) or request_id_var.get()
+        if extra:
+            line += " " + json.dumps(extra, default=str, separators=(",", ":"))
         return f"{line} [{rid}]" if rid else line
 
 

@@ -199,17 +199,69 @@ async def upload_image(request: Request, state: ServerState = Depends(get_state)
 # ====================================================================== reweight
 
 
-async def _read_json(request: Request) -> Any:
+# Bodies larger than this are parsed in a worker thread rather than on the event loop.
+INLINE_PARSE_BYTES = 256 * 1024
+# Answers covering more tokens than this are serialised in a worker thread.
+INLINE_SERIALIZE_TOKENS = 16384
+
+
+async def _read_body(request: Request) -> bytes:
     ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if ctype and ctype != "application/json" and not ctype.endswith("+json"):
         raise ProblemError(415, "unsupported-media-type", f"send application/json, not {ctype}", "")
     body = await request.body()
     if not body:
         raise ProblemError(400, "malformed-json", "the request body is empty", "")
+    return body
+
+
+def _parse_json(body: bytes) -> Any:
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProblemError(400, "malformed-json", f"the body is not valid JSON: {exc}", "") from None
+
+
+def _parse_and_check(state: ServerState, engine: Any, body: bytes) -> tuple[Any, ...]:
+    """Everything about a request that needs no model and no I/O (pure CPU, thread-safe).
+
+    Returns (groups, raw_groups, config, per_group, arrived, bad, idempotency key); raises ProblemError
+    for a request-level mistake, or for any mistake when per-group errors are off.
+    """
+    from kawhi.engine.errors import OptionsError
+
+    s = state.settings
+    obj = _parse_json(body)
+    groups, options, per_group, bad = _parse_request(obj)
+    raw_groups = obj.get("groups") if isinstance(obj, dict) else None
+    if len(groups) > s.max_groups:
+        raise ProblemError(413, "too-large", f"{len(groups)} groups; the limit is {s.max_groups}", "/groups")
+    if len(groups) > s.queue_groups:
+        raise ProblemError(
+            413, "too-large", f"{len(groups)} groups can never fit the queue ({s.queue_groups}); split the request",
+            "/groups",
+        )
+    try:
+        config = engine.resolve_options(options)
+    except OptionsError as exc:
+        raise ProblemError(
+            422, "validation", exc.detail, pointer("options", exc.field) if exc.field != "options" else "/options"
+        ) from None
+    except ValueError as exc:
+        raise ProblemError(422, "validation", str(exc), "/options") from None
+
+    arrived: list[_Arrived] = []
+    for i, group in enumerate(groups):
+        if group is None:
+            continue
+        try:
+            arrived.append(_arrival_check(state, i, group))
+        except ProblemError as err:
+            if not per_group:
+                raise
+            bad[i] = err
+    key = _idempotency_key(engine, config, per_group, arrived) if not bad else None
+    return groups, raw_groups, config, per_group, arrived, bad, key
 
 
 def _parse_request(obj: Any) -> tuple[list[Optional[RolloutGroup]], Optional[Options], bool, dict[int, ProblemError]]:
@@ -390,46 +442,19 @@ async def reweight(request: Request, state: ServerState = Depends(get_state)) ->
 
 
 async def _reweight(request: Request, state: ServerState, engine: Any) -> Response:
-    from kawhi.engine.errors import OptionsError
-
     t0 = time.perf_counter()
     s = state.settings
     deadline = time.monotonic() + s.request_timeout_s
-    obj = await _read_json(request)
-    groups, options, per_group, bad = _parse_request(obj)
-    raw_groups = obj.get("groups") if isinstance(obj, dict) else None
-
-    if len(groups) > s.max_groups:
-        raise ProblemError(413, "too-large", f"{len(groups)} groups; the limit is {s.max_groups}", "/groups")
-    if len(groups) > s.queue_groups:
-        raise ProblemError(
-            413, "too-large", f"{len(groups)} groups can never fit the queue ({s.queue_groups}); split the request",
-            "/groups",
-        )
-    try:
-        config = engine.resolve_options(options)
-    except OptionsError as exc:
-        raise ProblemError(422, "validation", exc.detail, pointer("options", exc.field) if exc.field != "options"
-                           else "/options") from None
-    except ValueError as exc:
-        raise ProblemError(422, "validation", str(exc), "/options") from None
-
-    arrived: list[_Arrived] = []
-    for i, group in enumerate(groups):
-        if group is None:
-            continue
-        try:
-            arrived.append(_arrival_check(state, i, group))
-        except ProblemError as err:
-            if not per_group:
-                raise
-            bad[i] = err
+    raw = await _read_body(request)
+    if len(raw) > INLINE_PARSE_BYTES:  # big bodies: JSON, validation, base64 and hashing off the event loop
+        parsed = await asyncio.to_thread(_parse_and_check, state, engine, raw)
+    else:
+        parsed = _parse_and_check(state, engine, raw)
+    groups, raw_groups, config, per_group, arrived, bad, key = parsed
 
     # ------------------------------------------------------------ idempotency
-    key: Optional[str] = None
     owner: Optional[asyncio.Future] = None
-    if not bad:
-        key = _idempotency_key(engine, config, per_group, arrived)
+    if key is not None:
         while True:
             stored = await state.caches.aget("result", key)
             if stored is not None:
@@ -549,4 +574,8 @@ async def _compute(
         usage=Usage(tokens=tokens, milliseconds=round((time.perf_counter() - t0) * 1000, 3)),
         results=out,
     )
-    return response.model_dump_json().encode(), not bad
+    if tokens > INLINE_SERIALIZE_TOKENS:
+        data = await asyncio.to_thread(response.model_dump_json)
+    else:
+        data = response.model_dump_json()
+    return data.encode(), not bad
