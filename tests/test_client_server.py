@@ -13,13 +13,11 @@ import asyncio
 import base64
 import hashlib
 import io
-import json
 import os
 import re
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Iterator
 

@@ -556,6 +556,18 @@ def test_an_answer_that_breaks_the_contract_is_an_error() -> None:
         d.run(core.reweight_job([group(PNG), group(PNG)], None, {}, False, None))
 
 
+def test_an_empty_batch_is_an_empty_answer() -> None:
+    core = make_core()
+    d = FakeDriver(core, [response(200, INFO)])
+    out = d.run(core.reweight_job([], None, {}, False, None))
+    assert out.results == [] and out.model == "m" and [c.path for c in d.calls] == ["/v1/info"]
+
+
+def test_a_base_url_without_scheme_is_refused_at_once() -> None:
+    with pytest.raises(ValueError, match="http://"):
+        make_core(base_url="kawhi:8000")
+
+
 # ====================================================================== packaging
 
 

@@ -8,7 +8,7 @@ read through its ``.tolist()`` / ``__array__``.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Literal, Mapping, Optional, Sequence
+from typing import Any, Iterable, Literal, Mapping, Optional
 
 __all__ = ["pad_token_advantages", "token_advantage_rows"]
 

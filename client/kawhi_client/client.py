@@ -588,6 +588,8 @@ class _Core:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self.base_url = (base_url or os.environ.get("KAWHI_URL") or DEFAULT_URL).rstrip("/")
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
         key = api_key if api_key is not None else os.environ.get("KAWHI_API_KEY")
         self.timeouts = Timeouts(base=timeout, per_token=timeout_per_token, connect=connect_timeout)
         self.max_in_flight = max_in_flight
@@ -646,7 +648,7 @@ class _Core:
         content_type: Optional[str] = None,
         request_id: Optional[str] = None,
     ) -> Job:
-        """Send one request, retrying transient failures; returns the 2xx/3xx response
+        """Send one request, retrying transient failures; returns the 2xx response
         or raises the typed error. The same X-Request-ID goes with every attempt."""
         rid = request_id or new_request_id()
         headers = {"X-Request-ID": rid}
@@ -671,7 +673,7 @@ class _Core:
                 ) from exc
             else:
                 status = resp.status_code
-                if status < 400:
+                if status < 300:
                     return resp
                 if status not in self.retry.statuses:
                     raise self._http_error(resp, rid, attempt, None)
@@ -732,8 +734,11 @@ class _Core:
             probe_timeout = httpx.Timeout(max(0.5, min(10.0, remaining)), connect=max(0.5, min(5.0, remaining)))
             try:
                 resp = yield _Call("GET", "/readyz", {"X-Request-ID": new_request_id()}, probe_timeout)
-            except httpx.HTTPError as exc:
+            except _RETRY_EXC as exc:  # not up yet: wait it out
                 state, reasons = "unreachable", [f"{type(exc).__name__}: {exc}"]
+            except httpx.HTTPError as exc:  # a bad URL, an unsupported scheme ...: waiting cannot help
+                raise ServerNotReady(f"{self.base_url}/readyz: {type(exc).__name__}: {exc}", state="unreachable",
+                                     reasons=[str(exc)], waited_s=self.clock() - start) from exc
             else:
                 body = _json_or_none(resp.content)
                 body = body if isinstance(body, dict) else {}
