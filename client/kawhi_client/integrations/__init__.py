@@ -1,0 +1,57 @@
+"""Trainer integrations of KAWHI: TRL's GRPO trainer and verl's PPO/GRPO trainer.
+
+Importing this package (or ``kawhi_client``) imports neither torch, trl nor verl;
+each trainer module imports its trainer when *it* is imported:
+
+* ``kawhi_client.integrations.common`` — what both share: the backend protocol with its
+  two implementations (``HttpBackend`` over ``kawhi_client.Client``, ``InProcessBackend``
+  over ``kawhi.engine.Engine``), the failure policy (``on_error="raise" | "fallback"``)
+  and ``Reweighter``, which turns a trainer's rollouts into per-token advantages.
+* ``kawhi_client.integrations.trl`` — ``KawhiGRPOTrainer``, a ``trl.GRPOTrainer`` whose
+  loss sees KAWHI's ``[batch, tokens]`` advantages.
+* ``kawhi_client.integrations.verl`` — ``KawhiRewardManager`` (reward stage) and the
+  ``grpo_kawhi`` advantage estimator.
+
+See docs/integrations.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kawhi_client.integrations.common import (
+    Backend,
+    FailurePolicy,
+    FallbackEvent,
+    HttpBackend,
+    InProcessBackend,
+    KawhiFallbackWarning,
+    KawhiIntegrationError,
+    Reweighter,
+    Rollout,
+    RowResult,
+    as_backend,
+)
+
+__all__ = [
+    "Backend",
+    "FailurePolicy",
+    "FallbackEvent",
+    "HttpBackend",
+    "InProcessBackend",
+    "KawhiFallbackWarning",
+    "KawhiGRPOTrainer",
+    "KawhiIntegrationError",
+    "Reweighter",
+    "Rollout",
+    "RowResult",
+    "as_backend",
+]
+
+
+def __getattr__(name: str) -> Any:  # lazy: importing trl costs seconds and needs torch
+    if name == "KawhiGRPOTrainer":
+        from kawhi_client.integrations.trl import KawhiGRPOTrainer
+
+        return KawhiGRPOTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,122 @@
+"""Helpers of the trainer-integration tests (tests/test_integration_*.py; this module holds no tests): a live
+`kawhi serve` subprocess, the demo engine, small images, the demo policy for TRL.
+
+Imported by those tests only (not a conftest, so other suites are unaffected).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+for _p in (ROOT / "service", ROOT / "client"):  # a checkout without `pip install -e .`
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def kawhi_serve(*extra_args: str, ready_timeout: float = 120.0) -> Iterator[str]:
+    """`kawhi serve` (demo model) in a subprocess on a free port; yields its URL; stops it."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KAWHI_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "service"), str(ROOT / "client"), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "kawhi.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+           "--log-level", "warning", *extra_args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"kawhi serve exited with {proc.returncode}: "
+                                   f"{proc.stderr.read().decode(errors='replace')[-2000:]}")
+            try:
+                if httpx.get(url + "/readyz", timeout=2.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("kawhi serve did not become ready")
+            time.sleep(0.25)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+@functools.lru_cache(maxsize=None)
+def demo_engine() -> Any:
+    from kawhi.engine.engine import Engine
+
+    return Engine.load()
+
+
+def small_image(name: str = "triangle.png", side: int = 84) -> Any:
+    """One of the example images, resized to side x side (3x3 visual tokens at 84 px)."""
+    from PIL import Image
+
+    return Image.open(EXAMPLES / "images" / name).convert("RGB").resize((side, side), Image.Resampling.BICUBIC)
+
+
+def png(image: Any) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def demo_processor() -> Any:
+    """A Qwen2.5-VL processor over the demo model's tokenizer and image processor.
+
+    Built by hand because AutoProcessor also wants the video processor, which needs
+    torchvision (not installed: it would pull another torch)."""
+    from transformers import AutoTokenizer, Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from kawhi.engine.engine import DEMO_MODEL_DIR
+
+    class _ImageOnlyProcessor(Qwen2_5_VLProcessor):
+        def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR, local_files_only=True)
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(DEMO_MODEL_DIR, local_files_only=True)
+    return _ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                               chat_template=(DEMO_MODEL_DIR / "chat_template.jinja").read_text())
+
+
+def demo_policy(seed: int = 0) -> Any:
+    """The demo Qwen2.5-VL (random weights, about 1 MB) as a trainable float32 policy."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from kawhi.engine.engine import DEMO_MODEL_DIR
+
+    torch.manual_seed(seed)
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(DEMO_MODEL_DIR, dtype=torch.float32,
+                                                              local_files_only=True)
