@@ -111,10 +111,12 @@ def test_sigterm_drains_in_flight_work_then_exits_zero() -> None:
             assert time.monotonic() < deadline and t.is_alive(), "the heavy request never showed up in the queue"
             time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.05)
         # draining: the listener stays open, readiness fails and new work is refused with a retry hint
-        ready = assert_problem(httpx.get(url + "/readyz"), 503, "")
-        assert ready["state"] == "draining"
+        deadline = time.monotonic() + 10
+        while (ready := httpx.get(url + "/readyz")).status_code == 200:  # the handler runs within a loop tick
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert assert_problem(ready, 503, "")["state"] == "draining"
         refused = httpx.post(url + "/v1/reweight", json={"groups": [small_group(9)]}, headers=auth)
         assert_problem(refused, 503, "")
         assert refused.json()["type"].endswith("/draining") and int(refused.headers["retry-after"]) >= 1

@@ -68,6 +68,11 @@ def load_engine(settings: Any) -> Any:
     from kawhi.engine.engine import Engine
 
     s = settings
+    threads = s.resolved_torch_threads()
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     return Engine.load(
         s.model, device=s.device, dtype=s.dtype, defaults=s.method_config(), limits=engine_limits(s)
     )
@@ -127,6 +132,7 @@ class ServerState:
             batch_tokens=s.batch_tokens,
             max_wait_s=s.batch_wait_ms / 1000.0,
             capacity=s.queue_groups,
+            thread_init=self._init_forward_thread,
         )
         self.batcher.start()
         if not self.draining:
@@ -134,6 +140,13 @@ class ServerState:
         self.metrics.engine_ready.set(1)
         self.metrics.info.labels(__version__, engine.model_name).set(1)
         log.info("engine ready", extra={"model": engine.model_name, "is_demo": engine.is_demo})
+
+    def _init_forward_thread(self) -> None:
+        n = self.settings.resolved_torch_threads()
+        if n:
+            import torch
+
+            torch.set_num_threads(n)
 
     def require_engine(self) -> Any:
         """The engine, or the 503 that says why there is none yet."""

@@ -27,7 +27,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from kawhi.server.metrics import Metrics
 
@@ -91,8 +91,10 @@ class Batcher:
         batch_tokens: int,
         max_wait_s: float,
         capacity: int,
+        thread_init: Optional[Callable[[], None]] = None,
     ) -> None:
         self.engine = engine
+        self.thread_init = thread_init
         self.metrics = metrics
         self.batch_tokens = batch_tokens
         self.max_wait_s = max_wait_s
@@ -197,6 +199,8 @@ class Batcher:
         return batch
 
     def _worker(self) -> None:
+        if self.thread_init is not None:
+            self.thread_init()
         while True:
             with self._cond:
                 batch = self._take_batch()
