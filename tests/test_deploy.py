@@ -568,9 +568,14 @@ def test_bad_values_are_refused(helm: str, case: str) -> None:
     assert needle in proc.stderr, proc.stderr
 
 
+def _without_descriptions(schema: dict) -> dict:
+    return {name: {k: v for k, v in prop.items() if k != "description"} for name, prop in schema["properties"].items()}
+
+
 def test_values_schema_config_matches_the_server_settings() -> None:
+    """Every setting of kawhi serve (name, type, enum, bounds) and nothing else; descriptions may lag."""
     schema = json.loads(SCHEMA.read_text())
-    assert schema["properties"]["config"] == config_schema(), (
+    assert _without_descriptions(schema["properties"]["config"]) == _without_descriptions(config_schema()), (
         "helm/kawhi/values.schema.json is out of date with kawhi.server.settings: "
         "run `python3 tests/test_deploy.py --update-schema`"
     )
