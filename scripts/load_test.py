@@ -84,6 +84,7 @@ async def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
     templates = example_groups()
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     counter = 0
+    run_id = os.urandom(4).hex()
     latencies: list[float] = []
     statuses: dict[str, int] = {}
     groups_done = 0
@@ -94,7 +95,7 @@ async def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
         groups = []
         for _ in range(args.groups):
             g = dict(templates[counter % len(templates)])
-            g["id"] = f"load-{counter}"
+            g["id"] = f"load-{run_id}-{counter}"  # distinct across runs too: no idempotent replays
             counter += 1
             groups.append(g)
         return {"groups": groups}
@@ -137,6 +138,7 @@ async def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
         "duration_s": round(wall, 2),
         "requests_ok": len(latencies),
         "statuses": statuses,
+        "groups_ok": groups_done,
         "requests_per_s": round(len(latencies) / wall, 2),
         "groups_per_s": round(groups_done / wall, 2),
         "tokens_per_s": round(tokens_done / wall, 1),

@@ -112,8 +112,11 @@ class DrainingServer:
 
         class _Server(uvicorn.Server):
             def handle_exit(self, sig: int, frame: Any) -> None:
-                if state.draining or self.should_exit:
-                    return super().handle_exit(sig, frame)  # second signal: stop now
+                if state.draining or self.should_exit:  # second signal: stop now
+                    self._captured_signals.append(sig)
+                    self.force_exit = True
+                    self.should_exit = True
+                    return
                 self._captured_signals.append(sig)
                 state.begin_drain()
                 threading.Thread(target=self._drain, name="kawhi-drain", daemon=True).start()
@@ -151,7 +154,8 @@ def serve(settings: Any) -> None:
         log_config=None,
         access_log=False,
         lifespan="on",
-        timeout_graceful_shutdown=max(1.0, settings.drain_timeout_s),
+        # the drain above already waited for in-flight work; this bounds what is left after it
+        timeout_graceful_shutdown=5,
         server_header=False,
         proxy_headers=False,
     )
