@@ -243,10 +243,10 @@ class RegionCache:
             return None
         if isinstance(raw, (bytes, bytearray)):
             try:
-                return json.loads(raw)
+                raw = json.loads(raw)
             except ValueError:
                 return None
-        return raw
+        return raw if isinstance(raw, dict) else None  # anything else is a corrupt entry: recompute
 
     def set(self, key: str, value: dict) -> None:
         try:

@@ -23,6 +23,7 @@ import binascii
 import base64
 import hashlib
 import json
+import logging
 import re
 import time
 from typing import Any, Optional
@@ -52,6 +53,8 @@ from kawhi.server.problems import (
     problem_response,
     validation_problem,
 )
+
+log = logging.getLogger("kawhi.server")
 
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 
@@ -413,6 +416,11 @@ def _prepare_all(
             errors[a.index] = from_group_error(exc, prefix)
         except ProblemError as exc:
             errors[a.index] = exc
+        except Exception:  # an engine bug must not take the other groups (or requests) with it
+            log.exception("prepare failed", extra={"group": a.index})
+            errors[a.index] = ProblemError(
+                500, "internal", "preparing this group failed unexpectedly; it has been logged", prefix
+            )
         finally:
             state.metrics.prepare_seconds.observe(time.perf_counter() - t0)
         if errors and not per_group:
