@@ -25,7 +25,8 @@ from kawhi_client.integrations import (
     Rollout,
     as_backend,
 )
-from kawhi_client.integrations.common import image_bytes, insert_image_placeholder, wire_messages
+from kawhi_client.integrations import KawhiTokenizerWarning
+from kawhi_client.integrations.common import image_bytes, insert_image_placeholder, tokenizer_fingerprint, wire_messages
 
 
 class FakeBackend:
@@ -235,3 +236,24 @@ def test_in_process_and_http_backends_give_the_same_advantages_and_real_group_er
     assert not local[3].reweighted and not remote[3].reweighted
     assert remote[3].token_advantages == [1.0, 1.0]
     assert (rw.policy.fallbacks, rw.policy.fallback_rows, rw.policy.reweighted_rows) == (1, 1, 3)
+
+
+def test_tokenizer_check_compares_the_trainers_tokenizer_with_the_services() -> None:
+    from transformers import AutoTokenizer
+
+    from kawhi.engine.engine import DEMO_MODEL_DIR
+
+    tok = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR, local_files_only=True)
+    engine = demo_engine()
+    assert tokenizer_fingerprint(tok) == engine.info()["tokenizer_fingerprint"]
+    assert Reweighter(InProcessBackend(engine)).check_tokenizer(tok) is True
+
+    class OtherTokenizer(FakeBackend):
+        def info(self) -> dict[str, Any]:
+            return {"tokenizer_fingerprint": "0123456789abcdef"}
+
+    with pytest.warns(KawhiTokenizerWarning, match="differs"):
+        assert Reweighter(OtherTokenizer()).check_tokenizer(tok) is False
+    assert Reweighter(FakeBackend()).check_tokenizer(tok) is None  # no info(): unknown
+    dead = Reweighter(Client(f"http://127.0.0.1:{free_port()}", retries=0, wait_ready=False, connect_timeout=1.0))
+    assert dead.check_tokenizer(tok) is None  # unreachable: the reweight call reports it, under the policy

@@ -203,6 +203,7 @@ def test_trl_step_against_live_kawhi_serve(tmp_path: Any) -> None:
         client = Client(url, timeout=60)
         trainer, initial, grads = run_one_step(tmp_path, kawhi=client, kawhi_options=OPTIONS)
         assert trainer.state.global_step == 1
+        assert trainer.kawhi_tokenizer_ok is True  # checked against /v1/info's tokenizer_fingerprint
         assert trainer.kawhi.policy.stats() == {"on_error": "raise", "fallbacks": 0, "fallback_rows": 0,
                                                 "reweighted_rows": 4}
         assert client.stats.snapshot()["images_uploaded"] == 2  # each image sent once, then referenced by sha256
@@ -215,7 +216,7 @@ def test_trl_step_against_live_kawhi_serve(tmp_path: Any) -> None:
 def test_trl_step_in_process_engine(tmp_path: Any) -> None:
     engine = demo_engine()
     trainer, initial, grads = run_one_step(tmp_path, kawhi=InProcessBackend(engine), kawhi_options=OPTIONS)
-    assert trainer.kawhi.backend.kind == "in-process"
+    assert trainer.kawhi.backend.kind == "in-process" and trainer.kawhi_tokenizer_ok is True
     assert trainer.kawhi.policy.reweighted_rows == 4
     expected = expected_token_advantages(trainer, lambda groups: engine.reweight(
         [{**g, "image": {"data": base64.b64encode(g["image"]).decode()}} for g in groups], OPTIONS))

@@ -56,12 +56,14 @@ __all__ = [
     "InProcessBackend",
     "KawhiFallbackWarning",
     "KawhiIntegrationError",
+    "KawhiTokenizerWarning",
     "OnError",
     "Reweighter",
     "Rollout",
     "RowResult",
     "as_backend",
     "image_bytes",
+    "tokenizer_fingerprint",
     "wire_messages",
 ]
 
@@ -78,6 +80,11 @@ class KawhiIntegrationError(RuntimeError):
 
 class KawhiFallbackWarning(RuntimeWarning):
     """Some responses were trained with the unweighted advantages (``on_error="fallback"``)."""
+
+
+class KawhiTokenizerWarning(RuntimeWarning):
+    """The service's reference model tokenises differently from the trainer's policy: the
+    token ids the trainer sends would be read as other text (wrong paragraph boundaries)."""
 
 
 # ============================================================================ backends
@@ -118,6 +125,9 @@ class HttpBackend:
     def reweight(self, groups: list[dict[str, Any]], options: dict[str, Any]) -> list[GroupResult]:
         return self.client.reweight(groups, options=options or None, per_group_errors=True)
 
+    def info(self) -> dict[str, Any]:
+        return self.client.info()
+
     def close(self) -> None:
         self.client.close()
 
@@ -155,6 +165,9 @@ class InProcessBackend:
             wire.append(group)
         with self._lock:
             return self.engine.reweight(wire, options or None)
+
+    def info(self) -> dict[str, Any]:
+        return self.engine.info()
 
     def __repr__(self) -> str:
         return f"InProcessBackend({getattr(self.engine, 'model_name', type(self.engine).__name__)!r})"
@@ -412,6 +425,41 @@ def insert_image_placeholder(messages: list[dict[str, Any]]) -> list[dict[str, A
     return out
 
 
+def tokenizer_fingerprint(tokenizer: Any) -> Optional[str]:
+    """The fingerprint the engine reports as ``tokenizer_fingerprint`` in ``/v1/info``:
+    sha256 (first 16 hex) of the tokenizer's full serialisation. None when unknown."""
+    blob = _tokenizer_json(tokenizer)
+    return None if blob is None else hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _tokenizer_json(tokenizer: Any) -> Optional[str]:
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor -> its tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    try:
+        return backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    except Exception:  # noqa: BLE001 - not a tokenizer we can serialise
+        return None
+
+
+def tokenizer_fingerprints(tokenizer: Any) -> set[str]:
+    """The fingerprints that count as "same tokenizer": the serialisation as is, and with the
+    padding/truncation state cleared (a trainer enables padding when it batches prompts,
+    which changes the serialisation but not a single token id)."""
+    blob = _tokenizer_json(tokenizer)
+    if blob is None:
+        return set()
+    out = {hashlib.sha256(blob.encode()).hexdigest()[:16]}
+    try:
+        data = json.loads(blob)
+    except ValueError:
+        return out
+    if isinstance(data, dict) and (data.get("padding") is not None or data.get("truncation") is not None):
+        data["padding"], data["truncation"] = None, None
+        # the same separators/key order tokenizers' to_str() uses for a freshly loaded tokenizer
+        out.add(hashlib.sha256(json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()[:16])
+    return out
+
+
 # ============================================================================ the reweighter
 
 
@@ -501,6 +549,32 @@ class Reweighter:
     @property
     def on_error(self) -> OnError:
         return self.policy.on_error
+
+    def check_tokenizer(self, tokenizer: Any) -> Optional[bool]:
+        """Compare the trainer's tokenizer with the service's (``tokenizer_fingerprint`` of
+        ``info()``). Returns True (same), False (different: logged and warned with
+        ``KawhiTokenizerWarning``, since different serialisations may still agree on the
+        ids actually used) or None (not known: no ``info``, or the service unreachable)."""
+        info = getattr(self.backend, "info", None)
+        local = tokenizer_fingerprints(tokenizer)
+        if not callable(info) or not local:
+            return None
+        try:
+            remote = info().get("tokenizer_fingerprint")
+        except Exception as exc:  # noqa: BLE001 - the reweight call reports service failures
+            log.debug("KAWHI tokenizer check skipped: %s", exc)
+            return None
+        if not remote:
+            return None
+        if remote not in local:
+            text = (f"KAWHI: the service's tokenizer (fingerprint {remote}) differs from the trainer's "
+                    f"({', '.join(sorted(local))}); "
+                    "the service reads the trainer's token ids with its own vocabulary, so paragraph boundaries "
+                    "may be wrong. Serve the policy's initial model (or one with the same tokenizer).")
+            log.warning(text)
+            warnings.warn(text, KawhiTokenizerWarning, stacklevel=2)
+            return False
+        return True
 
     def reweight(self, rollouts: Sequence[Rollout]) -> list[RowResult]:
         """One RowResult per rollout, in order; applies the failure policy to every failure."""

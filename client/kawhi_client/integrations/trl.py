@@ -97,6 +97,8 @@ class KawhiGRPOTrainer(GRPOTrainer):
         super().__init__(*args, **kwargs)
         self.kawhi = reweighter
         self.kawhi_last: list[RowResult] = []
+        self.kawhi_tokenizer_ok: Optional[bool] = None  # checked against the service at the first batch
+        self._kawhi_checked = False
 
     # ------------------------------------------------------------------ the hook
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -105,6 +107,9 @@ class KawhiGRPOTrainer(GRPOTrainer):
         if advantages.dim() != 1:  # another subclass already made them per token
             raise KawhiIntegrationError(
                 f"KawhiGRPOTrainer expects TRL's (B,) advantages, got shape {tuple(advantages.shape)}")
+        if not self._kawhi_checked:
+            self._kawhi_checked = True
+            self.kawhi_tokenizer_ok = self.kawhi.check_tokenizer(self.processing_class)
         rollouts = kawhi_rollouts_from_trl(inputs, output, self.processing_class)
         rows = self.kawhi.reweight(rollouts)
         self.kawhi_last = rows

@@ -1,0 +1,466 @@
+"""KAWHI in verl: a reward-stage component and the ``grpo_kawhi`` advantage estimator.
+Exercised with verl 0.9.1 on CPU (see docs/integrations.md for exactly what ran).
+
+Why two pieces. verl's custom advantage estimators (``register_adv_est``) are called with
+the token-level rewards, the response mask and the group uid only — no image, prompt or
+token ids — and the advantage stage runs after the images are gone. So:
+
+1. **Reward stage** — ``KawhiRewardManager``, a verl reward-loop reward manager. It wraps
+   the reward manager you would use anyway (``naive`` by default; your
+   ``custom_reward_function`` still computes the score) and, per sample, sends KAWHI the
+   sample's image and chat prompt (``raw_prompt``, the image part as RLHFDataset builds
+   it) and the policy's OWN response token ids, asking for the token weights only (the
+   group advantage is not known yet). The weights travel with the sample as
+   ``reward_extra_info["kawhi_token_weights"]`` — a compact string (run-length JSON),
+   because verl stacks each extra-info key with ``np.array`` and ragged lists would not
+   stack — plus a numeric ``kawhi_fallback`` flag (0/1) that verl's metrics can average.
+   verl puts both into ``batch.non_tensor_batch``, where they follow every reorder
+   (``balance_batch``) and concat of the batch.
+
+2. **Advantage stage** — ``compute_grpo_kawhi_advantage``, registered as ``grpo_kawhi``:
+   verl's own ``compute_grpo_outcome_advantage`` (same grouping by uid, same
+   ``norm_adv_by_std_in_grpo``) multiplied, token by token, by the stored weights.
+   Because verl does not pass extra batch fields to estimators, ``install()`` wraps
+   ``verl.trainer.ppo.ray_trainer.compute_advantage`` so that, for ``grpo_kawhi`` only,
+   the batch's ``kawhi_token_weights`` are handed to the estimator (a context variable
+   set for the duration of the call). Every other estimator is untouched.
+
+Importing this module calls ``install()`` (as verl's own modules register their
+estimators on import). verl imports it in every process that needs it when the config
+names it as the reward manager::
+
+    reward.reward_manager.source=importlib
+    reward.reward_manager.name=KawhiRewardManager
+    reward.reward_manager.module.path=pkg://kawhi_client.integrations.verl
+    algorithm.adv_estimator=grpo_kawhi
+    trainer.use_v1=false
+    +reward.kawhi.url=http://kawhi:8000          # or: in-process
+    +reward.kawhi.on_error=raise                 # or: fallback
+
+Scope: verl 0.9.1's legacy trainer (``trainer.use_v1=false``, ``RayPPOTrainer``). Its v1
+trainer reads only fixed fields from its TransferQueue in the advantage stage, so the
+weights never reach an estimator there; ``grpo_kawhi`` then raises (it never silently
+trains plain GRPO under its name).
+
+Failure policy (``reward.kawhi.on_error``): ``raise`` (default) fails the reward stage;
+``fallback`` stores a fallback marker for the sample (its advantage stays verl's GRPO
+advantage, weight 1), warns in the reward worker, and the advantage stage counts and
+warns again in the trainer process (``driver_policy()``), so the event shows up where the
+training logs are.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import json
+import logging
+import os
+import sys
+from typing import Any, Mapping, Optional, Sequence
+
+from kawhi_client.integrations.common import (
+    FailurePolicy,
+    KawhiIntegrationError,
+    Reweighter,
+    Rollout,
+    RowResult,
+    as_backend,
+    wire_messages,
+)
+
+__all__ = [
+    "ESTIMATOR_NAME",
+    "FALLBACK_KEY",
+    "REWARD_MANAGER_NAME",
+    "WEIGHTS_KEY",
+    "KawhiRewardManager",
+    "compute_grpo_kawhi_advantage",
+    "decode_weights",
+    "driver_policy",
+    "encode_fallback",
+    "encode_weights",
+    "install",
+    "kawhi_extra_info",
+    "reweighter_from_config",
+    "rollout_from_sample",
+    "weights_tensor",
+]
+
+log = logging.getLogger("kawhi_client.integrations")
+
+ESTIMATOR_NAME = "grpo_kawhi"
+REWARD_MANAGER_NAME = "kawhi"
+WEIGHTS_KEY = "kawhi_token_weights"
+FALLBACK_KEY = "kawhi_fallback"
+_WEIGHTS_PREFIX = "kawhi-w1:"
+_FALLBACK_PREFIX = "kawhi-fallback:"
+
+# ============================================================================ the stored weights
+
+
+def encode_weights(weights: Sequence[float], on_error: str = "raise") -> str:
+    """Token weights -> a compact string (run-length JSON; exact float round trip).
+
+    ``on_error`` travels along so the advantage stage applies the reward stage's policy."""
+    runs: list[list[Any]] = []
+    for w in weights:
+        w = float(w)
+        if runs and runs[-1][1] == w:
+            runs[-1][0] += 1
+        else:
+            runs.append([1, w])
+    return _WEIGHTS_PREFIX + json.dumps({"n": len(weights), "runs": runs, "on_error": on_error},
+                                        separators=(",", ":"))
+
+
+def encode_fallback(reason: str) -> str:
+    """The marker of a sample whose weights could not be had (``on_error="fallback"``)."""
+    return _FALLBACK_PREFIX + reason
+
+
+def decode_weights(value: Any) -> tuple[Optional[list[float]], Optional[str], str]:
+    """A stored value -> (weights or None, fallback reason or None, on_error)."""
+    if not isinstance(value, str):
+        raise KawhiIntegrationError(f"{WEIGHTS_KEY} holds a {type(value).__name__}, not a KAWHI weights string")
+    if value.startswith(_FALLBACK_PREFIX):
+        return None, value[len(_FALLBACK_PREFIX):] or "unknown", "fallback"
+    if not value.startswith(_WEIGHTS_PREFIX):
+        raise KawhiIntegrationError(f"{WEIGHTS_KEY} holds {value[:40]!r}, not a KAWHI weights string")
+    payload = json.loads(value[len(_WEIGHTS_PREFIX):])
+    weights = [float(w) for count, w in payload["runs"] for _ in range(int(count))]
+    if len(weights) != int(payload["n"]):
+        raise KawhiIntegrationError(f"corrupt {WEIGHTS_KEY}: {len(weights)} weights for n={payload['n']}")
+    return weights, None, payload.get("on_error", "raise")
+
+
+# ============================================================================ configuration
+
+
+def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
+    if cfg is None:
+        return default
+    if isinstance(cfg, Mapping):
+        return cfg.get(key, default)
+    getter = getattr(cfg, "get", None)
+    if callable(getter):
+        try:
+            return getter(key, default)
+        except Exception:  # noqa: BLE001 - a struct DictConfig without the key
+            return default
+    return getattr(cfg, key, default)
+
+
+def kawhi_settings(config: Any) -> dict[str, Any]:
+    """The KAWHI settings of a verl config: ``reward.kawhi`` (``+reward.kawhi.url=...`` on
+    the command line), else the environment (``KAWHI_URL``, ``KAWHI_ON_ERROR``,
+    ``KAWHI_OPTIONS`` as JSON, ``KAWHI_INNER_REWARD_MANAGER``, ``KAWHI_MODEL``, ``KAWHI_DEVICE``).
+
+    Keys: ``url`` (an http(s) URL, or ``in-process``), ``on_error``, ``options`` (API
+    options), ``inner`` (the wrapped reward manager, default ``naive``), ``model`` and
+    ``device`` (for ``in-process``), ``client`` (keyword arguments of
+    ``kawhi_client.Client``: ``timeout``, ``retries``, ``wait_ready``, ``api_key`` ...)."""
+    section = _cfg_get(_cfg_get(config, "reward"), "kawhi")
+    if section is not None and hasattr(section, "items") and not isinstance(section, Mapping):
+        try:
+            from omegaconf import OmegaConf
+
+            section = OmegaConf.to_container(section, resolve=True)
+        except Exception:  # noqa: BLE001
+            section = dict(section.items())
+    section = dict(section or {})
+    env_options = os.environ.get("KAWHI_OPTIONS")
+    return {
+        "url": section.get("url") or os.environ.get("KAWHI_URL"),
+        "on_error": section.get("on_error") or os.environ.get("KAWHI_ON_ERROR") or "raise",
+        "options": dict(section.get("options") or (json.loads(env_options) if env_options else {})),
+        "inner": section.get("inner") or os.environ.get("KAWHI_INNER_REWARD_MANAGER") or "naive",
+        "model": section.get("model") or os.environ.get("KAWHI_MODEL"),
+        "device": section.get("device") or os.environ.get("KAWHI_DEVICE") or "cpu",
+        "client": dict(section.get("client") or {}),
+    }
+
+
+def reweighter_from_config(config: Any) -> Reweighter:
+    """The Reweighter a reward worker uses, built from ``kawhi_settings(config)``."""
+    s = kawhi_settings(config)
+    url = s["url"]
+    if url is None:
+        raise KawhiIntegrationError("KAWHI is not configured: set +reward.kawhi.url=http://host:port "
+                                    "(or in-process), or the KAWHI_URL environment variable")
+    if url in ("in-process", "inprocess", "in_process"):
+        from kawhi_client.integrations.common import InProcessBackend
+
+        backend: Any = InProcessBackend(model=s["model"], device=s["device"])
+    else:
+        from kawhi_client.client import Client
+
+        backend = as_backend(Client(url, **s["client"]))
+    # advantage 1.0 is sent ("given"): token_advantages == token_weights; nothing is skipped
+    return Reweighter(backend, options=s["options"], on_error=s["on_error"], skip_zero_advantage=False)
+
+
+# ============================================================================ reward stage
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        value = value.tolist()
+    return list(value)
+
+
+def rollout_from_sample(data: Any, tokenizer: Any = None) -> Rollout:
+    """One verl sample (a length-1 DataProto as the reward loop hands it, or a DataProtoItem)
+    -> a ``Rollout`` with advantage 1.0 (so the service returns the weights as advantages).
+
+    Token ids: ``responses[:valid_length]`` with the valid length from ``attention_mask``
+    (exactly what verl's reward managers score). Prompt: ``raw_prompt`` (chat messages; its
+    image part holds the image). Image: that part, else ``multi_modal_data`` (``image`` /
+    ``images``)."""
+    item = data if _is_item(data) else data[0]
+    batch, non_tensor = item.batch, item.non_tensor_batch
+    responses = batch["responses"]
+    length = responses.shape[-1]
+    valid = int(batch["attention_mask"][-length:].sum())
+    ids = [int(t) for t in responses[:valid].tolist()]
+    error, messages, image = None, None, None
+    try:
+        raw = non_tensor.get("raw_prompt")
+        if raw is None:
+            raise ValueError("the sample has no raw_prompt (verl's RLHFDataset sets it)")
+        messages, found = wire_messages([dict(m) for m in _as_list(raw)])
+        mm = non_tensor.get("multi_modal_data")
+        mm_images = []
+        if isinstance(mm, Mapping):
+            mm_images = _as_list(mm.get("image") if mm.get("image") is not None else mm.get("images"))
+        if len(found) > 1 or len(mm_images) > 1:
+            raise ValueError(f"the prompt holds {max(len(found), len(mm_images))} images; KAWHI needs exactly one")
+        if not found:
+            raise ValueError("the prompt has no image part")
+        image = found[0] if found[0] is not None else (mm_images[0] if mm_images else None)
+    except ValueError as exc:
+        error = str(exc)
+    text = ""
+    if tokenizer is not None and ids:
+        try:
+            text = tokenizer.decode(ids, skip_special_tokens=False)
+        except Exception:  # noqa: BLE001 - text is for logs only
+            text = ""
+    uid = non_tensor.get("uid")
+    return Rollout(token_ids=ids, image=image, messages=messages, advantage=1.0, text=text,
+                   group_id=None if uid is None else str(uid), error=error)
+
+
+def _is_item(data: Any) -> bool:
+    return type(data).__name__ == "DataProtoItem"
+
+
+def kawhi_extra_info(reweighter: Reweighter, data: Any, tokenizer: Any = None) -> dict[str, Any]:
+    """The reward-extra-info entries for one sample: ``{WEIGHTS_KEY: str, FALLBACK_KEY: 0.0|1.0}``.
+
+    Applies the reweighter's policy: under ``raise`` a failure raises here (the reward
+    stage fails); under ``fallback`` the sample gets the fallback marker."""
+    rollout = rollout_from_sample(data, tokenizer)
+    (row,) = reweighter.reweight([rollout])
+    return row_extra_info(row, reweighter.on_error)
+
+
+def row_extra_info(row: RowResult, on_error: str) -> dict[str, Any]:
+    if row.reweighted or row.reason == "empty response":
+        return {WEIGHTS_KEY: encode_weights(row.token_weights, on_error), FALLBACK_KEY: 0.0}
+    return {WEIGHTS_KEY: encode_fallback(row.reason or "fallback"), FALLBACK_KEY: 1.0}
+
+
+def _reward_manager_base() -> type:
+    from verl.experimental.reward_loop.reward_manager.base import RewardManagerBase
+
+    return RewardManagerBase
+
+
+class _LazyBase:
+    """Placeholder base when verl is absent, so this module imports (for its pure helpers)."""
+
+
+try:  # verl present: the real base class (verl's registry checks nothing else)
+    _Base: type = _reward_manager_base()
+except ImportError:  # pragma: no cover - exercised where verl is not installed
+    _Base = _LazyBase
+
+
+class KawhiRewardManager(_Base):  # type: ignore[misc, valid-type]
+    """A verl reward-loop reward manager: the inner manager's reward, plus KAWHI token weights.
+
+    Built by verl as ``cls(config=..., tokenizer=..., compute_score=..., **reward_kwargs)``.
+    The inner manager (``reward.kawhi.inner``, default ``naive``) is built with the same
+    arguments and computes the score exactly as it would alone; its ``reward_extra_info``
+    is kept and ``kawhi_token_weights`` / ``kawhi_fallback`` are added.
+    """
+
+    def __init__(self, config: Any, tokenizer: Any, compute_score: Any, **kwargs: Any) -> None:
+        if _Base is _LazyBase:
+            raise KawhiIntegrationError("KawhiRewardManager needs verl (pip install verl)")
+        super().__init__(config, tokenizer, compute_score)
+        from verl.experimental.reward_loop.reward_manager import get_reward_manager_cls
+
+        settings = kawhi_settings(config)
+        inner_cls = get_reward_manager_cls(settings["inner"])
+        if inner_cls is KawhiRewardManager:
+            raise KawhiIntegrationError("reward.kawhi.inner cannot be the KAWHI reward manager itself")
+        self.inner = inner_cls(config, tokenizer, compute_score, **kwargs)
+        self.reweighter = reweighter_from_config(config)
+        self.tokenizer_ok: Optional[bool] = None
+        self._checked = False
+
+    async def run_single(self, data: Any) -> dict[str, Any]:
+        if not self._checked:  # the policy's tokenizer against the service's, once per worker
+            self._checked = True
+            self.tokenizer_ok = await self.loop.run_in_executor(None, self.reweighter.check_tokenizer, self.tokenizer)
+        result = await self.inner.run_single(data)
+        sample = data[-1:]  # like verl's managers: the last sequence of a multi-sequence output
+        extra = await self.loop.run_in_executor(None, kawhi_extra_info, self.reweighter, sample, self.tokenizer)
+        result = dict(result)
+        result["reward_extra_info"] = {**dict(result.get("reward_extra_info") or {}), **extra}
+        return result
+
+
+# ============================================================================ advantage stage
+
+_BOUND_WEIGHTS: contextvars.ContextVar[Any] = contextvars.ContextVar("kawhi_token_weights", default=None)
+_DRIVER_POLICY = FailurePolicy("fallback")
+
+
+def driver_policy() -> FailurePolicy:
+    """The counters of the advantage stage in this process: ``fallbacks`` / ``fallback_rows``
+    (samples trained with plain GRPO advantages), ``reweighted_rows``."""
+    return _DRIVER_POLICY
+
+
+def weights_tensor(encoded: Any, response_mask: Any) -> Any:
+    """The stored weights of a batch -> a ``(B, T)`` float tensor (1 where a sample fell back).
+
+    Row i's weights cover its first ``n_i`` response positions (its valid response tokens);
+    a response-mask position beyond them means the weights were computed for other tokens
+    than the trainer's, which the reward stage's policy then decides (raise, or weight 1)."""
+    import torch
+
+    rows = list(encoded.tolist() if hasattr(encoded, "tolist") else encoded)
+    B, T = response_mask.shape
+    if len(rows) != B:
+        raise KawhiIntegrationError(f"{len(rows)} stored KAWHI weights for a batch of {B}")
+    out = torch.ones((B, T), dtype=torch.float32, device=response_mask.device)
+    fell_back: list[str] = []
+    for i, value in enumerate(rows):
+        weights, reason, on_error = decode_weights(value)
+        if weights is None:
+            fell_back.append(reason or "fallback")
+            continue
+        n = len(weights)
+        beyond = int(response_mask[i, n:].sum()) if n < T else 0
+        if n > T or beyond:
+            detail = (f"sample {i}: {n} stored weights for a {T}-token response with {beyond} masked token(s) "
+                      "past them (weights computed for different tokens)")
+            if on_error == "raise":
+                raise KawhiIntegrationError(f"KAWHI result mismatch: {detail}")
+            fell_back.append(detail)
+            continue
+        if n:
+            out[i, :n] = torch.tensor(weights, dtype=torch.float32, device=response_mask.device)
+    if fell_back:
+        _DRIVER_POLICY.failed("fallback in the reward stage",
+                              f"{len(fell_back)} of {B} samples have no KAWHI weights ({fell_back[0]})",
+                              rows=len(fell_back))
+    _DRIVER_POLICY.succeeded(B - len(fell_back))
+    return out
+
+
+def compute_grpo_kawhi_advantage(
+    token_level_rewards: Any,
+    response_mask: Any,
+    index: Any,
+    epsilon: float = 1e-6,
+    norm_adv_by_std_in_grpo: Optional[bool] = None,
+    config: Any = None,
+    kawhi_token_weights: Any = None,
+    **kwargs: Any,
+) -> tuple[Any, Any]:
+    """verl's GRPO advantage times KAWHI's token weights (registered as ``grpo_kawhi``).
+
+    ``kawhi_token_weights``: the batch's ``non_tensor_batch["kawhi_token_weights"]``; when
+    verl calls the estimator (which passes no such field) ``install()``'s wrapper of
+    ``compute_advantage`` provides it. ``norm_adv_by_std_in_grpo`` defaults to
+    ``config.norm_adv_by_std_in_grpo`` (verl's ``algorithm`` config), else True.
+    Returns ``(advantages, returns)`` like verl's GRPO (the same tensor twice)."""
+    from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
+
+    encoded = kawhi_token_weights if kawhi_token_weights is not None else _BOUND_WEIGHTS.get()
+    if encoded is None:
+        raise KawhiIntegrationError(
+            f"the '{ESTIMATOR_NAME}' estimator found no '{WEIGHTS_KEY}' on the batch. Use "
+            "reward.reward_manager.name=KawhiRewardManager (source=importlib, "
+            "module.path=pkg://kawhi_client.integrations.verl) and trainer.use_v1=false: verl's v1 trainer "
+            "does not hand reward extra info to the advantage stage")
+    if norm_adv_by_std_in_grpo is None:
+        norm_adv_by_std_in_grpo = bool(_cfg_get(config, "norm_adv_by_std_in_grpo", True))
+    advantages, _ = compute_grpo_outcome_advantage(
+        token_level_rewards=token_level_rewards, response_mask=response_mask, index=index, epsilon=epsilon,
+        norm_adv_by_std_in_grpo=norm_adv_by_std_in_grpo, config=config)
+    advantages = advantages * weights_tensor(encoded, response_mask).to(advantages.dtype)
+    return advantages, advantages
+
+
+def _estimator_name(adv_estimator: Any) -> str:
+    return getattr(adv_estimator, "value", adv_estimator)
+
+
+def _wrap_compute_advantage(original: Any) -> Any:
+    if getattr(original, "__kawhi_original__", None) is not None:
+        return original
+
+    @functools.wraps(original)
+    def compute_advantage(data: Any, adv_estimator: Any, *args: Any, **kwargs: Any) -> Any:
+        if _estimator_name(adv_estimator) != ESTIMATOR_NAME:
+            return original(data, adv_estimator, *args, **kwargs)
+        token = _BOUND_WEIGHTS.set(data.non_tensor_batch.get(WEIGHTS_KEY))
+        try:
+            return original(data, adv_estimator, *args, **kwargs)
+        finally:
+            _BOUND_WEIGHTS.reset(token)
+
+    compute_advantage.__kawhi_original__ = original  # type: ignore[attr-defined]
+    return compute_advantage
+
+
+_INSTALLED = False
+
+
+def install() -> None:
+    """Register ``grpo_kawhi`` and the ``kawhi`` reward manager with verl, and let
+    ``compute_advantage`` hand the batch's weights to ``grpo_kawhi``. Idempotent."""
+    global _INSTALLED
+    from verl.experimental.reward_loop.reward_manager import registry
+    from verl.trainer.ppo import core_algos
+
+    if core_algos.ADV_ESTIMATOR_REGISTRY.get(ESTIMATOR_NAME) is not compute_grpo_kawhi_advantage:
+        core_algos.register_adv_est(ESTIMATOR_NAME)(compute_grpo_kawhi_advantage)
+    if registry.REWARD_MANAGER.get(REWARD_MANAGER_NAME) is not KawhiRewardManager:
+        registry.register(REWARD_MANAGER_NAME)(KawhiRewardManager)
+    # compute_advantage lives in ray_trainer; modules that imported the name get the wrapper too.
+    try:
+        from verl.trainer.ppo import ray_trainer
+    except ImportError as exc:  # the trainer's own deps missing: the estimator still registers
+        log.warning("KAWHI: verl.trainer.ppo.ray_trainer not importable (%s); compute_advantage not wrapped", exc)
+    else:
+        ray_trainer.compute_advantage = _wrap_compute_advantage(ray_trainer.compute_advantage)
+        for name, module in list(sys.modules.items()):
+            if name.startswith("verl.") and module is not None and module is not ray_trainer:
+                current = getattr(module, "compute_advantage", None)
+                if current is not None and getattr(current, "__kawhi_original__", None) is None and \
+                        getattr(current, "__module__", "") == ray_trainer.__name__:
+                    module.compute_advantage = ray_trainer.compute_advantage
+    _INSTALLED = True
+
+
+if _Base is not _LazyBase:
+    install()
