@@ -133,6 +133,8 @@ def test_sigterm_drains_in_flight_work_then_exits_zero() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+        if proc.stdout:
+            proc.stdout.close()
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     msgs = [line["msg"] for line in lines]
     assert "drained" in msgs and "stopped" in msgs

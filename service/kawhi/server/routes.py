@@ -170,13 +170,13 @@ async def upload_image(request: Request, state: ServerState = Depends(get_state)
     try:
         ctype = request.headers.get("content-type", "").lower()
         if ctype.startswith("multipart/form-data"):
-            form = await request.form(max_files=1, max_fields=8)
-            name, upload = next(
-                ((k, v) for k, v in form.multi_items() if hasattr(v, "read")), (None, None)
-            )
-            if upload is None:
-                raise ProblemError(422, "validation", "the multipart body holds no file part", "/file")
-            data = await upload.read()
+            async with request.form(max_files=1, max_fields=8) as form:  # closes the spooled files
+                name, upload = next(
+                    ((k, v) for k, v in form.multi_items() if hasattr(v, "read")), (None, None)
+                )
+                if upload is None:
+                    raise ProblemError(422, "validation", "the multipart body holds no file part", "/file")
+                data = await upload.read()
             ptr = pointer(name)
         else:
             data = await request.body()
