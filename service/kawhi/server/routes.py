@@ -473,9 +473,8 @@ async def _reweight(request: Request, state: ServerState, engine: Any) -> Respon
                 state.inflight[key] = owner
                 break
             try:
-                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                    body = await asyncio.shield(running)
-            except TimeoutError:
+                body = await asyncio.wait_for(asyncio.shield(running), timeout=max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
                 raise ProblemError(504, "timeout", f"no answer within {s.request_timeout_s} s", "") from None
             if body is not None:
                 return Response(body, media_type="application/json", headers={"X-Kawhi-Cache": "joined"})
@@ -510,56 +509,60 @@ async def _compute(
             headers={"Retry-After": str(exc.retry_after)},
         ) from None
     results: dict[int, GroupResult] = {}
-    tokens = 0
-    try:
-        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-            # images referenced by hash
-            images: dict[str, bytes] = {}
-            ready: list[_Arrived] = []
-            for a in arrived:
-                if a.data is None and a.sha not in images:
-                    data = await state.caches.aget("image", a.sha)
-                    if data is None:
-                        err = ProblemError(
-                            404, "image-not-found",
-                            f"no image with sha256 {a.sha} is held; send its bytes (image.data) or POST /v1/images",
-                            pointer("groups", a.index, "image", "sha256"), sha256=a.sha,
-                        )
-                        if not per_group:
-                            raise err
-                        bad[a.index] = err
-                        continue
-                    images[a.sha] = data
-                ready.append(a)
-            loop = asyncio.get_running_loop()
-            prepared, errors = await loop.run_in_executor(
-                state.prepare_pool, _prepare_all, state, engine, config, ready, images, per_group, ticket
-            )
-            if errors and not per_group:
-                raise errors[min(errors)]
-            bad.update(errors)
-            tokens = sum(p.num_tokens for p in prepared)
-            if tokens > s.max_request_tokens:
-                raise ProblemError(
-                    413, "too-large", f"the request needs {tokens} tokens; the limit is {s.max_request_tokens}",
-                    "/groups",
-                )
-            ticket.release(ticket.held - len(prepared))  # slots of groups that failed go back now
-            futures = batcher.submit(ticket, prepared)
-            done = await asyncio.gather(*futures)
-            for p, res in zip(prepared, done):
-                if res.error is not None:
-                    prob = res.error
+
+    async def run_groups() -> int:
+        # images referenced by hash
+        images: dict[str, bytes] = {}
+        ready: list[_Arrived] = []
+        for a in arrived:
+            if a.data is None and a.sha not in images:
+                data = await state.caches.aget("image", a.sha)
+                if data is None:
                     err = ProblemError(
-                        prob.status or 500, "internal", prob.detail or "the forward failed",
-                        pointer("groups", p.index) + (prob.pointer or ""), title=prob.title,
+                        404, "image-not-found",
+                        f"no image with sha256 {a.sha} is held; send its bytes (image.data) or POST /v1/images",
+                        pointer("groups", a.index, "image", "sha256"), sha256=a.sha,
                     )
                     if not per_group:
                         raise err
-                    bad[p.index] = err
-                else:
-                    results[p.index] = res
-    except TimeoutError:
+                    bad[a.index] = err
+                    continue
+                images[a.sha] = data
+            ready.append(a)
+        loop = asyncio.get_running_loop()
+        prepared, errors = await loop.run_in_executor(
+            state.prepare_pool, _prepare_all, state, engine, config, ready, images, per_group, ticket
+        )
+        if errors and not per_group:
+            raise errors[min(errors)]
+        bad.update(errors)
+        tokens = sum(p.num_tokens for p in prepared)
+        if tokens > s.max_request_tokens:
+            raise ProblemError(
+                413, "too-large", f"the request needs {tokens} tokens; the limit is {s.max_request_tokens}",
+                "/groups",
+            )
+        ticket.release(ticket.held - len(prepared))  # slots of groups that failed go back now
+        futures = batcher.submit(ticket, prepared)
+        done = await asyncio.gather(*futures)
+        for p, res in zip(prepared, done):
+            if res.error is not None:
+                prob = res.error
+                err = ProblemError(
+                    prob.status or 500, "internal", prob.detail or "the forward failed",
+                    pointer("groups", p.index) + (prob.pointer or ""), title=prob.title,
+                )
+                if not per_group:
+                    raise err
+                bad[p.index] = err
+            else:
+                results[p.index] = res
+        return tokens
+
+    try:
+        # wait_for, not asyncio.timeout: the package supports Python 3.10
+        tokens = await asyncio.wait_for(run_groups(), timeout=max(0.0, deadline - time.monotonic()))
+    except asyncio.TimeoutError:
         ticket.cancel()
         raise ProblemError(504, "timeout", f"no answer within {s.request_timeout_s} s", "") from None
     except BaseException:
