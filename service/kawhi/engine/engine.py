@@ -88,7 +88,13 @@ class PreparedGroup:
 
 
 class Engine:
-    """KAWHI over one frozen reference model. Not thread-safe: one caller at a time runs it."""
+    """KAWHI over one frozen reference model.
+
+    Threads: :meth:`prepare` (tokenizer, image processor, SGUF) and :meth:`run` (the
+    model and its hooks) share no mutable state, so one thread may prepare while
+    another runs; neither method may be entered by two threads at once (the fast
+    tokenizer and the forward hooks are not reentrant).
+    """
 
     def __init__(
         self,
