@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Run the verl integration tests against verl's real code (0.9.1) on CPU.
+#
+# verl 0.9.1 pins transformers<5.11 and would replace torch, so it lives in a side venv
+# that sees the project's environment (--system-site-packages) and adds verl without its
+# pins (examples/verl/install_cpu_test_env.sh). The main suite skips these tests when
+# verl is absent; this script is how they run, here and in CI.
+#
+#   bash scripts/test_verl.sh            # venv in .venv-verl (reused when present)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+VENV="${KAWHI_VERL_VENV:-.venv-verl}"
+if ! "$VENV/bin/python" -c "import verl, ray" >/dev/null 2>&1; then
+    rm -rf "$VENV"
+    bash examples/verl/install_cpu_test_env.sh "$VENV"
+fi
+exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_integration_verl.py tests/test_integration_examples.py
