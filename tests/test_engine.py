@@ -259,3 +259,18 @@ def test_real_qwen_token_ids_from_a_trainer_are_scored_one_to_one():
     # the decoded text of each paragraph's tokens is that paragraph's span
     for p in first.paragraphs:
         assert tokenizer.decode(ids[0][p.token_start:p.token_end]) == decoded.text[p.char_start:p.char_end]
+
+
+def test_batching_groups_together_changes_no_result(demo_engine):
+    """Groups with different images and prompts give the same results whether the engine
+    runs them in one batched forward or one at a time."""
+    other = group_dict(texts=TEXTS[::-1])
+    other["image"]["data"] = base64.b64encode(png_bytes(300, 120)).decode()
+    other["prompt"] = "A much longer prompt about the figure, so the two prefixes differ in length."
+    together = demo_engine.reweight([group_dict(), other])
+    alone = demo_engine.reweight([group_dict()]) + demo_engine.reweight([other])
+    for a, b in zip(together, alone):
+        assert a.key_tokens == b.key_tokens and a.selected_tokens == b.selected_tokens
+        for ra, rb in zip(a.responses, b.responses):
+            np.testing.assert_allclose(ra.token_advantages, rb.token_advantages, atol=1e-6)
+            np.testing.assert_allclose([p.alpha for p in ra.paragraphs], [p.alpha for p in rb.paragraphs], atol=1e-6)

@@ -161,3 +161,23 @@ def test_head_presets():
     assert preset_heads("/models/Qwen3-VL-4B-Instruct", 32) == (2, 3, 4, 12, 13, 19, 25, 27)
     assert preset_heads("Qwen2.5-VL-7B-tiny", 4) is None  # indices do not fit this model
     assert preset_heads("llava", 32) is None
+
+
+def test_groups_batched_together_equal_each_group_alone(reference):
+    """Responses of groups with different prefix lengths batched in one forward (padded,
+    masked prefixes) give the same states as each group run alone."""
+    groups = []
+    for size, prompt in (((200, 150), "Describe the figure."), ((120, 260), "x"), ((300, 90), "What is drawn here?")):
+        resized, _ = reference.resize_image(figure(*size))
+        groups.append((reference.encode_prompt(resized, prompt=prompt),
+                       [reference.tokenize(t).token_ids for t in RESPONSES]))
+    assert len({p.input_ids.numel() for p, _ in groups}) == 3
+    together = reference.final_layer_inputs_many(groups)
+    small_batches = reference.final_layer_inputs_many(groups, max_batch_tokens=1)
+    for (prompt, responses), batched, tiny in zip(groups, together, small_batches):
+        alone = reference.final_layer_inputs(prompt, responses)
+        torch.testing.assert_close(batched.visual.hidden, alone.visual.hidden)
+        for got, other, expected in zip(batched.responses, tiny.responses, alone.responses):
+            torch.testing.assert_close(got.hidden, expected.hidden, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(other.hidden, expected.hidden, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(got.cos, expected.cos)

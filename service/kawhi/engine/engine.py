@@ -298,23 +298,35 @@ class Engine:
     def run(self, prepared: Sequence[PreparedGroup]) -> list[GroupResult]:
         """The reference forward and the reweighting for each prepared group.
 
-        A group that fails here (it should not) gets a GroupResult with ``error`` set;
-        the others are unaffected.
+        All groups' responses run as batched continuations of their own prefixes (see
+        QwenVLReference.final_layer_inputs_many). If that batched forward fails, the
+        groups are run one by one, and a group that fails alone gets a GroupResult
+        with ``error`` set; the others are unaffected.
         """
+        if not prepared:
+            return []
+        try:
+            all_states: list[Any] = self.model.final_layer_inputs_many(
+                [(g.prompt, [r.tokens.token_ids for r in g.responses]) for g in prepared])
+        except Exception:
+            log.exception("batched forward of %d groups failed; running them one by one", len(prepared))
+            all_states = [None] * len(prepared)
         results = []
-        for group in prepared:
+        for group, states in zip(prepared, all_states):
             try:
-                results.append(self._run_group(group))
+                if states is None:
+                    states = self.model.final_layer_inputs(group.prompt, [r.tokens.token_ids for r in group.responses])
+                results.append(self._score_group(group, states))
             except Exception as exc:
                 log.exception("group %s failed in the forward", group.id)
                 results.append(GroupResult(id=group.id, error=Problem(
                     title="Internal error", status=500, detail=f"{type(exc).__name__}: {exc}", pointer="")))
         return results
 
-    def _run_group(self, group: PreparedGroup) -> GroupResult:
+    def _score_group(self, group: PreparedGroup, states: Any) -> GroupResult:
+        """alpha per response token from the group's final-layer states, then the weights."""
         config = group.config
         rope = config.rope == "after"
-        states = self.model.final_layer_inputs(group.prompt, [r.tokens.token_ids for r in group.responses])
         visual_keys = self.model.project(states.visual, "key", rope)  # (H_kv, N, d)
         selected = torch.tensor(group.regions.selected.tolist(), dtype=torch.long, device=visual_keys.device)
         heads = torch.as_tensor(group.heads, dtype=torch.long, device=visual_keys.device)

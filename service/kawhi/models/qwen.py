@@ -60,6 +60,17 @@ QWEN_CHAT_TEMPLATE = (
 )
 
 
+@dataclass
+class _Prefix:
+    """A group's prefix after its forward: KV cache of layers 0..L-2, visual states,
+    the rotary position its response starts at, and its length in tokens."""
+
+    cache: Any
+    visual: "LayerInputs"
+    next_position: int
+    length: int
+
+
 class _StopForward(Exception):
     """Raised by the final-layer pre-hook: everything after that point is not needed."""
 
@@ -399,19 +410,55 @@ class QwenVLReference:
         )
         return positions
 
-    @torch.inference_mode()
     def final_layer_inputs(self, prompt: PromptInputs, responses: Sequence[Sequence[int]]) -> GroupStates:
-        """One group's forward: the shared prefix once, then all responses as one batch.
+        """One group's forward: see :meth:`final_layer_inputs_many`."""
+        return self.final_layer_inputs_many([(prompt, responses)])[0]
 
-        responses: G token-id lists (each may be empty). Returns the visual tokens'
-        final-layer inputs (N = rows * cols) and, per response, its tokens' (T_g).
+    @torch.inference_mode()
+    def final_layer_inputs_many(
+        self,
+        groups: Sequence[tuple[PromptInputs, Sequence[Sequence[int]]]],
+        max_batch_tokens: int = 16384,
+    ) -> list[GroupStates]:
+        """Final-layer inputs of several groups, with each prefix run once.
+
+        Each group's image + prompt prefix runs on its own (the vision tower sees one
+        image); then the responses of ALL groups run as batched continuations of their
+        own group's cached prefix. Rows are sorted by length and packed so a batch holds
+        at most ``max_batch_tokens`` padded response tokens (one row at least).
+
+        groups: (prompt, G token-id lists) pairs; a response may be empty. Returns, per
+        group, its visual tokens' states (N = rows * cols) and each response's (T_g).
         """
+        prefixes = [self._prefix(prompt) for prompt, _ in groups]
+        states: dict[tuple[int, int], LayerInputs] = {}
+        rows = [(g, r, list(ids)) for g, (_, responses) in enumerate(groups) for r, ids in enumerate(responses)
+                if len(ids)]
+        rows.sort(key=lambda row: -len(row[2]))
+        batch: list[tuple[int, int, list[int]]] = []
+        for row in rows:
+            if batch and (len(batch) + 1) * len(batch[0][2]) > max_batch_tokens:
+                self._continue_prefixes(batch, prefixes, states)
+                batch = []
+            batch.append(row)
+        if batch:
+            self._continue_prefixes(batch, prefixes, states)
+
+        results = []
+        for g, (_, responses) in enumerate(groups):
+            prefix = prefixes[g]
+            empty = LayerInputs(prefix.visual.hidden[:0], prefix.visual.cos[:0], prefix.visual.sin[:0])
+            results.append(GroupStates(prefix.visual, [states.get((g, r), empty) for r in range(len(responses))]))
+        return results
+
+    def _prefix(self, prompt: PromptInputs) -> "_Prefix":
+        """Run one group's image + prompt; keep its KV cache (layers 0..L-2) and visual states."""
         from transformers import DynamicCache
 
         device = self.device
         cache = DynamicCache(config=self.model.config.get_text_config())
         positions = self.prompt_positions(prompt)
-        prefix = self._run_until_final_layer(
+        captured = self._run_until_final_layer(
             input_ids=prompt.input_ids[None].to(device),
             pixel_values=prompt.pixel_values.to(device, self.dtype),
             image_grid_thw=prompt.image_grid_thw.to(device),
@@ -421,29 +468,51 @@ class QwenVLReference:
             **{self._cache_kwarg: cache},
         )
         vis = prompt.visual_positions.to(device)
-        visual = LayerInputs(prefix.hidden[0, vis], prefix.cos[0, vis], prefix.sin[0, vis])
+        visual = LayerInputs(captured.hidden[0, vis], captured.cos[0, vis], captured.sin[0, vis])
+        return _Prefix(cache, visual, int(positions.max()) + 1, int(prompt.input_ids.numel()))
 
-        lengths = [len(r) for r in responses]
-        longest = max(lengths, default=0)
-        if longest == 0:
-            empty = LayerInputs(prefix.hidden[0, :0], prefix.cos[0, :0], prefix.sin[0, :0])
-            return GroupStates(visual, [empty for _ in responses])
-        batch = torch.full((len(responses), longest), self.pad_token_id, dtype=torch.long)
-        for row, ids in enumerate(responses):
-            batch[row, : len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
-        # Right padding needs no mask: under the causal mask no real token attends to a pad.
-        cache.batch_repeat_interleave(len(responses))
-        start = int(positions.max()) + 1
-        response_positions = torch.arange(start, start + longest, device=device).view(1, 1, -1)
-        response_positions = response_positions.expand(3, len(responses), -1)
+    def _continue_prefixes(self, rows: list[tuple[int, int, list[int]]], prefixes: list["_Prefix"],
+                           states: dict[tuple[int, int], LayerInputs]) -> None:
+        """One batched forward of response rows, each continuing its own group's prefix.
+
+        Row i's cache holds its prefix right-padded to the longest prefix P in the batch;
+        its tokens follow at P. Right padding of the responses needs no mask (under the
+        causal mask no real token attends to a later pad); prefix padding does, and only
+        then is a mask passed, so the common one-group batch keeps the unmasked kernel.
+        """
+        from transformers import DynamicCache
+
+        device = self.device
+        longest = len(rows[0][2])
+        prefix_len = max(prefixes[g].length for g, _, _ in rows)
+        ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
+        for i, (_, _, tokens) in enumerate(rows):
+            ids[i, : len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
+        starts = torch.tensor([prefixes[g].next_position for g, _, _ in rows], device=device)
+        positions = (starts[:, None] + torch.arange(longest, device=device)[None]).expand(3, -1, -1)
+
+        cache = DynamicCache(config=self.model.config.get_text_config())
+        filled_layers = [layer for layer in prefixes[rows[0][0]].cache.layers if layer.keys is not None]
+        for layer in range(len(filled_layers)):  # the final layer never ran, so it holds nothing
+            keys, values = [], []
+            for g, _, _ in rows:
+                source = prefixes[g].cache.layers[layer]
+                pad = prefix_len - prefixes[g].length
+                keys.append(torch.nn.functional.pad(source.keys[0], (0, 0, 0, pad)))
+                values.append(torch.nn.functional.pad(source.values[0], (0, 0, 0, pad)))
+            cache.update(torch.stack(keys), torch.stack(values), layer)
+        mask = None
+        if any(prefixes[g].length != prefix_len for g, _, _ in rows):
+            mask = torch.ones((len(rows), prefix_len + longest), dtype=torch.long, device=device)
+            for i, (g, _, _) in enumerate(rows):
+                mask[i, prefixes[g].length : prefix_len] = 0
         out = self._run_until_final_layer(
-            input_ids=batch.to(device),
-            position_ids=response_positions,
-            use_cache=True,
+            input_ids=ids.to(device), position_ids=positions, attention_mask=mask, use_cache=True,
             **{self._cache_kwarg: cache},
         )
-        states = [LayerInputs(out.hidden[g, :n], out.cos[g, :n], out.sin[g, :n]) for g, n in enumerate(lengths)]
-        return GroupStates(visual, states)
+        for i, (g, r, tokens) in enumerate(rows):
+            n = len(tokens)
+            states[(g, r)] = LayerInputs(out.hidden[i, :n], out.cos[i, :n], out.sin[i, :n])
 
     @torch.inference_mode()
     def project(self, states: LayerInputs, which: Literal["query", "key"], rope: bool = True) -> torch.Tensor:
