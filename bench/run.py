@@ -2,7 +2,7 @@
 
     python -m bench.run --model bench                  # everything on the CPU bench model
     python -m bench.run --quick                        # = python -m bench.quick: P1-P3 on the demo model, < 1 min
-    python -m bench.run --model qwen7b --device cuda   # the GPU configuration (bf16, MFU)
+    python -m bench.run --device cuda                  # the GPU profile: qwen7b shapes, bf16, MFU
     python -m bench.run --tiny                         # smoke sizes (tests/test_bench_smoke.py)
 
 The last line printed is one JSON object with the P1-P3 ratios and where the results went.
@@ -52,6 +52,25 @@ PROFILES: dict[str, dict[str, Any]] = {
         },
         "load": {"clients": 8, "seconds": 20.0, "group_size": 4, "response_tokens": 128, "image": (448, 336),
                  "pool": 32},
+    },
+    # a GPU wants larger batches than the CPU profile (used by default with --device cuda)
+    "gpu": {
+        "suites": SUITES,
+        "p1": {"groups": 32, "group_size": 8, "response_tokens": 1024, "image": (448, 336), "groups_per_request": 4,
+               "concurrency": 4, "repeats": 3},
+        "p2": {"group_size": 8, "response_tokens": 2048, "image": (448, 336), "repeats": 3, "memory": True},
+        "p3": {"group_size": 5, "image": (448, 336), "repeats": 10},
+        "scaling": {
+            "length": {"values": [256, 512, 1024, 2048, 4096], "group_size": 8, "image": (448, 336)},
+            "group": {"values": [1, 2, 4, 8, 16], "response_tokens": 1024, "image": (448, 336)},
+            "image": {"values": [(224, 224), (448, 448), (672, 672), (896, 896)], "group_size": 8,
+                      "response_tokens": 1024},
+            "naive_max_tokens": 4096,
+            "memory": True,
+            "repeats": 3,
+        },
+        "load": {"clients": 32, "seconds": 60.0, "group_size": 8, "response_tokens": 512, "image": (448, 336),
+                 "pool": 64},
     },
     "quick": {
         "suites": ("p1", "p2", "p3"),
@@ -214,7 +233,8 @@ def run_server_suites(bench: Any, args: argparse.Namespace, prof: dict[str, Any]
         for item in args.serve_flag:
             name, _, value = item.partition("=")
             flags[name.strip().replace("-", "_")] = value.strip()
-        with Server(model_dir, flags=flags, threads=args.server_threads or args.threads) as srv:
+        ready = 900.0 if args.model == "qwen7b" else 180.0  # a 7B model loads from disk for minutes
+        with Server(model_dir, flags=flags, threads=args.server_threads or args.threads, ready_timeout=ready) as srv:
             log(f"kawhi serve ready at {srv.url} in {srv.startup_s:.1f} s")
             server_meta = {"command": shlex.join(srv.command()), "startup_s": srv.startup_s,
                            "omp_num_threads": srv.threads,
@@ -444,9 +464,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--load-clients", type=int, default=None)
     parser.add_argument("--load-seconds", type=float, default=None)
     args = parser.parse_args(argv)
-    args.profile = "tiny" if args.tiny else "quick" if args.quick else "full"
+    gpu = str(args.device).startswith("cuda")
+    args.profile = "tiny" if args.tiny else "quick" if args.quick else "gpu" if gpu else "full"
     if args.model is None:
-        args.model = "bench" if args.profile == "full" else "demo"
+        args.model = {"full": "bench", "gpu": "qwen7b"}.get(args.profile, "demo")
     return args
 
 
@@ -463,6 +484,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     missing = {s for s in suites if s not in prof}
     for s in missing:  # a suite the profile does not size: take the full profile's sizes
         prof[s] = json.loads(json.dumps(PROFILES["full"][s]))
+    for s in ("p1", "p2", "p3", "load"):  # JSON turned the image tuples into lists
+        if s in prof and "image" in prof[s]:
+            prof[s]["image"] = tuple(prof[s]["image"])
     if args.load_clients:
         prof["load"]["clients"] = args.load_clients
     if args.load_seconds:
