@@ -59,6 +59,7 @@ class EngineLimits:
     max_responses: int = 64
     max_response_tokens: int = 8192
     max_group_tokens: int = 131072  # prefix + all responses of one group
+    max_forward_tokens: int = 16384  # padded response tokens per batched forward (bounds activation memory)
     image: ImageLimits = field(default_factory=ImageLimits)
 
 
@@ -307,7 +308,8 @@ class Engine:
             return []
         try:
             all_states: list[Any] = self.model.final_layer_inputs_many(
-                [(g.prompt, [r.tokens.token_ids for r in g.responses]) for g in prepared])
+                [(g.prompt, [r.tokens.token_ids for r in g.responses]) for g in prepared],
+                max_batch_tokens=self.limits.max_forward_tokens)
         except Exception:
             log.exception("batched forward of %d groups failed; running them one by one", len(prepared))
             all_states = [None] * len(prepared)

@@ -56,6 +56,7 @@ def engine_limits(settings: Any) -> Any:
         max_responses=s.max_responses_per_group,
         max_response_tokens=s.max_tokens_per_response,
         max_group_tokens=s.batch_tokens,
+        max_forward_tokens=s.batch_tokens,
         image=image,
     )
 

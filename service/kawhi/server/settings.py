@@ -91,7 +91,9 @@ class _ServerSettings(BaseSettings):
         None,
         ge=1,
         description="torch intra-op threads (unset = auto: on cpu, the usable cores minus the prepare and "
-        "event-loop threads, at least 1; on a GPU, torch's default)",
+        "event-loop threads, at least 1; on a GPU, torch's default). On a quiet CPU host more threads are "
+        "faster (bench/README.md: 2 threads gave 1.7x the throughput of 1 on 2 cores); under contention "
+        "OpenMP barriers made 2 threads 5-40x slower, hence the cautious auto",
     )
 
     # --- caches ------------------------------------------------------------------
