@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from kawhi.engine.config import MethodConfig
-from kawhi.engine.engine import Engine, GroupError, OptionsError
+from kawhi.engine.engine import Engine, EngineLimits, GroupError, OptionsError
 from kawhi.engine.images import decode_image, sha256_hex
 from kawhi_client.schema import RolloutGroup
 from tiny_models import ARCHITECTURES, tiny_reference
@@ -267,7 +267,9 @@ def test_batching_groups_together_changes_no_result(demo_engine):
     other = group_dict(texts=TEXTS[::-1])
     other["image"]["data"] = base64.b64encode(png_bytes(300, 120)).decode()
     other["prompt"] = "A much longer prompt about the figure, so the two prefixes differ in length."
-    together = demo_engine.reweight([group_dict(), other])
+    merging = Engine(demo_engine.model, limits=EngineLimits(merge_groups=True))
+    assert merging._merge_groups and not demo_engine._merge_groups  # CPU default: no merging
+    together = merging.reweight([group_dict(), other])
     alone = demo_engine.reweight([group_dict()]) + demo_engine.reweight([other])
     for a, b in zip(together, alone):
         assert a.key_tokens == b.key_tokens and a.selected_tokens == b.selected_tokens

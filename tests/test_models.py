@@ -172,7 +172,14 @@ def test_groups_batched_together_equal_each_group_alone(reference):
         groups.append((reference.encode_prompt(resized, prompt=prompt),
                        [reference.tokenize(t).token_ids for t in RESPONSES]))
     assert len({p.input_ids.numel() for p, _ in groups}) == 3
-    together = reference.final_layer_inputs_many(groups)
+    calls = []
+    original = reference._continue_prefixes
+    reference._continue_prefixes = lambda rows, *a: (calls.append(len(rows)), original(rows, *a))
+    try:
+        together = reference.final_layer_inputs_many(groups, max_padding=float("inf"))
+    finally:
+        del reference._continue_prefixes
+    assert calls == [6]  # every non-empty response of the three groups in one masked forward
     small_batches = reference.final_layer_inputs_many(groups, max_batch_tokens=1)
     for (prompt, responses), batched, tiny in zip(groups, together, small_batches):
         alone = reference.final_layer_inputs(prompt, responses)
@@ -181,3 +188,20 @@ def test_groups_batched_together_equal_each_group_alone(reference):
             torch.testing.assert_close(got.hidden, expected.hidden, atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(other.hidden, expected.hidden, atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(got.cos, expected.cos)
+
+
+def test_row_packing_respects_budget_padding_and_merge_switch():
+    from kawhi.models.qwen import _pack_rows
+
+    groups = [(None, [[1] * 100, [1] * 90]), (None, [[1] * 95, []]), (None, [[1] * 10]), (None, [[1] * 400] * 3)]
+    merged = _pack_rows(groups, max_tokens=1000, merge_groups=True, max_padding=1.25)
+    assert [[(g, r) for g, r, _ in batch] for batch in merged] == [
+        [(0, 0), (0, 1), (1, 0)],  # 3 x 100 padded for 285 real: merged
+        [(2, 0)],                  # padding 10 -> 100 would exceed 1.25x
+        [(3, 0), (3, 1)], [(3, 2)],  # a group over the budget is split by rows
+    ]
+    separate = _pack_rows(groups, max_tokens=1000, merge_groups=False, max_padding=1.25)
+    assert [{g for g, _, _ in batch} for batch in separate] == [{0}, {1}, {2}, {3}, {3}]
+    for batches in (merged, separate):
+        for batch in batches:
+            assert len(batch) * max(len(t) for _, _, t in batch) <= 1000

@@ -71,6 +71,39 @@ class _Prefix:
     length: int
 
 
+_Row = tuple[int, int, list[int]]  # (group index, response index, token ids)
+
+
+def _pack_rows(groups: Sequence[tuple[Any, Sequence[Sequence[int]]]], max_tokens: int, merge_groups: bool,
+               max_padding: float) -> list[list[_Row]]:
+    """Response rows packed into forward batches (see QwenVLReference.final_layer_inputs_many)."""
+
+    def padded(rows: list[_Row]) -> int:
+        return len(rows) * max(len(tokens) for _, _, tokens in rows)
+
+    def real(rows: list[_Row]) -> int:
+        return sum(len(tokens) for _, _, tokens in rows)
+
+    batches: list[list[_Row]] = []
+    current: list[_Row] = []
+    for g, (_, responses) in enumerate(groups):
+        rows = sorted(((g, r, list(ids)) for r, ids in enumerate(responses) if len(ids)), key=lambda row: -len(row[2]))
+        if not rows:
+            continue
+        joined = current + rows
+        if current and not (merge_groups and padded(joined) <= max_tokens and padded(joined) <= max_padding * real(joined)):
+            batches.append(current)
+            current = []
+        for row in rows:
+            if current and padded(current + [row]) > max_tokens:
+                batches.append(current)
+                current = []
+            current.append(row)
+    if current:
+        batches.append(current)
+    return batches
+
+
 class _StopForward(Exception):
     """Raised by the final-layer pre-hook: everything after that point is not needed."""
 
@@ -419,31 +452,25 @@ class QwenVLReference:
         self,
         groups: Sequence[tuple[PromptInputs, Sequence[Sequence[int]]]],
         max_batch_tokens: int = 16384,
+        *,
+        merge_groups: bool = True,
+        max_padding: float = 1.25,
     ) -> list[GroupStates]:
         """Final-layer inputs of several groups, with each prefix run once.
 
         Each group's image + prompt prefix runs on its own (the vision tower sees one
-        image); then the responses of ALL groups run as batched continuations of their
-        own group's cached prefix. Rows are sorted by length and packed so a batch holds
-        at most ``max_batch_tokens`` padded response tokens (one row at least).
+        image); its responses then run as one batch continuing the cached prefix. With
+        ``merge_groups``, consecutive groups share that batch while it holds at most
+        ``max_batch_tokens`` padded response tokens and at most ``max_padding`` times
+        its real tokens; a group larger than the budget is split by rows.
 
         groups: (prompt, G token-id lists) pairs; a response may be empty. Returns, per
         group, its visual tokens' states (N = rows * cols) and each response's (T_g).
         """
         prefixes = [self._prefix(prompt) for prompt, _ in groups]
         states: dict[tuple[int, int], LayerInputs] = {}
-        rows = [(g, r, list(ids)) for g, (_, responses) in enumerate(groups) for r, ids in enumerate(responses)
-                if len(ids)]
-        rows.sort(key=lambda row: -len(row[2]))
-        batch: list[tuple[int, int, list[int]]] = []
-        for row in rows:
-            if batch and (len(batch) + 1) * len(batch[0][2]) > max_batch_tokens:
-                self._continue_prefixes(batch, prefixes, states)
-                batch = []
-            batch.append(row)
-        if batch:
+        for batch in _pack_rows(groups, max_batch_tokens, merge_groups, max_padding):
             self._continue_prefixes(batch, prefixes, states)
-
         results = []
         for g, (_, responses) in enumerate(groups):
             prefix = prefixes[g]
@@ -483,7 +510,7 @@ class QwenVLReference:
         from transformers import DynamicCache
 
         device = self.device
-        longest = len(rows[0][2])
+        longest = max(len(tokens) for _, _, tokens in rows)
         prefix_len = max(prefixes[g].length for g, _, _ in rows)
         ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
         for i, (_, _, tokens) in enumerate(rows):
