@@ -24,20 +24,19 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
         if f.name == "sguf":
             continue
         flag = "--" + f.name.replace("_", "-")
-        default = MethodConfig.__dataclass_fields__[f.name].default
-        choices = typing.get_args(f.type) if typing.get_origin(f.type) is typing.Literal else None
+        default = f.default
         if f.name == "heads":
             group.add_argument(flag, default=None, help="'preset', 'all' or comma-separated head indices "
                                f"(default: {default})")
         elif isinstance(default, str):
-            literal = typing.get_args(MethodConfig.__annotations__.get(f.name, "")) or None
-            group.add_argument(flag, default=None, choices=choices or _literal_choices(f.name),
+            group.add_argument(flag, default=None, choices=_literal_choices(f.name),
                                help=f"(default: {default})")
         else:
             group.add_argument(flag, type=type(default), default=None, help=f"(default: {default})")
 
 
 def _literal_choices(name: str) -> list[str] | None:
+    """The allowed values of a string option, from the wire schema (one definition)."""
     from kawhi_client.schema import Options
 
     annotation = Options.model_fields[name].annotation
