@@ -276,3 +276,11 @@ def test_batching_groups_together_changes_no_result(demo_engine):
         for ra, rb in zip(a.responses, b.responses):
             np.testing.assert_allclose(ra.token_advantages, rb.token_advantages, atol=1e-6)
             np.testing.assert_allclose([p.alpha for p in ra.paragraphs], [p.alpha for p in rb.paragraphs], atol=1e-6)
+
+
+def test_schema_errors_point_at_the_field_in_process(demo_engine):
+    """In-process schema errors get the same JSON pointer the server and CLI give."""
+    bad = group_dict()
+    bad["responses"][1]["reward"] = "high"
+    result = demo_engine.reweight([bad])[0]
+    assert result.error.pointer == "/responses/1/reward" and result.error.status == 422

@@ -78,8 +78,9 @@ def cmd_reweight(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from kawhi.engine.engine import Engine, GroupError, OptionsError, load_image_bytes
+    from kawhi.engine.errors import group_error_from_validation
     from kawhi.engine.images import decode_image, sha256_hex
-    from kawhi_client.schema import GroupResult, Problem, RolloutGroup
+    from kawhi_client.schema import RolloutGroup
 
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
     if engine.is_demo:
@@ -108,14 +109,12 @@ def cmd_reweight(args: argparse.Namespace) -> int:
                     image = decode_image(data, engine.limits.image)
                     prepared.append(engine.prepare(group, config, image, image_sha256=sha256_hex(data), index=number))
                 except GroupError as exc:
-                    records[number] = _error_record(number, group_id, Problem(**exc.to_problem()))
-                except (json.JSONDecodeError, ValidationError) as exc:
-                    pointer = ""
-                    if isinstance(exc, ValidationError) and exc.errors():
-                        pointer = "/" + "/".join(str(p) for p in exc.errors()[0]["loc"])
-                    records[number] = _error_record(number, group_id, Problem(
-                        title="Invalid line", status=422, detail=str(exc).splitlines()[0] if isinstance(
-                            exc, json.JSONDecodeError) else _first_error(exc), pointer=pointer))
+                    records[number] = _error_record(number, group_id, exc)
+                except ValidationError as exc:
+                    records[number] = _error_record(number, group_id, group_error_from_validation(exc))
+                except json.JSONDecodeError as exc:
+                    records[number] = _error_record(number, group_id, GroupError("", f"not JSON: {exc}",
+                                                                                 title="Invalid line"))
             for group, result in zip(prepared, engine.run(prepared)):
                 records[group.index] = result.model_dump(exclude_none=True)
             progress.update(len(chunk))
@@ -132,13 +131,9 @@ def cmd_reweight(args: argparse.Namespace) -> int:
     return 0 if ok > 0 else 1
 
 
-def _first_error(exc: Any) -> str:
-    error = exc.errors()[0]
-    return f"{error['msg']} at {'/'.join(str(p) for p in error['loc']) or 'top level'}"
-
-
-def _error_record(number: int, group_id: Any, problem: Any) -> dict[str, Any]:
-    return {"id": group_id, "line": number, "error": problem.model_dump(exclude_none=True)}
+def _error_record(number: int, group_id: Any, error: Any) -> dict[str, Any]:
+    """The output line for input line ``number`` that could not be processed."""
+    return {"id": group_id, "line": number, "error": error.to_problem()}
 
 
 def build_parser() -> argparse.ArgumentParser:

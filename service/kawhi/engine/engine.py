@@ -23,11 +23,12 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import ValidationError
 
 from kawhi import __version__
 from kawhi.engine.alignment import alignment_scores, repeat_kv
 from kawhi.engine.config import MethodConfig
-from kawhi.engine.errors import GroupError, OptionsError
+from kawhi.engine.errors import GroupError, OptionsError, group_error_from_validation
 from kawhi.engine.estimators import InvalidRewardError, group_advantages
 from kawhi.engine.images import ImageLimits, decode_base64, decode_image, sha256_hex
 from kawhi.engine.regions import RegionSelection, select_regions
@@ -401,9 +402,12 @@ class Engine:
                 data = load_image(group.image)
                 image = decode_image(data, self.limits.image)
                 prepared.append(self.prepare(group, config, image, image_sha256=sha256_hex(data), index=index))
+            except ValidationError as exc:
+                error = group_error_from_validation(exc)
+                results[index] = GroupResult(id=_group_id(raw), error=Problem(**error.to_problem()))
             except GroupError as exc:
                 results[index] = GroupResult(id=_group_id(raw), error=Problem(**exc.to_problem()))
-            except ValueError as exc:  # pydantic's ValidationError is a ValueError
+            except ValueError as exc:  # anything else the caller's data tripped: still only this group
                 results[index] = GroupResult(id=_group_id(raw), error=Problem(
                     title="Invalid rollout group", status=422, detail=str(exc), pointer=""))
         for group, result in zip(prepared, self.run(prepared)):

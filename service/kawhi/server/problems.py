@@ -11,12 +11,12 @@ a missing API key, a body that is too large). The wire model is
 from __future__ import annotations
 
 import json
-import re
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from pydantic import ValidationError
 from starlette.responses import Response
 
+from kawhi.engine.errors import escape_token, loc_to_pointer, pointer, validation_message  # noqa: F401 (re-exported)
 from kawhi_client.schema import Problem
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -100,38 +100,7 @@ def problem_response(
 
 
 # --------------------------------------------------------------------------------------
-# JSON pointers
-
-
-def escape_token(token: Any) -> str:
-    return str(token).replace("~", "~0").replace("/", "~1")
-
-
-def pointer(*tokens: Any) -> str:
-    """pointer('groups', 3, 'image') -> '/groups/3/image'."""
-    return "".join("/" + escape_token(t) for t in tokens)
-
-
-# pydantic puts the name of a union member or a validator in a loc for errors inside
-# unions (``literal['preset','all']``, ``list[int]``, ``function-after[...]``): those are
-# not fields of the document and are left out of the pointer.
-_TYPE_TAG = re.compile(r"^[a-z_-]+\[.*\]$|^(int|str|float|bool|list|dict|none)$")
-
-
-def loc_to_pointer(loc: Sequence[Any], prefix: Sequence[Any] = ()) -> str:
-    tokens = list(prefix)
-    for part in loc:
-        if isinstance(part, str) and _TYPE_TAG.match(part):
-            continue
-        tokens.append(part)
-    return pointer(*tokens)
-
-
-def _error_message(err: Mapping[str, Any]) -> str:
-    msg = str(err.get("msg", "invalid value"))
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, ") :]
-    return msg
+# Validation errors (JSON pointers: kawhi.engine.errors)
 
 
 def validation_problem(
@@ -144,7 +113,7 @@ def validation_problem(
     errors = list(exc.errors() if isinstance(exc, ValidationError) else exc)
     listed = []
     for e in errors:
-        listed.append({"pointer": loc_to_pointer(e.get("loc", ()), prefix), "detail": _error_message(e)})
+        listed.append({"pointer": loc_to_pointer(e.get("loc", ()), prefix), "detail": validation_message(e)})
     # The most specific error first: pydantic reports e.g. a union's failures for every
     # member; the deepest pointer is the most useful one for a caller.
     first = listed[0] if listed else {"pointer": pointer(*prefix), "detail": "invalid request"}
