@@ -61,16 +61,16 @@ def build_config(kind: str, tokenizer: Any) -> Any:
     text_shape, vision_shape = {"bench": (BENCH_TEXT, BENCH_VISION), "qwen7b": (QWEN7B_TEXT, QWEN7B_VISION)}[kind]
     text_shape = dict(text_shape)
     mrope = text_shape.pop("mrope_section")
-    ids = tokenizer.convert_tokens_to_ids
+    from kawhi.models.qwen import qwen_vl_token_ids
+
+    text_ids, vision_ids = qwen_vl_token_ids(tokenizer)
     text = dict(
         vocab_size=text_shape.pop("vocab_size", len(tokenizer)),
         max_position_embeddings=32768,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope},
         rms_norm_eps=1e-6,
         tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=ids("<|im_end|>"),
-        pad_token_id=ids("<|endoftext|>"),
+        **text_ids,
         **text_shape,
     )
     vision = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
@@ -78,14 +78,9 @@ def build_config(kind: str, tokenizer: Any) -> Any:
     return Qwen2_5_VLConfig(
         text_config=text,
         vision_config=vision,
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
         tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=ids("<|im_end|>"),
-        pad_token_id=ids("<|endoftext|>"),
+        **vision_ids,
+        **text_ids,
     )
 
 

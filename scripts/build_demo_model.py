@@ -20,7 +20,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from kawhi.models.qwen import QWEN_CHAT_TEMPLATE
+from kawhi.models.qwen import QWEN_CHAT_TEMPLATE, qwen_vl_token_ids
 
 SEED = 20260327
 VOCAB_SIZE = 1024
@@ -66,7 +66,7 @@ def build_tokenizer(rng: random.Random) -> PreTrainedTokenizerFast:
 
 
 def build_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
-    ids = tokenizer.convert_tokens_to_ids
+    text_ids, vision_ids = qwen_vl_token_ids(tokenizer)
     return Qwen2_5_VLConfig(
         text_config={
             "vocab_size": len(tokenizer),
@@ -78,9 +78,7 @@ def build_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
             "max_position_embeddings": 32768,
             "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
             "tie_word_embeddings": True,
-            "bos_token_id": None,
-            "eos_token_id": ids("<|im_end|>"),
-            "pad_token_id": ids("<|endoftext|>"),
+            **text_ids,
         },
         vision_config={
             "depth": 2,
@@ -94,14 +92,9 @@ def build_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
             "window_size": 56,
             "fullatt_block_indexes": [1],
         },
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
         tie_word_embeddings=True,
-        bos_token_id=None,
-        eos_token_id=ids("<|im_end|>"),
-        pad_token_id=ids("<|endoftext|>"),
+        **vision_ids,
+        **text_ids,
     )
 
 

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from kawhi.engine.engine import DEMO_MODEL_DIR
-from kawhi.models.qwen import QwenVLReference
+from kawhi.models.qwen import QwenVLReference, qwen_vl_token_ids
 
 ARCHITECTURES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
@@ -26,12 +26,10 @@ def demo_tokenizer():
 
 
 def _config(model_type: str, tokenizer, vocab_size: int | None = None) -> transformers.PretrainedConfig:
-    ids = tokenizer.convert_tokens_to_ids
-    special = dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-                   vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    text_ids, special = qwen_vl_token_ids(tokenizer)
     text = dict(vocab_size=vocab_size or len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+                **text_ids,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
     if model_type == "qwen2_vl":
         vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,

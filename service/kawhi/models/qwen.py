@@ -104,6 +104,19 @@ def _pack_rows(groups: Sequence[tuple[Any, Sequence[Sequence[int]]]], max_tokens
     return batches
 
 
+def qwen_vl_token_ids(tokenizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Special-token ids a Qwen-VL config needs, read from its tokenizer.
+
+    Returns (text ids: bos/eos/pad, for the text config and the top level;
+    vision ids: the image/video placeholders and vision delimiters, for the top level).
+    """
+    ids = tokenizer.convert_tokens_to_ids
+    text = {"bos_token_id": None, "eos_token_id": ids("<|im_end|>"), "pad_token_id": ids("<|endoftext|>")}
+    vision = {"image_token_id": ids("<|image_pad|>"), "video_token_id": ids("<|video_pad|>"),
+              "vision_start_token_id": ids("<|vision_start|>"), "vision_end_token_id": ids("<|vision_end|>")}
+    return text, vision
+
+
 class _StopForward(Exception):
     """Raised by the final-layer pre-hook: everything after that point is not needed."""
 
