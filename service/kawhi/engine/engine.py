@@ -243,7 +243,7 @@ class Engine:
             if len(group.advantages) != len(group.responses):
                 raise GroupError("/advantages", f"{len(group.advantages)} advantages for "
                                  f"{len(group.responses)} responses")
-            return self._estimate(None, "given", config, group.advantages, "/advantages")
+            return self._estimate(None, "given", config, group.advantages)
         if config.estimator == "given":
             raise GroupError("/advantages", "estimator 'given' needs 'advantages', one per response")
         rewards = []
@@ -251,15 +251,15 @@ class Engine:
             if response.reward is None:
                 raise GroupError(f"/responses/{i}/reward", "reward is missing")
             rewards.append(response.reward)
-        return self._estimate(rewards, config.estimator, config, None, "/responses/{i}/reward")
+        return self._estimate(rewards, config.estimator, config, None)
 
     @staticmethod
-    def _estimate(rewards, estimator, config, given, pointer_format: str) -> np.ndarray:
+    def _estimate(rewards, estimator, config, given) -> np.ndarray:
         try:
             return group_advantages(rewards, estimator, eps=config.eps, std=config.std, given=given)
         except InvalidRewardError as exc:
-            pointer = pointer_format.format(i=exc.index) if "{i}" in pointer_format else f"{pointer_format}/{exc.index}"
-            raise GroupError(pointer, str(exc)) from None
+            where = f"/advantages/{exc.index}" if exc.field == "advantage" else f"/responses/{exc.index}/reward"
+            raise GroupError(where, str(exc)) from None
 
     def _tokens(self, response: Any, i: int) -> TokenizedText:
         limit = self.limits.max_response_tokens
