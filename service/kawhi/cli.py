@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    rw = sub.add_parser("reweight", help="reweight rollout groups from a JSONL file (one API.md group per line)")
+    rw = sub.add_parser("reweight", help="reweight rollout groups from a JSONL file (one docs/api.md group per line)")
     rw.add_argument("input", type=Path, help="input JSONL; image paths are relative to its folder")
     rw.add_argument("-o", "--output", type=Path, required=True, help="output JSONL, one result per input line")
     rw.add_argument("--model", default=None, help="local model folder (default: the embedded demo model)")
