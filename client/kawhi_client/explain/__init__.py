@@ -30,7 +30,7 @@ from kawhi_client.explain.view import (
 from kawhi_client.schema import GroupResult, RolloutGroup
 
 __all__ = ["DEFAULT_PATCH_SIDE", "ExplainedResult", "Explanation", "GroupView", "build_view", "explain",
-           "file_stem"]
+           "file_stem", "png_bytes"]
 
 
 @dataclass
@@ -55,7 +55,7 @@ class Explanation:
         pages = self.pages()
         if not 0 <= page < len(pages):
             raise ValueError(f"page {page} does not exist: the view has {len(pages)} page(s)")
-        return _png_bytes(pages[page])
+        return png_bytes(pages[page])
 
     def html(self) -> str:
         """One self-contained HTML document (images embedded, no network)."""
@@ -71,7 +71,7 @@ class Explanation:
         written = []
         for number, page in enumerate(self.pages(), start=1):
             path = folder / (f"{stem}.png" if number == 1 else f"{stem}.page{number}.png")
-            path.write_bytes(_png_bytes(page))
+            path.write_bytes(png_bytes(page))
             written.append(path)
         html_path = folder / f"{stem}.html"
         html_path.write_text(self.html(), encoding="utf-8")
@@ -105,7 +105,8 @@ def file_stem(group_id: Optional[str], index: int) -> str:
     return stem or f"group-{index}"
 
 
-def _png_bytes(image: Any) -> bytes:
+def png_bytes(image: Any) -> bytes:
+    """A PIL image as PNG bytes."""
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()

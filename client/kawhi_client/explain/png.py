@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 from kawhi_client.explain.style import (
     DEMO_RGB,
     GRID_RGBA,
+    HEAT_OPACITY,
     KEY_RGB,
     MUTED_RGB,
     NEGATIVE_RGB,
@@ -43,7 +44,6 @@ PAD = 8
 BODY, SMALL, HEAD, TITLE = 14, 12, 15, 19
 BODY_LINE, SMALL_LINE, HEAD_LINE = 20, 17, 24
 IMAGE_MAX_W, IMAGE_MAX_H, LEFT_MIN_W = 560, 620, 380
-HEAT_OPACITY = 0.7
 
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), end exclusive
 

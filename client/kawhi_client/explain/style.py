@@ -12,6 +12,7 @@ KEY_RGB: RGB = (230, 85, 13)  # orange: key-region tokens
 SAMPLED_RGB: RGB = (33, 113, 181)  # blue: sampled background tokens
 OVERLAY_OPACITY = 0.55  # share of the token colour over the image pixel
 GRID_RGBA = (40, 40, 40, 70)
+HEAT_OPACITY = 0.7  # share of the heat colour over the grey image
 
 TEXT_RGB: RGB = (25, 25, 25)
 MUTED_RGB: RGB = (95, 95, 95)
@@ -21,8 +22,8 @@ DEMO_RGB: RGB = (190, 30, 30)
 
 # Weight shading: pale yellow (weight 0) -> green -> deep green (the scale's top). Every
 # channel falls monotonically, so a larger weight is always a darker swatch.
-_WEIGHT_STOPS: tuple[RGB, ...] = ((255, 244, 179), (120, 198, 121), (0, 90, 50))
-TINT_STRENGTH = 0.4  # text backgrounds: the weight colour this far from white, so text stays legible
+_WEIGHT_STOPS: tuple[RGB, ...] = ((255, 244, 179), (173, 221, 142), (65, 171, 93), (0, 90, 50))
+TINT_STRENGTH = 0.5  # text backgrounds: the weight colour this far from white, so text stays legible
 
 
 def blend(base: RGB, colour: RGB, opacity: float) -> RGB:
