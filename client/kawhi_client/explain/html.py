@@ -163,7 +163,8 @@ def render_html(view: GroupView) -> str:
         heatmap = view.heatmap
 
         def heat_text(index: int, r: int, c: int) -> str:
-            return f"{token_text(index, r, c)}; mean cosine with response #{view.heatmap_response}: {heatmap[index]:+.5f}"
+            return (f"{token_text(index, r, c)}; mean cosine with response #{view.heatmap_response}: "
+                    f"{heatmap[index]:+.5f}")
 
         stops = ", ".join(css(heat_rgb(i / 10)) for i in range(11))
         left += [

@@ -290,6 +290,7 @@ def _left_column(view: GroupView, cell: int) -> tuple[int, int, Callable[[Any, A
     if heat is not None:
         height += 16 + HEAD_LINE + heat[0].height + 8 + 14 + SMALL_LINE
     info = f"model: {view.model}" if view.model else ""
+    height += SMALL_LINE + 8 if info else 0
 
     def draw(page: Any, d: Any, x: int, y: int) -> tuple:
         d.text((x, y), "The image as the model saw it", font=font(HEAD, True), fill=TEXT_RGB)
@@ -322,6 +323,8 @@ def _left_column(view: GroupView, cell: int) -> tuple[int, int, Callable[[Any, A
             d.text((x + (image.width - font(SMALL).getlength(mid)) / 2, y), mid, font=font(SMALL), fill=MUTED_RGB)
             d.text((x + image.width - font(SMALL).getlength(f"{high:+.4f}"), y), f"{high:+.4f}", font=font(SMALL),
                    fill=MUTED_RGB)
+        if info:
+            d.text((x, y + 26 if heat is not None else y + 8), info, font=font(SMALL), fill=MUTED_RGB)
         return token_origin, heat_origin
 
     return width, height, draw

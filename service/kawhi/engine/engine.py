@@ -423,8 +423,12 @@ class Engine:
             results[group.index] = result
         return [results[i] for i in range(len(groups))]
 
-    def explain(self, groups: Sequence[RolloutGroup | Mapping[str, Any]], options: Options | Mapping[str, Any] | None = None,
-                **kwargs: Any) -> list[Any]:
+    def explain(
+        self,
+        groups: Sequence[RolloutGroup | Mapping[str, Any]],
+        options: Options | Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> list[Any]:
         """The explain view of each group (kawhi_client.explain.Explanation), or its failed
         GroupResult. Arguments as :meth:`reweight` and kawhi.engine.explain.explain_groups."""
         from kawhi.engine.explain import explain_groups
