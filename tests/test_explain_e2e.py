@@ -95,6 +95,15 @@ def test_engine_explain_reports_a_bad_group_and_goes_on(engine):
     assert out[0].error is not None and "does not exist" in out[0].error.detail
 
 
+def test_engine_explain_shows_the_text_that_token_ids_decode_to(engine):
+    group = [json.loads(line) for line in (EXAMPLES / "rollouts.jsonl").read_text().splitlines() if line.strip()][0]
+    ids = engine.model.tokenize("First look at the bars.\n\nThen answer 18.").token_ids
+    group["responses"][0] = {"text": "(the trainer's own text, not what the ids say)", "reward": 1.0,
+                             "token_ids": list(ids)}
+    view = engine.explain([group], load_image=load)[0].view
+    assert [s.text for s in view.responses[0].segments] == ["First look at the bars.\n\n", "Then answer 18."]
+
+
 # ---------------------------------------------------------------------- CLI
 
 
