@@ -55,14 +55,18 @@ def weight_tint(weight: float, top: float) -> RGB:
 
 
 def heat_rgb(t: float) -> RGB:
-    """viridis at t in [0, 1] (matplotlib's map when installed, else a close ramp)."""
-    t = min(max(t, 0.0), 1.0)
+    """viridis at t in [0, 1], in 256 steps (matplotlib's map when installed, else a close ramp)."""
+    return _heat_table()[round(min(max(t, 0.0), 1.0) * 255)]
+
+
+@lru_cache(maxsize=1)
+def _heat_table() -> tuple[RGB, ...]:
     try:
         from matplotlib import colormaps
     except ImportError:
-        return _ramp(((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)), t)
-    r, g, b, _ = colormaps["viridis"](t)
-    return (round(r * 255), round(g * 255), round(b * 255))
+        stops = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))
+        return tuple(_ramp(stops, i / 255) for i in range(256))
+    return tuple(tuple(round(v * 255) for v in colormaps["viridis"](i / 255)[:3]) for i in range(256))  # type: ignore
 
 
 def css(rgb: RGB) -> str:
