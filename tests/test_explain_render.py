@@ -226,3 +226,18 @@ def test_display_cell_keeps_token_centres_addressable():
     for grid in [(1, 1), (2, 200), (200, 2), (60, 60), (12, 16)]:
         cell = display_cell(grid)
         assert cell >= 4 and grid[1] * cell <= max(560, 4 * grid[1])
+
+
+@pytest.mark.parametrize("page_height", [700, 900, 1333])
+def test_page_breaks_never_orphan_a_header_or_a_label(page_height):
+    group, result, image = planted(n_responses=12, text_words=60, seed=7)
+    view = build_view(group, result, image)
+    rendered = render_pages(view, max_page_height=page_height)
+    assert len(rendered.pages) > 1
+    for page in rendered.pages:
+        assert page.height <= max(page_height, rendered.pages[0].height)
+    # each segment's label (its first row) sits on the page where its text starts: the swatch
+    # continues right below the label's box
+    for (r, j), (page_index, (x0, y0, x1, y1)) in rendered.segment_boxes.items():
+        below = rendered.pages[page_index].getpixel(((x0 + x1) // 2, y1 + 2))
+        assert below == weight_rgb(result["responses"][r]["paragraphs"][j]["weight"], view.weight_top), (r, j)

@@ -158,6 +158,8 @@ class _Item:
     response: int
     segment: Optional[int] = None
     continues: bool = True  # part of a response (so a page break repeats its header)
+    keep_with_next: bool = False  # a header or label: never the last row of a page
+    spacer: bool = False  # dropped at a page break
 
 
 def _fmt(value: Optional[float], signed: bool = False) -> str:
@@ -168,7 +170,7 @@ def _fmt(value: Optional[float], signed: bool = False) -> str:
 
 def _response_items(view: GroupView, response: ResponseView, width: int) -> list[_Item]:
     top = view.weight_top
-    items = [_header_item(response, width, continued=False), ]
+    items = [_header_item(response, width, continued=False)]
     if not response.segments:
         items.append(_text_item(response.index, None, "(empty response: no tokens to weight)", None, width,
                                 colour=MUTED_RGB))
@@ -180,6 +182,7 @@ def _response_items(view: GroupView, response: ResponseView, width: int) -> list
                      f"token advantage {seg.advantage:+.3f}")
             items.append(_text_item(response.index, seg.index, label, (swatch, tint), width, size=SMALL,
                                     colour=MUTED_RGB, line=SMALL_LINE))
+            items[-1].keep_with_next = True
             for text in wrap(seg.text.rstrip(), BODY, width - SWATCH - 2 * PAD):
                 items.append(_text_item(response.index, seg.index, text, (swatch, tint), width))
             items.append(_spacer(response.index, 4))
@@ -199,7 +202,7 @@ def _header_item(response: ResponseView, width: int, continued: bool) -> _Item:
         d.text((cx, y + 4), f"group advantage {response.advantage:+.3f}", font=font(BODY, True), fill=colour)
         return None
 
-    return _Item(HEAD_LINE + 4, draw, response.index, continues=False)
+    return _Item(HEAD_LINE + 4, draw, response.index, continues=False, keep_with_next=True)
 
 
 def _text_item(r: int, s: Optional[int], text: str, shade: Optional[tuple[Any, Any]], width: int, *,
@@ -218,7 +221,7 @@ def _text_item(r: int, s: Optional[int], text: str, shade: Optional[tuple[Any, A
 
 
 def _spacer(r: int, height: int) -> _Item:
-    return _Item(height, lambda d, x, y: None, r)
+    return _Item(height, lambda d, x, y: None, r, continues=False, spacer=True)
 
 
 def _inline_items(view: GroupView, response: ResponseView, width: int) -> list[_Item]:
@@ -372,8 +375,13 @@ def render_pages(view: GroupView, *, max_page_height: int = DEFAULT_MAX_PAGE_HEI
         stream.append(_spacer(response.index, 14))
     pages_items[0].append(legend)
     used = legend.height
-    for item in stream:
-        if used + item.height > room and used > legend.height:
+    for position, item in enumerate(stream):
+        needed = item.height
+        if item.keep_with_next and position + 1 < len(stream):
+            needed += stream[position + 1].height
+        if used + needed > room and used > legend.height:
+            if item.spacer:
+                continue
             pages_items.append([legend])
             used = legend.height
             if item.continues:
