@@ -160,6 +160,7 @@ class _Item:
     continues: bool = True  # part of a response (so a page break repeats its header)
     keep_with_next: bool = False  # a header or label: never the last row of a page
     spacer: bool = False  # dropped at a page break
+    resume: Optional["_Item"] = None  # drawn first on a new page when a break falls inside a segment
 
 
 def _fmt(value: Optional[float], signed: bool = False) -> str:
@@ -178,13 +179,15 @@ def _response_items(view: GroupView, response: ResponseView, width: int) -> list
     if response.blocks:
         for seg in response.segments:
             swatch, tint = weight_rgb(seg.weight, top), weight_tint(seg.weight, top)
-            label = (f"¶{seg.index}   weight {seg.weight:.3f}   α {seg.alpha:+.4f}   "
-                     f"token advantage {seg.advantage:+.3f}")
-            items.append(_text_item(response.index, seg.index, label, (swatch, tint), width, size=SMALL,
-                                    colour=MUTED_RGB, line=SMALL_LINE))
+            numbers = f"weight {seg.weight:.3f}   α {seg.alpha:+.4f}   token advantage {seg.advantage:+.3f}"
+            items.append(_text_item(response.index, seg.index, f"¶{seg.index}   {numbers}", (swatch, tint), width,
+                                    size=SMALL, colour=MUTED_RGB, line=SMALL_LINE))
             items[-1].keep_with_next = True
+            resume = _text_item(response.index, seg.index, f"¶{seg.index} (continued)   {numbers}", (swatch, tint),
+                                width, size=SMALL, colour=MUTED_RGB, line=SMALL_LINE)
             for text in wrap(seg.text.rstrip(), BODY, width - SWATCH - 2 * PAD):
                 items.append(_text_item(response.index, seg.index, text, (swatch, tint), width))
+                items[-1].resume = resume
             items.append(_spacer(response.index, 4))
     else:
         items.extend(_inline_items(view, response, width))
@@ -388,6 +391,9 @@ def render_pages(view: GroupView, *, max_page_height: int = DEFAULT_MAX_PAGE_HEI
                 header = _header_item(view.responses[item.response], TEXT_WIDTH, continued=True)
                 pages_items[-1].append(header)
                 used += header.height
+            if item.resume is not None:
+                pages_items[-1].append(item.resume)
+                used += item.resume.height
         pages_items[-1].append(item)
         used += item.height
 
