@@ -26,7 +26,6 @@ from kawhi_client.explain.style import (
     blend,
     font,
     heat_rgb,
-    token_rgb,
     weight_rgb,
     weight_tint,
 )
