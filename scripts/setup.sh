@@ -52,6 +52,23 @@ fi
 #    land in the git-ignored .tools/bin).
 PYTHON="$PYTHON" bash scripts/install_deploy_tools.sh
 
+# 5. chromium, for the real-browser check of the explain view's HTML
+#    (tests/test_explain_e2e.py).  Optional: this step never fails setup; without
+#    chromium that one test skips and says why.
+if command -v chromium >/dev/null 2>&1; then
+    log "chromium already present: $(command -v chromium)"
+else
+    CHROMIUM_SUDO=()
+    if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then CHROMIUM_SUDO=(sudo -n); fi
+    log "chromium not found; trying apt-get install chromium (optional)"
+    if { "${CHROMIUM_SUDO[@]}" apt-get update && "${CHROMIUM_SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
+            apt-get install -y chromium; } >/dev/null 2>&1; then
+        log "installed $(command -v chromium)"
+    else
+        log "WARNING: could not install chromium; the explain HTML browser test will be SKIPPED"
+    fi
+fi
+
 log "torch: $("$PYTHON" -c 'import torch; print(torch.__version__)')"
 log "kawhi: $("$PYTHON" -m pip show kawhi 2>/dev/null | sed -n 's/^Version: //p') (editable install of $(pwd))"
 log "done"

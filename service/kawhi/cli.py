@@ -1,4 +1,4 @@
-"""The `kawhi` command: `kawhi reweight` (batch JSONL) and `kawhi serve` (HTTP)."""
+"""The `kawhi` command: `kawhi reweight` (batch JSONL), `kawhi explain` (pictures) and `kawhi serve` (HTTP)."""
 
 from __future__ import annotations
 
@@ -152,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     rw.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_method_options(rw)
     rw.set_defaults(func=cmd_reweight)
+
+    from kawhi.cli_explain import add_explain_parser
+
+    add_explain_parser(sub)
 
     try:
         from kawhi.server.main import add_serve_parser
