@@ -21,8 +21,9 @@
 #
 # The image listens on 0.0.0.0:8000 and runs as uid/gid 10001.  Every
 # `kawhi serve` setting is a KAWHI_* environment variable (docs/server.md).
-# This file is linted by hadolint in tests/test_deploy.py; it is not built
-# in CI (no Docker engine there).
+# This file is linted by hadolint in tests/test_deploy.py and built with
+# podman in CI (scripts/build_image.sh), then smoke-tested by mounting the
+# image and running its entry point under chroot (scripts/smoke_image.sh).
 
 ARG VARIANT=cpu
 ARG CPU_BASE_IMAGE=python:3.12-slim-bookworm
@@ -69,8 +70,18 @@ RUN python3 -m venv "${VIRTUAL_ENV}"
 # torch first and pinned, in its own layer: it is by far the largest and changes
 # least often.  Installed before kawhi so kawhi's `torch>=2.4,<=2.13.0` is
 # already satisfied and never re-resolved to another build.
-RUN index="${TORCH_INDEX_URL}"; \
-    if [ -z "${index}" ] && [ "${VARIANT}" = "cpu" ]; then index="https://download.pytorch.org/whl/cpu"; fi; \
+# TORCH_FIND_LINKS: a folder (e.g. bind-mounted with `podman build --volume`,
+# see scripts/build_image.sh) holding the torch wheel; torch comes from it and
+# only from it (--no-index: a wheel for another Python fails the build instead
+# of falling back to PyPI's multi-GB CUDA build), its dependencies from the index.
+ARG TORCH_FIND_LINKS=""
+RUN if [ -n "${TORCH_FIND_LINKS}" ]; then \
+        pip install --no-cache-dir --no-index --no-deps --find-links "${TORCH_FIND_LINKS}" "torch==${TORCH_VERSION}"; \
+    fi; \
+    index="${TORCH_INDEX_URL}"; \
+    if [ -z "${index}" ] && [ "${VARIANT}" = "cpu" ] && [ -z "${TORCH_FIND_LINKS}" ]; then \
+        index="https://download.pytorch.org/whl/cpu"; \
+    fi; \
     if [ -n "${index}" ]; then \
         pip install --no-cache-dir --index-url "${index}" "torch==${TORCH_VERSION}"; \
     else \
