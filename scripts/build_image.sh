@@ -34,7 +34,7 @@
 #
 # The image is built in the docker format (podman's default OCI format drops
 # HEALTHCHECK) with --isolation chroot (no container runtime needed) and --layers, so a
-# rebuild with unchanged inputs reuses every layer.  Smoke test: scripts/smoke_image.sh.
+# rebuild with unchanged inputs reuses every layer.  Smoke test: scripts/smoke_image.py.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -116,18 +116,34 @@ elif [ -n "$BASE_IMAGE" ]; then
     BUILD_ARGS+=(--build-arg "GPU_BASE_IMAGE=$BASE_IMAGE")
 fi
 
-# A torch wheel from this machine: the given folder, else the first of pip's
-# find-links folders that holds one.
+# The base's Python as a wheel tag (cp311, cp312, ...), read from its filesystem;
+# empty when it cannot be told (no root for `podman image mount`, base not local).
+base_python_tag() {
+    local base="$1" dir py
+    [ -n "$base" ] && [ "$(id -u)" -eq 0 ] && podman image exists "$base" || return 0
+    dir="$(podman image mount "$base" 2>/dev/null)" || return 0
+    py="$(ls "$dir"/usr/local/bin/python3.* "$dir"/usr/bin/python3.* 2>/dev/null \
+        | sed -n 's|.*/python3\.\([0-9]*\)$|cp3\1|p' | head -n1)"
+    podman image unmount "$base" >/dev/null 2>&1 || true
+    printf '%s' "$py"
+}
+
+# A torch wheel from this machine for the base's Python: the given folder, else
+# the first of pip's find-links folders that holds one.  None found: torch comes
+# from the index (download.pytorch.org/whl/cpu for the CPU variant).
+PY_TAG="$(base_python_tag "$BASE_IMAGE")"
+WHEEL_GLOB="torch-${TORCH_VERSION}*-${PY_TAG:-cp3*}-*.whl"
 if [ -z "$TORCH_WHEELS" ]; then
-    for dir in $(python3 -m pip config list 2>/dev/null | sed -n "s/^[a-z:]*\.find-links='\(.*\)'$/\1/p") ${PIP_FIND_LINKS:-}; do
-        if compgen -G "$dir/torch-${TORCH_VERSION}*.whl" >/dev/null; then TORCH_WHEELS="$dir"; break; fi
+    for dir in $(python3 -m pip config list 2>/dev/null | sed -n "s/^[a-z:]*\.find-links='\(..*\)'$/\1/p") ${PIP_FIND_LINKS:-}; do
+        if compgen -G "$dir/$WHEEL_GLOB" >/dev/null; then TORCH_WHEELS="$dir"; break; fi
     done
+    [ -n "$TORCH_WHEELS" ] || log "no local $WHEEL_GLOB: torch comes from the index"
 fi
 VOLUMES=()
 if [ -n "$TORCH_WHEELS" ]; then
     TORCH_WHEELS="$(cd "$TORCH_WHEELS" && pwd)"
-    compgen -G "$TORCH_WHEELS/torch-${TORCH_VERSION}*.whl" >/dev/null || die "no torch-${TORCH_VERSION} wheel in $TORCH_WHEELS"
-    log "torch from $(cd "$TORCH_WHEELS" && ls torch-"${TORCH_VERSION}"*.whl | tr '\n' ' ')(bind-mounted from $TORCH_WHEELS)"
+    compgen -G "$TORCH_WHEELS/$WHEEL_GLOB" >/dev/null || die "no $WHEEL_GLOB in $TORCH_WHEELS"
+    log "torch from $(cd "$TORCH_WHEELS" && ls $WHEEL_GLOB | tr '\n' ' ')(bind-mounted from $TORCH_WHEELS)"
     VOLUMES=(--volume "$TORCH_WHEELS:/opt/torch-wheels:ro")
     BUILD_ARGS+=(--build-arg "TORCH_FIND_LINKS=/opt/torch-wheels")
 fi
@@ -152,5 +168,5 @@ podman build --isolation chroot --format docker --layers "${NO_CACHE[@]}" \
 elapsed=$(( $(date +%s) - start ))
 size="$(podman image inspect --format '{{.Size}}' "$IMAGE")"
 log "built $IMAGE in ${elapsed}s; size $(awk -v s="$size" 'BEGIN {printf "%.0f MB", s/1e6}')"
-log "smoke test: bash scripts/smoke_image.sh $IMAGE"
+log "smoke test: python3 scripts/smoke_image.py $IMAGE"
 log "push: podman push $IMAGE   (or: podman tag $IMAGE REGISTRY/kawhi:${VERSION}-${VARIANT} && podman push REGISTRY/kawhi:${VERSION}-${VARIANT})"
