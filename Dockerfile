@@ -4,6 +4,12 @@
 #
 #   docker build -t kawhi:0.1.0-cpu .                              # CPU (default)
 #   docker build -t kawhi:0.1.0-gpu --build-arg VARIANT=gpu .      # CUDA
+#   bash scripts/build_image.sh                # podman, tag ghcr.io/kawhi/kawhi:0.1.0-cpu
+#
+# podman: build with --format docker; its default OCI format drops HEALTHCHECK.
+# CPU_BASE_IMAGE may be any Debian/Ubuntu image with python3 and python3-venv
+# (scripts/build_image.sh makes one with debootstrap where no registry answers);
+# TORCH_FIND_LINKS takes torch from a local wheel folder (see the builder stage).
 #
 #   cpu: python:3.12-slim-bookworm, torch 2.13.0 CPU wheel (download.pytorch.org/whl/cpu)
 #   gpu: nvidia/cuda:13.0.1-runtime-ubuntu24.04 + Ubuntu's python 3.12, torch 2.13.0

@@ -236,6 +236,7 @@ def main() -> int:
     parser.add_argument("image", nargs="?", default=default_image())
     parser.add_argument("--ready-timeout", type=float, default=300, help="seconds to wait for /readyz")
     parser.add_argument("--json", type=Path, help="write the measurements here")
+    parser.add_argument("--server-log", type=Path, help="write the server's output (last 3000 characters) here")
     args = parser.parse_args()
     if os.geteuid() != 0:
         log("ERROR: needs root (podman image mount, mount, chroot)")
@@ -250,6 +251,9 @@ def main() -> int:
             log("the server's output (last 3000 characters):\n" + result["log_tail"])
         log(f"FAILED: {exc}")
         return 1
+    finally:
+        if args.server_log:
+            args.server_log.write_text(result.get("log_tail", ""))
     log(f"PASSED: {result['image']} size {result['size_bytes'] / 1e6:.0f} MB, start-up to /readyz "
         f"{result['startup_s']} s, one reweight {result['reweight_s']} s")
     if args.json:
