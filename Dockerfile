@@ -4,6 +4,12 @@
 #
 #   docker build -t kawhi:0.1.0-cpu .                              # CPU (default)
 #   docker build -t kawhi:0.1.0-gpu --build-arg VARIANT=gpu .      # CUDA
+#   bash scripts/build_image.sh                # podman, tag ghcr.io/kawhi/kawhi:0.1.0-cpu
+#
+# podman: build with --format docker; its default OCI format drops HEALTHCHECK.
+# CPU_BASE_IMAGE may be any Debian/Ubuntu image with python3 and python3-venv
+# (scripts/build_image.sh makes one with debootstrap where no registry answers);
+# TORCH_FIND_LINKS takes torch from a local wheel folder (see the builder stage).
 #
 #   cpu: python:3.12-slim-bookworm, torch 2.13.0 CPU wheel (download.pytorch.org/whl/cpu)
 #   gpu: nvidia/cuda:13.0.1-runtime-ubuntu24.04 + Ubuntu's python 3.12, torch 2.13.0
@@ -21,8 +27,9 @@
 #
 # The image listens on 0.0.0.0:8000 and runs as uid/gid 10001.  Every
 # `kawhi serve` setting is a KAWHI_* environment variable (docs/server.md).
-# This file is linted by hadolint in tests/test_deploy.py; it is not built
-# in CI (no Docker engine there).
+# This file is linted by hadolint in tests/test_deploy.py and built with
+# podman in CI (scripts/build_image.sh), then smoke-tested by mounting the
+# image and running its entry point under chroot (scripts/smoke_image.sh).
 
 ARG VARIANT=cpu
 ARG CPU_BASE_IMAGE=python:3.12-slim-bookworm
@@ -69,18 +76,38 @@ RUN python3 -m venv "${VIRTUAL_ENV}"
 # torch first and pinned, in its own layer: it is by far the largest and changes
 # least often.  Installed before kawhi so kawhi's `torch>=2.4` is
 # already satisfied and never re-resolved to another build.
-RUN index="${TORCH_INDEX_URL}"; \
-    if [ -z "${index}" ] && [ "${VARIANT}" = "cpu" ]; then index="https://download.pytorch.org/whl/cpu"; fi; \
+# TORCH_FIND_LINKS: a folder (e.g. bind-mounted with `podman build --volume`,
+# see scripts/build_image.sh) holding the torch wheel; torch comes from it and
+# only from it (--no-index: a wheel for another Python fails the build instead
+# of falling back to PyPI's multi-GB CUDA build), its dependencies from the index.
+ARG TORCH_FIND_LINKS=""
+RUN if [ -n "${TORCH_FIND_LINKS}" ]; then \
+        pip install --no-cache-dir --no-index --no-deps --find-links "${TORCH_FIND_LINKS}" "torch==${TORCH_VERSION}"; \
+    fi; \
+    index="${TORCH_INDEX_URL}"; \
+    if [ -z "${index}" ] && [ "${VARIANT}" = "cpu" ] && [ -z "${TORCH_FIND_LINKS}" ]; then \
+        index="https://download.pytorch.org/whl/cpu"; \
+    fi; \
     if [ -n "${index}" ]; then \
         pip install --no-cache-dir --index-url "${index}" "torch==${TORCH_VERSION}"; \
     else \
         pip install --no-cache-dir "torch==${TORCH_VERSION}"; \
     fi
 
+# The dependencies of kawhi[server], read from pyproject.toml alone (its
+# kawhi[...] self-references followed), in their own layer: a change of the code
+# rebuilds only the small kawhi layer below, not ~500 MB of dependencies.
+COPY pyproject.toml ./
+RUN python3 -c "import tomllib; project = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+extras, todo, reqs = project['optional-dependencies'], ['server'], list(project['dependencies']); \
+[(todo.extend(x for x in r[6:-1].split(',') if x not in todo) if r.startswith('kawhi[') else reqs.append(r)) \
+ for extra in todo for r in extras[extra]]; print('\n'.join(dict.fromkeys(reqs)))" > /tmp/requirements.txt \
+    && pip install --no-cache-dir -r /tmp/requirements.txt
+
 # kawhi as a wheel (the demo model is package data inside it), then its server
-# extra into the venv.  Only the files a wheel needs are copied (.dockerignore
-# is an allow-list too).
-COPY pyproject.toml README.md ./
+# extra into the venv (already satisfied: only kawhi itself is added).  Only the
+# files a wheel needs are copied (.dockerignore is an allow-list too).
+COPY README.md ./
 COPY service ./service
 COPY client ./client
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
