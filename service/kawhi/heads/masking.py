@@ -1,0 +1,49 @@
+"""Switch attention heads off for a forward, without touching the attention kernel.
+
+A head's contribution to a decoder layer is its slice of the attention output before
+the output projection (``o_proj``): zeroing that slice removes the head and nothing
+else. A forward pre-hook on every layer's ``o_proj`` does it, so the attention itself
+keeps running on the model's own implementation (SDPA) and no attention matrix is
+ever built.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+import torch
+
+
+def decoder_layers(reference: Any) -> Sequence[Any]:
+    """The language model's decoder layers of a QwenVLReference."""
+    return reference.model.model.language_model.layers
+
+
+@contextmanager
+def masked_heads(reference: Any, heads: Sequence[int]) -> Iterator[None]:
+    """Within the block, query heads ``heads`` output zero in every decoder layer."""
+    heads = sorted(set(int(h) for h in heads))
+    if not heads:
+        yield
+        return
+    handles = []
+    try:
+        for layer in decoder_layers(reference):
+            attn = layer.self_attn
+            width = attn.o_proj.in_features
+            head_dim = width // reference.num_heads
+            keep = torch.ones(width, dtype=attn.o_proj.weight.dtype, device=attn.o_proj.weight.device)
+            for h in heads:
+                if not 0 <= h < reference.num_heads:
+                    raise ValueError(f"head {h} out of range: the model has {reference.num_heads} heads")
+                keep[h * head_dim : (h + 1) * head_dim] = 0
+
+            def zero_heads(_module: Any, args: tuple, _keep: torch.Tensor = keep) -> tuple:
+                return (args[0] * _keep, *args[1:])
+
+            handles.append(attn.o_proj.register_forward_pre_hook(zero_heads))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
