@@ -120,22 +120,16 @@ def _fit_readout(reference: QwenVLReference, answer_ids: list[int], image_blind:
     """LM-head rows of the answer tokens: the format boost (dim 48) plus, for each colour,
     the centred centroid of the model's own image evidence (dims 32-47) for that colour."""
     model = reference.model
-    scorer_rows = []
-    fit_items = colour_items(32, seed=12345)
     with torch.no_grad():
         model.lm_head.weight.zero_()
-        model.lm_head.weight[answer_ids, 0] = 0.0
-        for row, token in enumerate(answer_ids):
-            model.lm_head.weight[token, 48] = 12.0
+        model.lm_head.weight[answer_ids, 48] = 12.0
     scorer = AnswerScorer(reference)
     features, labels = [], []
-    for item in fit_items:
+    for item in colour_items(32, seed=12345):
         encoded = scorer.encode(item.image, item.question, item.answer)
         with torch.inference_mode():
-            hidden = scorer._forward(encoded)[encoded.rows][0]
-        features.append(hidden.clone())
+            features.append(scorer._forward(encoded)[encoded.rows][0].clone())
         labels.append(ANSWERS.index(item.answer))
-        scorer_rows.append(encoded)
     features_t = torch.stack(features)
     const = float(features_t[:, 0].mean())
     evidence = features_t[:, 32:48]

@@ -221,3 +221,5 @@ def test_heads_show_and_reweight_with_a_heads_file(tmp_path):
     run = kawhi("reweight", str(ROOT / "examples" / "rollouts.jsonl"), "-o", str(out), "--quiet", "--heads", "1")
     explicit = [json.loads(line) for line in out.read_text().splitlines()]
     assert with_file == explicit  # 'preset' resolved to the file's heads
+    run = kawhi("reweight", str(ROOT / "examples" / "rollouts.jsonl"), "-o", str(out), "--quiet")
+    assert [json.loads(line) for line in out.read_text().splitlines()] != with_file  # the demo's default: all heads

@@ -16,7 +16,6 @@ interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import hashlib
 import json
@@ -224,7 +223,7 @@ def discover(
     bar = progress(total) if progress else None
     forwards = 0
 
-    def tick(label: str) -> None:
+    def tick() -> None:
         nonlocal forwards
         forwards += 1
         if bar is not None:
@@ -242,9 +241,9 @@ def discover(
         image_ll, blank_ll = [], []
         for with_image, blank in encoded:
             image_ll.append(scorer.log_likelihood(with_image))
-            tick("baseline")
+            tick()
             blank_ll.append(scorer.log_likelihood(blank))
-            tick("baseline")
+            tick()
         state.baseline = {"kind": "baseline", "image": image_ll, "blank": blank_ll}
         state.append(state.baseline)
     image = np.array(state.baseline["image"])
@@ -256,7 +255,7 @@ def discover(
             shares = []
             for with_image, _ in encoded:
                 shares.append(scorer.attention_share(with_image))
-                tick("screen")
+                tick()
             state.screen = np.mean(shares, axis=0).tolist()
             state.append({"kind": "screen", "share": state.screen})
         screen = np.array(state.screen)
@@ -275,9 +274,9 @@ def discover(
         masked_image, masked_blank = [], []
         for with_image, blank_item in encoded:
             masked_image.append(scorer.log_likelihood(with_image, [h]))
-            tick(f"head {h}")
+            tick()
             masked_blank.append(scorer.log_likelihood(blank_item, [h]))
-            tick(f"head {h}")
+            tick()
         seconds = time.perf_counter() - t0
         record = {"kind": "head", "head": h, "image": masked_image, "blank": masked_blank, "seconds": seconds}
         state.heads[h] = record
@@ -335,10 +334,3 @@ def discover(
                    "device": str(reference.device), "dtype": str(reference.dtype).replace("torch.", "")},
     }
 
-
-def image_to_base64_png(image: Image.Image) -> str:
-    import io
-
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
