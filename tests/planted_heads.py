@@ -128,7 +128,7 @@ def _fit_readout(reference: QwenVLReference, answer_ids: list[int], image_blind:
     for item in colour_items(32, seed=12345):
         encoded = scorer.encode(item.image, item.question, item.answer)
         with torch.inference_mode():
-            features.append(scorer._forward(encoded)[encoded.rows][0].clone())
+            features.append(scorer._forward(encoded)[0, encoded.rows][0].clone())
         labels.append(ANSWERS.index(item.answer))
     features_t = torch.stack(features)
     const = float(features_t[:, 0].mean())

@@ -63,6 +63,17 @@ def test_masking_a_head_equals_zeroing_its_output_projection_columns(arch):
 
 
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_several_masks_in_one_forward_equal_one_forward_each(arch):
+    reference = tiny_reference(arch, seed=2)
+    scorer = AnswerScorer(reference)
+    item = _item(scorer)
+    masks = [[], [0], [3], [1, 2]]
+    batched = scorer.log_likelihoods(item, masks)
+    np.testing.assert_allclose(batched, [scorer.log_likelihood(item, m) for m in masks], atol=1e-5)
+    assert len(set(np.round(batched, 4))) == len(masks)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_screen_equals_the_eager_attention_maps(arch):
     reference = tiny_reference(arch, seed=1)
     scorer = AnswerScorer(reference)
@@ -201,14 +212,15 @@ def test_an_interrupted_run_resumes_where_it_stopped(planted, tmp_path):
     state = tmp_path / "heads.json.partial.jsonl"
     n = len(items)
     with pytest.raises(_Interrupt):  # stop in the middle of the second head
-        discover(planted, items, settings=FAST, state_path=state, progress=lambda total: _Bar(2 * n + 2 * n + 3))
+        discover(planted, items, settings=FAST, state_path=state, progress=lambda total: _Bar(2 * n + 2 * n + 3),
+                 batch_heads=1)
     lines = [json.loads(line) for line in state.read_text().splitlines()]
     assert [line["kind"] for line in lines] == ["header", "baseline", "head"]
     with state.open("a") as out:
         out.write('{"kind": "head", "head": 1, "ima')  # a torn line, as a kill mid-write leaves
-    resumed = discover(planted, items, settings=FAST, state_path=state)
-    assert resumed["timing"]["forwards_this_run"] == 2 * n * (planted.num_heads - 1)
-    fresh = discover(planted, items, settings=FAST)
+    resumed = discover(planted, items, settings=FAST, state_path=state, batch_heads=1)
+    assert resumed["timing"]["scores_this_run"] == 2 * n * (planted.num_heads - 1)
+    fresh = discover(planted, items, settings=FAST, batch_heads=1)
     strip = lambda r: [{k: v for k, v in x.items() if k != "seconds"} for x in r["results"]]  # noqa: E731
     assert strip(resumed) == strip(fresh) and resumed["heads"] == fresh["heads"]
     assert all(r["seconds"] > 0 for r in resumed["results"])

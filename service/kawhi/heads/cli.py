@@ -34,6 +34,8 @@ def add_heads_parser(subparsers: Any) -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--limit", type=int, default=None, help="use only the first N items")
     d.add_argument("--synthetic-items", type=int, default=48, help="size of the default synthetic set")
+    d.add_argument("--batch-heads", type=int, default=8, help="heads masked per forward, one per batch row "
+                   "(speed and memory only; results do not depend on it beyond float rounding)")
     d.add_argument("--device", default="cpu")
     d.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     d.add_argument("--restart", action="store_true", help="ignore (delete) the state of an earlier, interrupted run")
@@ -119,12 +121,12 @@ def cmd_discover(args: argparse.Namespace) -> int:
         print(f"kawhi: resuming the interrupted run recorded in {state_path}", file=sys.stderr)
 
     def bar(total: int) -> Any:
-        return tqdm(total=total, unit="fwd", disable=args.quiet, file=sys.stderr, desc="heads discover")
+        return tqdm(total=total, unit="score", disable=args.quiet, file=sys.stderr, desc="heads discover")
 
     try:
         report = discover(reference, items, data_sha256=data_hash, settings=settings, state_path=state_path,
-                          progress=bar, data_source=source)
-    except DiscoveryError as exc:
+                          progress=bar, data_source=source, batch_heads=args.batch_heads)
+    except (DiscoveryError, ValueError) as exc:
         print(f"kawhi: {exc}", file=sys.stderr)
         return 2
     write_heads_file(args.output, report)

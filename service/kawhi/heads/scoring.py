@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kawhi.heads.masking import decoder_layers, masked_heads
+from kawhi.heads.masking import decoder_layers, masked_heads_per_row
 from kawhi.models.qwen import PromptInputs
 
 
@@ -57,30 +57,36 @@ class AnswerScorer:
         return EncodedItem(inputs, ref.prompt_positions(inputs), slice(p - 1, p - 1 + len(answer_ids)),
                            torch.tensor(answer_ids, dtype=torch.long))
 
-    def _forward(self, item: EncodedItem) -> torch.Tensor:
-        """(S, D) final hidden states (after the final norm)."""
+    def _forward(self, item: EncodedItem, copies: int = 1) -> torch.Tensor:
+        """(copies, S, D) final hidden states (after the final norm) of ``copies`` identical rows."""
         ref = self.reference
         device = ref.device
-        ids = item.inputs.input_ids[None].to(device)
+        ids = item.inputs.input_ids[None].to(device).expand(copies, -1)
         out = ref.model.model(
             input_ids=ids,
-            pixel_values=item.inputs.pixel_values.to(device, ref.dtype),
-            image_grid_thw=item.inputs.image_grid_thw.to(device),
+            pixel_values=item.inputs.pixel_values.to(device, ref.dtype).repeat(copies, 1),
+            image_grid_thw=item.inputs.image_grid_thw.to(device).repeat(copies, 1),
             mm_token_type_ids=(ids == ref.image_token_id).int(),
-            position_ids=item.positions.to(device),
+            position_ids=item.positions.to(device).expand(-1, copies, -1),
             use_cache=False,
         )
-        return out.last_hidden_state[0]
+        return out.last_hidden_state
 
     @torch.inference_mode()
     def log_likelihood(self, item: EncodedItem, masked: Sequence[int] = ()) -> float:
         """Mean log p(answer token) in nats, with query heads ``masked`` zeroed in every layer."""
-        with masked_heads(self.reference, masked):
-            hidden = self._forward(item)
-        logits = self.reference.model.lm_head(hidden[item.rows]).float()
+        return self.log_likelihoods(item, [masked])[0]
+
+    @torch.inference_mode()
+    def log_likelihoods(self, item: EncodedItem, masks: Sequence[Sequence[int]]) -> list[float]:
+        """:meth:`log_likelihood` under each of ``masks``, as one batched forward."""
+        with masked_heads_per_row(self.reference, masks):
+            hidden = self._forward(item, len(masks))
+        logits = self.reference.model.lm_head(hidden[:, item.rows]).float()  # (B, A, V)
         logp = torch.log_softmax(logits, dim=-1)
         answer = item.answer_ids.to(logp.device)
-        return float(logp[torch.arange(answer.numel(), device=logp.device), answer].mean())
+        picked = logp[:, torch.arange(answer.numel(), device=logp.device), answer]  # (B, A)
+        return [float(v) for v in picked.mean(-1)]
 
     @torch.inference_mode()
     def attention_share(self, item: EncodedItem) -> np.ndarray:
