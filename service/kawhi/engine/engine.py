@@ -3,7 +3,7 @@
 Two steps, so a front end can validate on arrival and batch the heavy part:
 
 * :meth:`Engine.prepare` (cheap, CPU): validates a group, selects its key regions
-  (METHOD §2), tokenises, splits responses into segments and computes the group
+  (docs/method.md §2), tokenises, splits responses into segments and computes the group
   advantages (§1). Every mistake is a :class:`GroupError` with a JSON pointer.
 * :meth:`Engine.run` (heavy): one reference forward per group with the prefix shared,
   the alignment score alpha_t (§4), segment weights and token advantages (§5).
@@ -26,7 +26,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from kawhi import __version__
-from kawhi.engine.alignment import alignment_scores, repeat_kv
+from kawhi.engine.alignment import alignment_scores, repeat_kv, visual_token_alignment
 from kawhi.engine.config import MethodConfig
 from kawhi.engine.errors import GroupError, OptionsError, group_error_from_validation
 from kawhi.engine.estimators import InvalidRewardError, group_advantages
@@ -88,6 +88,7 @@ class PreparedGroup:
     prompt: PromptInputs
     regions: RegionSelection
     responses: list[PreparedResponse]
+    explain: bool = False  # also each visual token's alignment per response (the explain view's heat map)
 
     @property
     def num_tokens(self) -> int:
@@ -128,7 +129,7 @@ class Engine:
         self.head_set: HeadSet = resolve_head_set(self.identity, heads_file=heads_file, model_dir=model.source_dir)
         if self.head_set.heads is None:
             log.warning("no vision-critical head set known for %s: 'preset' means all %d heads "
-                        "(run `kawhi heads discover` and pass its output as --heads-file)",
+                        "(docs/heads.md: run `kawhi heads discover` and pass its output as --heads-file)",
                         self.model_name, model.num_heads)
 
     @classmethod
@@ -357,12 +358,13 @@ class Engine:
         selected = torch.tensor(group.regions.selected.tolist(), dtype=torch.long, device=visual_keys.device)
         heads = torch.as_tensor(group.heads, dtype=torch.long, device=visual_keys.device)
         n_rep = self.model.num_heads // self.model.num_kv_heads
-        results = []
+        results, maps = [], []
         for response, response_states in zip(group.responses, states.responses):
             n_tokens = len(response.tokens.token_ids)
             if n_tokens == 0:  # the documented rule for an empty response: nothing to weight
                 results.append(ResponseResult(advantage=response.advantage, paragraphs=[], token_advantages=[],
                                               token_weights=[]))
+                maps.append([])
                 continue
             if config.similarity == "query_key":
                 probes = self.model.project(response_states, "query", rope)
@@ -370,13 +372,15 @@ class Engine:
                 probes = repeat_kv(self.model.project(response_states, "key", rope), n_rep)
             alpha = alignment_scores(probes, visual_keys, selected, heads).cpu().double().numpy()
             results.append(self._reweight_response(response, alpha, config))
-        return GroupResult(
-            id=group.id,
-            grid=list(group.regions.grid),
-            key_tokens=group.regions.key.tolist(),
-            selected_tokens=group.regions.selected.tolist(),
-            responses=results,
-        )
+            if group.explain:
+                maps.append(visual_token_alignment(probes, visual_keys, heads).cpu().tolist())
+        fields = dict(id=group.id, grid=list(group.regions.grid), key_tokens=group.regions.key.tolist(),
+                      selected_tokens=group.regions.selected.tolist(), responses=results)
+        if group.explain:
+            from kawhi_client.explain.view import ExplainedResult
+
+            return ExplainedResult(**fields, visual_alignment=maps)
+        return GroupResult(**fields)
 
     @staticmethod
     def _reweight_response(response: PreparedResponse, alpha: np.ndarray, config: MethodConfig) -> ResponseResult:
@@ -404,8 +408,12 @@ class Engine:
         options: Options | Mapping[str, Any] | None = None,
         *,
         load_image: Callable[[ImageRef], bytes] | None = None,
+        explain: bool = False,
     ) -> list[GroupResult]:
         """Prepare and run ``groups`` in-process; a bad group yields a result with ``error``.
+
+        explain: also compute each visual token's alignment per response (results are then
+        ``kawhi_client.explain.ExplainedResult``); see :meth:`explain` for the pictures.
 
         load_image resolves an ImageRef to bytes; the default accepts ``data`` and
         ``path`` (a trainer's own files), not ``sha256``.
@@ -419,6 +427,7 @@ class Engine:
                 data = load_image(group.image)
                 image = decode_image(data, self.limits.image)
                 prepared.append(self.prepare(group, config, image, image_sha256=sha256_hex(data), index=index))
+                prepared[-1].explain = explain
             except ValidationError as exc:
                 error = group_error_from_validation(exc)
                 results[index] = GroupResult(id=_group_id(raw), error=Problem(**error.to_problem()))
@@ -430,6 +439,18 @@ class Engine:
         for group, result in zip(prepared, self.run(prepared)):
             results[group.index] = result
         return [results[i] for i in range(len(groups))]
+
+    def explain(
+        self,
+        groups: Sequence[RolloutGroup | Mapping[str, Any]],
+        options: Options | Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> list[Any]:
+        """The explain view of each group (kawhi_client.explain.Explanation), or its failed
+        GroupResult. Arguments as :meth:`reweight` and kawhi.engine.explain.explain_groups."""
+        from kawhi.engine.explain import explain_groups
+
+        return explain_groups(self, groups, options, **kwargs)
 
 
 def load_image_bytes(ref: ImageRef, base_dir: Path | None = None) -> bytes:

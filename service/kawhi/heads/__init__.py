@@ -1,4 +1,4 @@
-"""Vision-critical attention heads (METHOD §3): which heads a model has, where the set
+"""Vision-critical attention heads (docs/method.md §3): which heads a model has, where the set
 came from, and the offline causal test that finds a set for a model that has none.
 
 * :mod:`kawhi.heads.identity` — a model's identity (architecture and shape), read from

@@ -1,4 +1,4 @@
-"""Published vision-critical head sets (METHOD §3), keyed by model identity.
+"""Published vision-critical head sets (docs/method.md §3), keyed by model identity.
 
 A set applies to a model with exactly this architecture and shape, whatever its
 folder is called (a fine-tune of the same base gets the base's set; run

@@ -344,6 +344,7 @@ def create_app(settings: Any = None, *, engine: Any = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware, state=state)
 
     from kawhi.server.routes import router, v1
+    import kawhi.server.explain  # noqa: F401  (adds POST /v1/explain to v1)
 
     app.include_router(router)
     app.include_router(v1)

@@ -431,7 +431,7 @@ def _prepare_all(
 @v1.post(
     "/reweight",
     tags=["v1"],
-    summary="reweight the advantages of rollout groups (shared/API.md)",
+    summary="reweight the advantages of rollout groups (docs/api.md)",
     response_model=ReweightResponse,
     openapi_extra={
         "requestBody": {

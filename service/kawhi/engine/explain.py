@@ -1,0 +1,58 @@
+"""In-process explain: reweight groups with each visual token's alignment, then build
+their explain views (kawhi_client.explain draws them; one renderer for every front end)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from kawhi.engine.images import decode_image
+from kawhi_client.explain import Explanation, explain
+from kawhi_client.schema import GroupResult, ImageRef, Options, Problem, RolloutGroup
+
+__all__ = ["explain_groups", "explanation_for"]
+
+
+def explanation_for(engine: Any, group: RolloutGroup, result: GroupResult, image: Any, *,
+                    heatmap_response: Optional[int] = None, max_page_height: Optional[int] = None) -> Explanation:
+    """The view of one reweighted group; ``image`` is its decoded PIL image (original size).
+    Raises ValueError when the result is an error or ``heatmap_response`` does not exist."""
+    resized, _ = engine.model.resize_image(image)
+    if any(r.token_ids is not None for r in group.responses):
+        # paragraph spans index the text the ids decode to, which may differ from the given text
+        responses = [r if r.token_ids is None else r.model_copy(update={"text": engine.model.decode(r.token_ids).text})
+                     for r in group.responses]
+        group = group.model_copy(update={"responses": responses})
+    return explain(group, result, resized, patch_side=engine.model.patch_side, heatmap_response=heatmap_response,
+                   model=engine.model_name, is_demo=engine.is_demo, max_page_height=max_page_height)
+
+
+def explain_groups(
+    engine: Any,
+    groups: Sequence[RolloutGroup | Mapping[str, Any]],
+    options: Options | Mapping[str, Any] | None = None,
+    *,
+    load_image: Callable[[ImageRef], bytes] | None = None,
+    heatmap_response: Optional[int] = None,
+    max_page_height: Optional[int] = None,
+) -> list[Explanation | GroupResult]:
+    """Engine.reweight(..., explain=True), then one Explanation per group that succeeded;
+    a group that failed (or asks for a heat map of a response it lacks) stays a
+    GroupResult with ``error``. load_image as in Engine.reweight."""
+    from kawhi.engine.engine import load_image_bytes
+
+    load_image = load_image or load_image_bytes
+    results = engine.reweight(groups, options, load_image=load_image, explain=True)
+    out: list[Explanation | GroupResult] = []
+    for raw, result in zip(groups, results):
+        if result.error is not None:
+            out.append(result)
+            continue
+        group = raw if isinstance(raw, RolloutGroup) else RolloutGroup.model_validate(raw)
+        image = decode_image(load_image(group.image), engine.limits.image)
+        try:
+            out.append(explanation_for(engine, group, result, image, heatmap_response=heatmap_response,
+                                       max_page_height=max_page_height))
+        except ValueError as exc:
+            out.append(GroupResult(id=group.id, error=Problem(title="Cannot explain this group", status=422,
+                                                              detail=str(exc), pointer="")))
+    return out
