@@ -7,7 +7,6 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from kawhi.models.heads import preset_heads
 from kawhi.models.qwen import smart_resize
 from tiny_models import ARCHITECTURES, tiny_reference
 
@@ -154,13 +153,6 @@ def test_smart_resize_rule():
     assert h * w <= 28 * 28 * 64 and h % 28 == 0 and w % 28 == 0
     with pytest.raises(ValueError):
         smart_resize(10, 5000, 28, 56 * 56, 28 * 28 * 64)
-
-
-def test_head_presets():
-    assert preset_heads("Qwen/Qwen2.5-VL-7B-Instruct", 28) == (0, 1, 3, 22, 23, 24, 25, 26, 27)
-    assert preset_heads("/models/Qwen3-VL-4B-Instruct", 32) == (2, 3, 4, 12, 13, 19, 25, 27)
-    assert preset_heads("Qwen2.5-VL-7B-tiny", 4) is None  # indices do not fit this model
-    assert preset_heads("llava", 32) is None
 
 
 def test_groups_batched_together_equal_each_group_alone(reference):

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 import typing
@@ -82,7 +83,13 @@ def cmd_reweight(args: argparse.Namespace) -> int:
     from kawhi.engine.images import decode_image, sha256_hex
     from kawhi_client.schema import RolloutGroup
 
-    engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
+    from kawhi.heads.files import HeadsFileError
+
+    try:
+        engine = Engine.load(args.model, device=args.device, dtype=args.dtype, heads_file=args.heads_file)
+    except HeadsFileError as exc:
+        print(f"kawhi: {exc}", file=sys.stderr)
+        return 2
     if engine.is_demo:
         print("kawhi: using the embedded DEMO model (random weights): results are for plumbing, "
               "not for training. Pass --model PATH for real use.", file=sys.stderr)
@@ -148,14 +155,18 @@ def build_parser() -> argparse.ArgumentParser:
     rw.add_argument("--model", default=None, help="local model folder (default: the embedded demo model)")
     rw.add_argument("--device", default="cpu")
     rw.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    rw.add_argument("--heads-file", default=os.environ.get("KAWHI_HEADS_FILE") or None,
+                    help="vision-critical heads file for --heads preset (default: $KAWHI_HEADS_FILE)")
     rw.add_argument("--batch-groups", type=int, default=8, help="groups prepared and run together")
     rw.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_method_options(rw)
     rw.set_defaults(func=cmd_reweight)
 
     from kawhi.cli_explain import add_explain_parser
+    from kawhi.heads.cli import add_heads_parser
 
     add_explain_parser(sub)
+    add_heads_parser(sub)
 
     try:
         from kawhi.server.main import add_serve_parser

@@ -34,6 +34,8 @@ from kawhi.engine.images import ImageLimits, decode_base64, decode_image, sha256
 from kawhi.engine.regions import RegionSelection, select_regions
 from kawhi.engine.segments import Segment, segment_tokens, token_segment_index
 from kawhi.engine.weights import normalize_weights, paragraph_weights, segment_means, token_weights
+from kawhi.heads.files import HeadSet, resolve_head_set
+from kawhi.heads.identity import ModelIdentity
 from kawhi.models.qwen import PromptInputs, QwenVLReference, TokenizedText
 from kawhi_client.schema import (
     GroupResult,
@@ -110,7 +112,11 @@ class Engine:
         limits: EngineLimits | None = None,
         is_demo: bool = False,
         model_name: str | None = None,
+        heads_file: str | Path | None = None,
     ) -> None:
+        """heads_file: a heads file for ``heads="preset"`` (kawhi.heads.files: it wins over a
+        ``kawhi_heads.json`` in the model folder and over the published sets). Raises
+        HeadsFileError when it was made for another model."""
         self.model = model
         self.defaults = defaults or MethodConfig()
         self.limits = limits or EngineLimits()
@@ -119,9 +125,12 @@ class Engine:
         self.tokenizer_fingerprint = model.tokenizer_fingerprint()
         merge = self.limits.merge_groups
         self._merge_groups = model.device.type == "cuda" if merge is None else merge
-        if model.preset_heads is None:
-            log.warning("no published vision-critical head set for %s: 'preset' means all %d heads "
-                        "(docs/method.md §3: run the head ablation for this model)", self.model_name, model.num_heads)
+        self.identity = ModelIdentity.from_config(model.model.config, model.source_dir)
+        self.head_set: HeadSet = resolve_head_set(self.identity, heads_file=heads_file, model_dir=model.source_dir)
+        if self.head_set.heads is None:
+            log.warning("no vision-critical head set known for %s: 'preset' means all %d heads "
+                        "(docs/heads.md: run `kawhi heads discover` and pass its output as --heads-file)",
+                        self.model_name, model.num_heads)
 
     @classmethod
     def load(
@@ -132,16 +141,22 @@ class Engine:
         dtype: str = "auto",
         defaults: MethodConfig | None = None,
         limits: EngineLimits | None = None,
+        heads_file: str | Path | None = None,
     ) -> "Engine":
         """Load a local model folder, or the embedded demo model when ``model`` is None."""
+        if heads_file:  # a mismatching heads file is refused before any weights are read
+            from kawhi.heads.files import check_model_folder_heads
+
+            check_model_folder_heads(DEMO_MODEL_DIR if model is None else model, heads_file)
         if model is None:
             reference = QwenVLReference.from_pretrained(DEMO_MODEL_DIR, device=device, dtype="float32",
                                                         name=DEMO_MODEL_NAME)
             log.warning("serving the embedded DEMO model (random weights): its advantages are for plumbing, "
                         "not for training; pass --model /path/to/Qwen2.5-VL-7B-Instruct for real use")
-            return cls(reference, defaults, limits=limits, is_demo=True, model_name=DEMO_MODEL_NAME)
+            return cls(reference, defaults, limits=limits, is_demo=True, model_name=DEMO_MODEL_NAME,
+                       heads_file=heads_file)
         reference = QwenVLReference.from_pretrained(model, device=device, dtype=dtype)
-        return cls(reference, defaults, limits=limits)
+        return cls(reference, defaults, limits=limits, heads_file=heads_file)
 
     # ------------------------------------------------------------------ options
     def resolve_options(self, options: Options | Mapping[str, Any] | None) -> MethodConfig:
@@ -162,7 +177,7 @@ class Engine:
         if config.heads == "all":
             return tuple(range(self.model.num_heads))
         if config.heads == "preset":
-            return self.model.preset_heads or tuple(range(self.model.num_heads))
+            return self.head_set.heads or tuple(range(self.model.num_heads))
         bad = [h for h in config.heads if h >= self.model.num_heads]
         if bad:
             raise OptionsError("heads", f"head indices {bad} out of range: the model has {self.model.num_heads} heads")
@@ -179,7 +194,9 @@ class Engine:
             "vocab_size": m.vocab_size,
             "num_heads": m.num_heads,
             "num_kv_heads": m.num_kv_heads,
-            "preset_heads": list(m.preset_heads) if m.preset_heads else None,
+            "preset_heads": list(self.head_set.heads) if self.head_set.heads else None,
+            "heads_source": self.head_set.source,
+            "model_identity": self.identity.to_dict(),
             "heads": list(self.resolve_heads(self.defaults)),
             "patch_side": m.patch_side,
             "device": str(m.device),

@@ -31,8 +31,6 @@ from typing import Any, Literal, Sequence
 import torch
 from PIL import Image
 
-from kawhi.models.heads import preset_heads
-
 log = logging.getLogger(__name__)
 
 IMAGE_PAD = "<|image_pad|>"
@@ -272,7 +270,7 @@ class QwenVLReference:
         self._apply_rope = sys.modules[type(self._final_layer.self_attn).__module__].apply_rotary_pos_emb
         forward_params = inspect.signature(self._base.forward).parameters
         self._cache_kwarg = "cache" if "cache" in forward_params else "past_key_values"
-        self.preset_heads = preset_heads(name, self.num_heads)
+        self.source_dir: Path | None = None  # the model folder, when loaded from one (kawhi.heads)
         if tokenizer.chat_template is None:
             tokenizer.chat_template = QWEN_CHAT_TEMPLATE
         self.pad_token_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -288,8 +286,12 @@ class QwenVLReference:
         dtype: str = "auto",
         attn_implementation: str = "sdpa",
         name: str | None = None,
+        keep_lm_head: bool = False,
     ) -> "QwenVLReference":
-        """Load a local checkpoint folder offline (config, weights, tokenizer, preprocessor)."""
+        """Load a local checkpoint folder offline (config, weights, tokenizer, preprocessor).
+
+        keep_lm_head: keep the LM head (head discovery scores answers); the alignment forward never needs it.
+        """
         import transformers
         from transformers import AutoConfig, AutoTokenizer
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -306,7 +308,8 @@ class QwenVLReference:
         model = model_class.from_pretrained(
             path, local_files_only=True, dtype=torch_dtype, attn_implementation=attn_implementation
         )
-        model.lm_head = torch.nn.Identity()  # never used: the forward stops before it
+        if not keep_lm_head:
+            model.lm_head = torch.nn.Identity()  # never used: the forward stops before it
         model.to(device)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         if tokenizer.chat_template is None:
@@ -316,7 +319,9 @@ class QwenVLReference:
                     tokenizer.chat_template = json.loads(raw)["chat_template"] if template_file.endswith(".json") else raw
                     break
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
-        return cls(model, tokenizer, image_processor, name or path.name)
+        reference = cls(model, tokenizer, image_processor, name or path.name)
+        reference.source_dir = path
+        return reference
 
     @property
     def _base(self) -> Any:

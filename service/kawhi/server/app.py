@@ -75,7 +75,8 @@ def load_engine(settings: Any) -> Any:
 
         torch.set_num_threads(threads)
     return Engine.load(
-        s.model, device=s.device, dtype=s.dtype, defaults=s.method_config(), limits=engine_limits(s)
+        s.model, device=s.device, dtype=s.dtype, defaults=s.method_config(), limits=engine_limits(s),
+        heads_file=s.heads_file,
     )
 
 

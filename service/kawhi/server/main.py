@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import typing
+from pathlib import Path
 from typing import Any, Optional
 
 from pydantic import SecretStr
@@ -36,6 +37,7 @@ _GROUPS = {
     "model": "model",
     "device": "model",
     "dtype": "model",
+    "heads_file": "model",
     "host": "network",
     "port": "network",
     "api_keys": "network",
@@ -173,6 +175,15 @@ def run_serve(args: argparse.Namespace) -> int:
         settings = settings_from_args(args)
     except ValidationError as exc:
         print(f"kawhi serve: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    from kawhi.heads.files import FOLDER_HEADS_FILE, HeadsFileError, check_model_folder_heads
+
+    model_dir = settings.model or str(Path(__file__).resolve().parents[1] / "models" / "demo")
+    try:  # a heads file made for another model is refused here, before the server starts
+        if settings.heads_file or (Path(model_dir) / FOLDER_HEADS_FILE).is_file():
+            check_model_folder_heads(model_dir, settings.heads_file)
+    except HeadsFileError as exc:
+        print(f"kawhi serve: {exc}", file=sys.stderr)
         return 2
     serve(settings)
     return 0

@@ -45,6 +45,10 @@ class _ServerSettings(BaseSettings):
     )
     device: str = Field("cpu", description="torch device of the reference model (cpu, cuda, cuda:1 ...)")
     dtype: str = Field("auto", description="torch dtype of the reference model (auto, float32, bfloat16, float16)")
+    heads_file: Optional[str] = Field(
+        None, description="vision-critical heads file (from `kawhi heads discover`) for heads=preset; wins over "
+        "kawhi_heads.json in the model folder and the published sets; made for another model -> refused at start-up"
+    )
 
     # --- network -----------------------------------------------------------------
     host: str = Field("127.0.0.1", description="interface to bind")
@@ -125,7 +129,7 @@ class _ServerSettings(BaseSettings):
     def _lower(cls, v: Any) -> Any:
         return v.lower() if isinstance(v, str) else v
 
-    @field_validator("redis_url", "model", mode="before")
+    @field_validator("redis_url", "model", "heads_file", mode="before")
     @classmethod
     def _empty_is_none(cls, v: Any) -> Any:
         if isinstance(v, str) and not v.strip():
