@@ -72,9 +72,6 @@ class Pipeline:
     @staticmethod
     def parse_document(doc: Any) -> ParsedRequest:
         """An already-decoded wire request document (checked like a body)."""
-        from kawhi.pipeline.parse import check_values
-
-        check_values(doc)
         return parse_request(doc)
 
     @staticmethod

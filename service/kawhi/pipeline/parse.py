@@ -70,12 +70,14 @@ def loads_checked(text: str) -> Any:
     except json.JSONDecodeError as exc:
         raise KawhiError("malformed-json", f"the body is not valid JSON: {exc.msg} at line {exc.lineno} "
                          f"column {exc.colno}") from None
-    check_values(doc)
     return doc
 
 
-def check_values(doc: Any, prefix: Sequence[Any] = ()) -> None:
-    """Depth, non-finite numbers and lone surrogates anywhere in ``doc`` (iterative walk)."""
+def check_values(doc: Any, prefix: Sequence[Any] = (), *, depth: int = 0) -> None:
+    """Depth, non-finite numbers and lone surrogates anywhere in ``doc`` (iterative walk).
+
+    depth: how deep ``doc`` sits in its document (a group of a request: 2).
+    """
     stack: list[tuple[Any, tuple[Any, ...]]] = [(doc, tuple(prefix))]
     while stack:
         value, path = stack.pop()
@@ -89,7 +91,7 @@ def check_values(doc: Any, prefix: Sequence[Any] = ()) -> None:
         elif isinstance(value, _Bad):
             raise KawhiError("validation", value.why, pointer(*path))
         elif isinstance(value, (dict, list)):
-            if len(path) - len(prefix) >= MAX_DEPTH:
+            if len(path) - len(prefix) + depth >= MAX_DEPTH:
                 raise KawhiError("malformed-json", f"the document is nested deeper than {MAX_DEPTH} levels",
                                  pointer(*path))
             items: Iterable[tuple[Any, Any]] = value.items() if isinstance(value, dict) else enumerate(value)
@@ -146,7 +148,7 @@ def _group_id(raw: Any) -> Optional[str]:
     return None
 
 
-def parse_group(raw: Any, *, checked: bool = False) -> RolloutGroup:
+def parse_group(raw: Any, *, checked: bool = False, depth: int = 0) -> RolloutGroup:
     """One group (a mapping or a RolloutGroup), strict; GroupError relative to the group.
 
     checked: the values were already walked by :func:`check_values` (a parsed body).
@@ -154,7 +156,7 @@ def parse_group(raw: Any, *, checked: bool = False) -> RolloutGroup:
     if isinstance(raw, RolloutGroup):
         raw = raw.model_dump(exclude_none=True)
     if not checked:
-        check_values(raw)
+        check_values(raw, depth=depth)
     try:
         return RolloutGroup.model_validate(raw, strict=True)
     except ValidationError as exc:
@@ -189,12 +191,13 @@ def parse_request(doc: Any) -> ParsedRequest:
         raise KawhiError("validation", "groups must be a list of rollout groups", "/groups")
     if not raws:
         raise KawhiError("validation", "groups must hold at least one rollout group", "/groups")
+    check_values({k: v for k, v in doc.items() if k != "groups"})
     options = parse_options(doc.get("options"))
-    return parse_groups(raws, options, per_group_errors=per_group, group_prefix=True, checked=True)
+    return parse_groups(raws, options, per_group_errors=per_group, group_prefix=True)
 
 
 def parse_groups(raws: Sequence[Any], options: Mapping[str, Any] | None = None, *, per_group_errors: bool = True,
-                 group_prefix: bool = False, checked: bool = False) -> ParsedRequest:
+                 group_prefix: bool = False) -> ParsedRequest:
     """Groups (mappings or RolloutGroups) one by one; a bad group is kept as its error.
 
     Without per-group errors the first bad group's error is raised, placed.
@@ -203,7 +206,7 @@ def parse_groups(raws: Sequence[Any], options: Mapping[str, Any] | None = None, 
     for i, raw in enumerate(raws):
         out.ids.append(_group_id(raw))
         try:
-            out.groups.append(parse_group(raw, checked=checked))
+            out.groups.append(parse_group(raw, depth=2 if group_prefix else 0))
         except KawhiError as exc:
             if not per_group_errors:
                 raise exc.placed(out.prefix(i)) from None
