@@ -211,6 +211,15 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a method default outside its range (w_min > w_max ...)
         print(f"kawhi serve: invalid settings: {exc}", file=sys.stderr)
         return 2
+    if settings.model is not None:  # a user's mistake is one line now, not a failed load later
+        from kawhi.models.locate import DeviceUnavailable, ModelNotFound, check_device, locate_model
+
+        try:
+            locate_model(settings.model)
+            check_device(settings.device)
+        except (ModelNotFound, DeviceUnavailable) as exc:
+            print(f"kawhi serve: {exc}", file=sys.stderr)
+            return 2
     serve(settings)
     return 0
 
