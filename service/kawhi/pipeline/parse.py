@@ -185,6 +185,7 @@ def parse_request(doc: Any) -> ParsedRequest:
     """A wire request document (``{"groups": [...], "options": ..., "per_group_errors": ...}``)."""
     if not isinstance(doc, dict):
         raise KawhiError("validation", "the request must be a JSON object with 'groups'", "")
+    check_values({k: v for k, v in doc.items() if k != "groups"})
     unknown = sorted(set(doc) - {"groups", "options", "per_group_errors"})
     if unknown:
         raise KawhiError("validation", "unknown member (extra inputs are not permitted)", pointer(unknown[0]))
@@ -196,7 +197,6 @@ def parse_request(doc: Any) -> ParsedRequest:
         raise KawhiError("validation", "groups must be a list of rollout groups", "/groups")
     if not raws:
         raise KawhiError("validation", "groups must hold at least one rollout group", "/groups")
-    check_values({k: v for k, v in doc.items() if k != "groups"})
     options = parse_options(doc.get("options"))
     return parse_groups(raws, options, per_group_errors=per_group, group_prefix=True)
 
