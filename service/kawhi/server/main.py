@@ -169,15 +169,10 @@ def _exit_zero(signum: int, frame: Any) -> None:  # the signal uvicorn re-raises
     raise SystemExit(0)
 
 
-def serve(settings: Any) -> None:
-    """Run the server in this (main) thread until SIGTERM/SIGINT."""
+def make_server(settings: Any, app: Any) -> Any:
+    """The uvicorn server `kawhi serve` runs ``app`` under: draining on SIGTERM, header timeout."""
     import uvicorn
 
-    from kawhi.server.app import create_app
-    from kawhi.server.logs import configure_logging
-
-    configure_logging(settings.log_level, settings.log_json)
-    app = create_app(settings)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -191,7 +186,16 @@ def serve(settings: Any) -> None:
         server_header=False,
         proxy_headers=False,
     )
-    server = DrainingServer(config, app.state.kawhi)
+    return DrainingServer(config, app.state.kawhi)
+
+
+def serve(settings: Any) -> None:
+    """Run the server in this (main) thread until SIGTERM/SIGINT."""
+    from kawhi.server.app import create_app
+    from kawhi.server.logs import configure_logging
+
+    configure_logging(settings.log_level, settings.log_json)
+    server = make_server(settings, create_app(settings))
     # uvicorn re-raises the captured signal once it has shut down; exit 0 then (a clean drain).
     signal.signal(signal.SIGTERM, _exit_zero)
     signal.signal(signal.SIGINT, _exit_zero)
