@@ -12,43 +12,43 @@ from typing import Any
 
 def add_explain_parser(sub: Any) -> None:
     """Register `kawhi explain` with the same input and options as `kawhi reweight`."""
-    from kawhi.cli import add_method_options
+    from kawhi.cli import _add_model_flags, add_method_options
 
     ex = sub.add_parser("explain", help="draw what KAWHI saw for each group of a JSONL file (PNG + HTML)",
                         description="Reweight each group (same input and options as 'kawhi reweight') and write "
                                     "DIR/<id>.png and DIR/<id>.html: the image as the model saw it with its key and "
                                     "sampled visual tokens, and each response's paragraphs shaded by weight.")
-    ex.add_argument("input", type=Path, help="input JSONL; image paths are relative to its folder")
+    ex.add_argument("input", help="input JSONL, or - for standard input; image paths are relative to its folder")
     ex.add_argument("-o", "--output", type=Path, required=True, help="output folder (created if missing)")
     ex.add_argument("--heatmap", type=int, default=None, metavar="RESPONSE",
                     help="also draw each visual token's alignment with response RESPONSE (0-based)")
     ex.add_argument("--page-height", type=int, default=None, metavar="PX",
                     help="start a new PNG page past this height (default: 1600)")
-    ex.add_argument("--model", default=None, help="local model folder (default: the embedded demo model)")
-    ex.add_argument("--device", default="cpu")
-    ex.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    _add_model_flags(ex)
     ex.add_argument("--batch-groups", type=int, default=8, help="groups prepared and run together")
     add_method_options(ex)
     ex.set_defaults(func=cmd_explain)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from kawhi.cli import _chunks, _read_jsonl, method_options_from_args
-    from kawhi.engine.engine import Engine, OptionsError, load_image_bytes
+    from kawhi.cli import _chunks, _option_flag, _read_lines, load_engine, method_options_from_args
+    from kawhi.engine.engine import load_image_bytes
+    from kawhi.errors import KawhiError, UserError
+    from kawhi.pipeline.parse import parse_options
     from kawhi_client.explain import Explanation, file_stem
 
-    engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
-    if engine.is_demo:
-        print("kawhi: using the embedded DEMO model (random weights): results are for plumbing, "
-              "not for training. Pass --model PATH for real use.", file=sys.stderr)
     options = method_options_from_args(args)
     try:
+        parse_options(options)  # the wire schema's checks, before the model loads
+    except KawhiError as exc:
+        raise UserError(f"invalid option {_option_flag(exc.pointer)}: {exc.detail}") from None
+    lines, base_dir = _read_lines(args.input)
+    engine = load_engine(args)
+    try:
         engine.resolve_options(options)
-    except OptionsError as exc:
-        print(f"kawhi: invalid option --{exc.field.replace('_', '-')}: {exc.detail}", file=sys.stderr)
-        return 2
-    load_image = functools.partial(load_image_bytes, base_dir=args.input.resolve().parent)
-    lines = list(_read_jsonl(args.input))
+    except KawhiError as exc:
+        raise UserError(f"invalid option {_option_flag(exc.pointer)}: {exc.detail}") from None
+    load_image = functools.partial(load_image_bytes, base_dir=base_dir)
     used: set[str] = set()
     written: list[Path] = []
     failed = 0
@@ -61,7 +61,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             except json.JSONDecodeError as exc:
                 print(f"kawhi: line {number}: not JSON: {exc}", file=sys.stderr)
                 failed += 1
-        outcomes = engine.explain(groups, options, load_image=load_image, heatmap_response=args.heatmap,
+        outcomes = engine.explain(groups, options, load_image=load_image, base_dir=base_dir, heatmap_response=args.heatmap,
                                   max_page_height=args.page_height) if groups else []
         for number, outcome in zip(numbers, outcomes):
             if not isinstance(outcome, Explanation):

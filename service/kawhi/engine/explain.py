@@ -3,6 +3,8 @@ their explain views (kawhi_client.explain draws them; one renderer for every fro
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from kawhi.engine.images import decode_image
@@ -32,16 +34,17 @@ def explain_groups(
     options: Options | Mapping[str, Any] | None = None,
     *,
     load_image: Callable[[ImageRef], bytes] | None = None,
+    base_dir: Optional[Path] = None,
     heatmap_response: Optional[int] = None,
     max_page_height: Optional[int] = None,
 ) -> list[Explanation | GroupResult]:
     """Engine.reweight(..., explain=True), then one Explanation per group that succeeded;
     a group that failed (or asks for a heat map of a response it lacks) stays a
-    GroupResult with ``error``. load_image as in Engine.reweight."""
+    GroupResult with ``error``. load_image and base_dir as in Engine.reweight."""
     from kawhi.engine.engine import load_image_bytes
 
-    load_image = load_image or load_image_bytes
-    results = engine.reweight(groups, options, load_image=load_image, explain=True)
+    load_image = load_image or functools.partial(load_image_bytes, base_dir=base_dir)
+    results = engine.reweight(groups, options, load_image=load_image, explain=True, base_dir=base_dir)
     out: list[Explanation | GroupResult] = []
     for raw, result in zip(groups, results):
         if result.error is not None:

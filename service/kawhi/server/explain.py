@@ -17,10 +17,12 @@ from typing import Any, Optional
 from fastapi import Depends, Request
 from starlette.responses import Response
 
-from kawhi.server.app import ServerState, get_state
+from kawhi.errors import KawhiError
+from kawhi.pipeline import Pipeline, outcome
 from kawhi.server.batcher import QueueFull
-from kawhi.server.problems import ProblemError, from_group_error, pointer
-from kawhi.server.routes import INLINE_PARSE_BYTES, _parse_and_check, _read_body, v1
+from kawhi.server.reweight import INLINE_PARSE_BYTES, parse_and_admit, read_body
+from kawhi.server.routes import v1
+from kawhi.server.state import ServerState, get_state
 
 __all__ = ["choose_media_type", "explain"]
 
@@ -63,8 +65,7 @@ def _query_int(request: Request, name: str, minimum: int) -> Optional[int]:
     except ValueError:
         value = minimum - 1
     if value < minimum:
-        raise ProblemError(422, "validation", f"query parameter {name} must be an integer >= {minimum}, got {raw!r}",
-                           None)
+        raise KawhiError("validation", f"query parameter {name} must be an integer >= {minimum}, got {raw!r}")
     return value
 
 
@@ -85,84 +86,79 @@ def _query_int(request: Request, name: str, minimum: int) -> Optional[int]:
 async def explain(request: Request, state: ServerState = Depends(get_state)) -> Response:
     media = choose_media_type(request.headers.get("accept"))
     if media is None:
-        raise ProblemError(406, "not-acceptable", f"this endpoint answers {PNG} or {HTML}", None)
+        raise KawhiError("not-acceptable", f"this endpoint answers {PNG} or {HTML}")
     heatmap = _query_int(request, "heatmap", 0)
     page = _query_int(request, "page", 1) or 1
-    engine = state.require_engine()
+    pipeline = state.pipeline()  # 503 while loading or draining
     state.enter()
     try:
-        return await _explain(request, state, engine, media, heatmap, page)
+        return await _explain(request, state, pipeline, media, heatmap, page)
     finally:
         state.leave()
 
 
-async def _explain(request: Request, state: ServerState, engine: Any, media: str, heatmap: Optional[int],
+async def _explain(request: Request, state: ServerState, pipeline: Pipeline, media: str, heatmap: Optional[int],
                    page: int) -> Response:
     deadline = time.monotonic() + state.settings.request_timeout_s
-    raw = await _read_body(request)
-    if len(raw) > INLINE_PARSE_BYTES:
-        parsed = await asyncio.to_thread(_parse_and_check, state, engine, raw)
+    body = await read_body(request, state.settings.body_timeout_s)
+    ctype = request.headers.get("content-type", "")
+    if len(body) > INLINE_PARSE_BYTES:
+        admission = await asyncio.to_thread(parse_and_admit, state, pipeline, body, ctype)
     else:
-        parsed = _parse_and_check(state, engine, raw)
-    groups, _raw_groups, config, _per_group, arrived, bad, _key = parsed
-    if len(groups) != 1:
-        raise ProblemError(422, "validation", f"explain draws exactly one group, got {len(groups)}; "
-                           "send one request per group", "/groups")
-    if bad:
-        raise bad[0]
-    arrival = arrived[0]
-    if heatmap is not None and heatmap >= len(arrival.group.responses):
-        raise ProblemError(422, "validation", f"heatmap={heatmap} but the group has {len(arrival.group.responses)} "
-                           "responses (0-based)", None)
-    data = arrival.data if arrival.data is not None else await state.caches.aget("image", arrival.sha)
-    if data is None:
-        raise ProblemError(404, "image-not-found", f"no image with sha256 {arrival.sha} is held; send its bytes "
-                           "(image.data) or POST /v1/images", pointer("groups", 0, "image", "sha256"),
-                           sha256=arrival.sha)
+        admission = parse_and_admit(state, pipeline, body, ctype)
+    parsed = admission.parsed
+    if len(parsed.groups) != 1:
+        raise KawhiError("validation", f"explain draws exactly one group, got {len(parsed.groups)}; "
+                         "send one request per group", "/groups")
+    if admission.errors:
+        raise admission.errors[0].placed(parsed.prefix(0))
+    admitted = admission.groups[0]
+    if heatmap is not None and heatmap >= len(admitted.group.responses):
+        raise KawhiError("validation", f"heatmap={heatmap} but the group has {len(admitted.group.responses)} "
+                         "responses (0-based)")
+    data = admitted.data if admitted.data is not None else await state.caches.aget("image", admitted.sha256)
     try:
         ticket = state.batcher.reserve(1)
     except QueueFull as exc:
-        raise ProblemError(429, "queue-full", f"{exc.pending} groups are waiting (capacity {exc.capacity}); "
-                           "retry later", "", headers={"Retry-After": str(exc.retry_after)}) from None
+        raise KawhiError("queue-full", f"{exc.pending} groups are waiting (capacity {exc.capacity}); retry later",
+                         headers={"Retry-After": str(exc.retry_after)}) from None
     loop = asyncio.get_running_loop()
     try:
-        prepared, image = await loop.run_in_executor(state.prepare_pool, _prepare, state, engine, config, arrival,
-                                                     data)
+        prepared = await loop.run_in_executor(state.prepare_pool, _prepare, pipeline, admission, data)
         future = state.batcher.submit(ticket, [prepared])[0]
         result = await asyncio.wait_for(future, timeout=max(0.0, deadline - time.monotonic()))
     except asyncio.TimeoutError:
-        ticket.cancel()
-        raise ProblemError(504, "timeout", f"no answer within {state.settings.request_timeout_s} s", "") from None
+        ticket.cancel("timeout")
+        raise KawhiError("timeout", f"no answer within {state.settings.request_timeout_s:g} s") from None
+    except KawhiError as exc:
+        ticket.cancel("error")
+        raise exc.placed(parsed.prefix(0)) from None
     except BaseException:
-        ticket.cancel()
+        ticket.cancel("error")
         raise
     ticket.release()
-    if result.error is not None:
-        raise ProblemError(result.error.status or 500, "internal", result.error.detail or "the forward failed",
-                           pointer("groups", 0) + (result.error.pointer or ""), title=result.error.title)
-    body, pages = await asyncio.to_thread(_draw, engine, arrival.group, result, image, media, heatmap, page)
-    return Response(body, media_type=media + ("; charset=utf-8" if media == HTML else ""),
+    checked = outcome(result)
+    if isinstance(checked, KawhiError):
+        raise checked.placed(parsed.prefix(0))
+    image = _decode(data, state)
+    body_out, pages = await asyncio.to_thread(_draw, pipeline.engine, admitted.group, result, image, media,
+                                              heatmap, page)
+    return Response(body_out, media_type=media + ("; charset=utf-8" if media == HTML else ""),
                     headers={"X-Kawhi-Pages": str(pages)})
 
 
-def _prepare(state: ServerState, engine: Any, config: Any, arrival: Any, data: bytes) -> tuple[Any, Any]:
-    """Runs in the prepare thread: decode, Engine.prepare, marked for explaining."""
-    from kawhi.engine.errors import GroupError
+def _prepare(pipeline: Pipeline, admission: Any, data: Optional[bytes]) -> Any:
+    """Runs in the prepare thread: the pipeline's prepare, marked for explaining."""
+    prepared = pipeline.prepare(admission.groups[0], admission.config, data)
+    prepared.explain = True
+    return prepared
+
+
+def _decode(data: Optional[bytes], state: ServerState) -> Any:
+    """The group's image, decoded again for drawing (the prepared group keeps only its tensors)."""
     from kawhi.engine.images import decode_image
 
-    try:
-        image = decode_image(data, state.image_limits, f"/image/{arrival.image_field}")
-        if arrival.data is not None:
-            state.caches.set("image", arrival.sha, arrival.data)
-        prepared = engine.prepare(arrival.group, config, image, image_sha256=arrival.sha, index=0,
-                                  region_cache=state.region_cache)
-    except GroupError as exc:
-        raise from_group_error(exc, pointer("groups", 0)) from None
-    if prepared.num_tokens > state.settings.batch_tokens:
-        raise ProblemError(413, "too-large", f"the group needs {prepared.num_tokens} tokens; one forward holds at "
-                           f"most {state.settings.batch_tokens}", pointer("groups", 0))
-    prepared.explain = True
-    return prepared, image
+    return decode_image(data, state.image_limits)
 
 
 def _draw(engine: Any, group: Any, result: Any, image: Any, media: str, heatmap: Optional[int],
@@ -174,7 +170,7 @@ def _draw(engine: Any, group: Any, result: Any, image: Any, media: str, heatmap:
         return view.html().encode("utf-8"), 1
     pages = view.pages()
     if page > len(pages):
-        raise ProblemError(422, "validation", f"page={page} but the view has {len(pages)} page(s)", None)
+        raise KawhiError("validation", f"page={page} but the view has {len(pages)} page(s)")
     from kawhi_client.explain import png_bytes
 
     return png_bytes(pages[page - 1]), len(pages)
