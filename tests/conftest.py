@@ -57,16 +57,55 @@ FILE_MARKS: dict[str, tuple[str, ...]] = {
     # repo: bench scripts on the demo model
     "test_bench_smoke.py": ("slow",),
 }
-# single tests whose cost differs from their file's
+# single tests (file::name, parameters left off) that cost more than their file,
+# measured with --durations on two cores: each runs a subprocess, a model build or a
+# long render. tests/repo/test_cost_marks.py checks that every name here exists.
 TEST_MARKS: dict[str, tuple[str, ...]] = {
-    "test_html_renders_in_headless_chromium_to_a_non_blank_screenshot": ("browser",),
+    "test_heads.py::test_heads_show_and_reweight_with_a_heads_file": ("slow",),
+    "test_heads.py::test_serve_and_reweight_refuse_a_mismatching_file_before_starting": ("slow",),
+    "test_heads.py::test_server_reports_heads_and_their_source": ("slow",),
+    "test_demo_model.py::test_demo_loads_with_the_hub_switched_off": ("slow",),
+    "test_demo_model.py::test_build_script_regenerates_the_shipped_files": ("slow",),
+    "test_engine.py::test_real_qwen_token_ids_from_a_trainer_are_scored_one_to_one": ("slow",),
+    "test_weights.py::test_weights_lie_in_range": ("slow",),
+    "test_explain_render.py::test_long_responses_wrap_and_many_responses_paginate": ("slow",),
+    "test_explain_render.py::test_page_breaks_never_orphan_a_header_or_a_label": ("slow",),
+    "test_client_unit.py::test_kawhi_client_imports_without_torch": ("slow",),
+    "test_client_faults.py::test_the_in_flight_cap_holds_across_retries": ("slow",),
+    "test_client_faults.py::test_timeouts_grow_with_the_work_sent": ("slow",),
+    "test_packaging.py::test_an_engine_command_in_a_client_only_install_names_the_extra": ("slow",),
+    "test_explain_e2e.py::test_html_renders_in_headless_chromium_to_a_non_blank_screenshot": ("browser",),
 }
+COST_MARKERS = ("slow", "deploy", "browser")
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """With -m, do not even import a file none of whose tests can be selected (a file marked
+    slow under -m "not slow"): importing the trainer and server test modules costs more
+    than the fast subset itself. Whatever extra cost marks a test in the file carries, the
+    expression must be false for it to be skipped, so nothing selectable is lost."""
+    marks = FILE_MARKS.get(collection_path.name)
+    markexpr = config.getoption("markexpr", "")
+    if not marks or not markexpr:
+        return None
+    try:
+        from _pytest.mark.expression import Expression
+
+        expression = Expression.compile(markexpr)
+    except Exception:  # an unknown pytest version or a bad expression: let pytest decide
+        return None
+    others = [m for m in COST_MARKERS if m not in marks]
+    for extra in range(2 ** len(others)):
+        present = set(marks) | {m for i, m in enumerate(others) if extra >> i & 1}
+        if expression.evaluate(lambda name, *_, **__: name in present):
+            return None
+    return True
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        marks = FILE_MARKS.get(item.path.name, ()) + TEST_MARKS.get(item.originalname, ())
-        for name in marks:
+        key = f"{item.path.name}::{item.originalname}"
+        for name in FILE_MARKS.get(item.path.name, ()) + TEST_MARKS.get(key, ()):
             item.add_marker(getattr(pytest.mark, name))
 
 
