@@ -27,7 +27,7 @@
 #
 # The image listens on 0.0.0.0:8000 and runs as uid/gid 10001.  Every
 # `kawhi serve` setting is a KAWHI_* environment variable (docs/server.md).
-# This file is linted by hadolint in tests/test_deploy.py and built with
+# This file is linted by hadolint in tests/deploy/test_deploy.py and built with
 # podman in CI (scripts/build_image.sh), then smoke-tested by mounting the
 # image and running its entry point under chroot (scripts/smoke_image.sh).
 

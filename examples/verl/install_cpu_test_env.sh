@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The side environment in which tests/test_integration_verl.py ran against verl 0.9.1 on CPU.
+# The side environment in which tests/integrations/test_integration_verl.py ran against verl 0.9.1 on CPU.
 #
 # verl 0.9.1 pins transformers<5.11 (this project uses 5.24) and its full dependency set
 # (vllm, flash-attn ...) would replace torch, so it is NOT in the dev extra. This venv sees
@@ -8,7 +8,7 @@
 # changes and pip there stays consistent.
 #
 #   bash examples/verl/install_cpu_test_env.sh /tmp/verl-venv
-#   /tmp/verl-venv/bin/python -m pytest -q tests/test_integration_verl.py tests/test_integration_examples.py
+#   /tmp/verl-venv/bin/python -m pytest -q tests/integrations/test_integration_verl.py tests/integrations/test_integration_examples.py
 set -euo pipefail
 VENV=${1:-/tmp/verl-venv}
 python3 -m venv --system-site-packages "$VENV"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from kawhi.engine.engine import DEMO_MODEL_DIR
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_build_script_regenerates_the_shipped_files(tmp_path):

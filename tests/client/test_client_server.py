@@ -15,7 +15,6 @@ import hashlib
 import io
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,8 @@ from typing import Any, Iterator
 import httpx
 import numpy as np
 import pytest
+
+from server_fixtures import free_port
 
 from kawhi_client import (
     AsyncClient,
@@ -34,17 +35,11 @@ from kawhi_client import (
     pad_token_advantages,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 IMAGES = ROOT / "examples" / "images"
 KEY = "client-test-key"
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tiny_png(seed: int) -> bytes:

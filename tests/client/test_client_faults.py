@@ -33,7 +33,7 @@ from kawhi_client import (
     ServerNotReady,
 )
 
-PNG = (Path(__file__).resolve().parents[1] / "examples/images/triangle.png").read_bytes()
+PNG = (Path(__file__).resolve().parents[2] / "examples/images/triangle.png").read_bytes()
 
 INFO = {"model": "stub", "version": "0", "limits": {"max_groups": 256, "max_body_bytes": 1 << 26,
                                                     "max_request_tokens": 1 << 20},

@@ -19,7 +19,7 @@ from kawhi.heads.presets import PUBLISHED, published_heads
 from server_fixtures import ServerThread
 from tiny_models import tiny_reference
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # config.json as published: Qwen2.5-VL keeps the LM fields at the top level, Qwen3-VL under text_config
 QWEN25_VL_7B = {

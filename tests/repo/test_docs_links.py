@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Built from parts so this file does not match itself.
 OUTSIDE = [".." + "/shared", "shared/" + "API.md", "shared/" + "METHOD.md", "/wo" + "rk/"]

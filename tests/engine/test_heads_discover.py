@@ -23,7 +23,7 @@ from kawhi.heads.synthetic import KINDS, synthetic_vqa, write_synthetic_vqa
 from planted_heads import DECOY_HEAD, PLANTED, TEXT_HEAD, colour_items, planted_reference
 from tiny_models import tiny_reference
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FAST = DiscoverySettings(all_heads=True, bootstrap=2000)
 
 

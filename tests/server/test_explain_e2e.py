@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from server_fixtures import ServerThread, assert_problem, demo_engine, example_groups
+from server_fixtures import assert_problem, demo_engine, example_groups
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 
 from kawhi.engine.alignment import alignment_scores_reference, visual_token_alignment, repeat_kv  # noqa: E402
@@ -145,9 +145,8 @@ def test_cli_explain_bad_line_is_one_line_and_the_rest_go_on(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def server():
-    with ServerThread() as s:
-        yield s
+def server(demo_server):
+    return demo_server
 
 
 def test_post_explain_answers_png_or_html(server):

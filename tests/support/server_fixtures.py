@@ -1,6 +1,7 @@
 """Fixtures for the server tests: a real uvicorn in a thread, a real redis-server, real HTTP.
 
-Imported by tests/test_server*.py (not a conftest, so other suites are unaffected).
+Imported by module name (tests/conftest.py puts tests/support on sys.path); the shared
+fixtures built on it (demo_server, unused_port) are in tests/conftest.py.
 Nothing here fakes the engine: servers run the embedded demo model, loaded once per
 test session and shared by every in-thread server (each server still has its own
 app, batcher, caches and metrics).
@@ -27,7 +28,7 @@ from typing import Any, Iterator, Optional
 import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 for _p in (ROOT / "service", ROOT / "client"):  # a checkout without `pip install -e .`
     if str(_p) not in sys.path:

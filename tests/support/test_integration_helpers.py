@@ -1,4 +1,4 @@
-"""Helpers of the trainer-integration tests (tests/test_integration_*.py; this module holds no tests): a live
+"""Helpers of the trainer-integration tests (tests/integrations/; this module holds no tests): a live
 `kawhi serve` subprocess, the demo engine, small images, the demo policy for TRL.
 
 Imported by those tests only (not a conftest, so other suites are unaffected).
@@ -10,7 +10,6 @@ import contextlib
 import functools
 import io
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,17 +18,13 @@ from typing import Any, Iterator
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
+from server_fixtures import free_port  # noqa: F401  (re-exported: the integration tests import it from here)
+
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 for _p in (ROOT / "service", ROOT / "client"):  # a checkout without `pip install -e .`
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -55,7 +55,7 @@ from kawhi_client.planning import (
 from kawhi_client.errors import error_from_response
 from kawhi_client.schema import ImageRef, RolloutGroup
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PNG = (ROOT / "examples/images/bar_chart.png").read_bytes()
 PNG_SHA = hashlib.sha256(PNG).hexdigest()
 

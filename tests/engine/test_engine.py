@@ -45,8 +45,8 @@ def demo_engine():
 
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)
-def tiny_engine(request):
-    return Engine(tiny_reference(request.param))
+def tiny_engine(request, tiny_model):
+    return Engine(tiny_model(request.param))
 
 
 def prepare(engine, raw, options=None):
