@@ -44,6 +44,11 @@ FILE_MARKS: dict[str, tuple[str, ...]] = {
     "test_server_redis.py": ("slow",),
     "test_cli.py": ("slow",),
     "test_explain_e2e.py": ("slow",),
+    "test_cli_errors.py": ("slow",),
+    "test_server_disconnect_drain.py": ("slow",),
+    # pipeline: the same bad groups through in-process, CLI and HTTP; bounded fuzzing over HTTP
+    "test_pipeline_parity.py": ("slow",),
+    "test_pipeline_fuzz.py": ("slow",),
     # client: a real `kawhi serve` subprocess
     "test_client_server.py": ("slow",),
     # integrations: real trainers and subprocess servers

@@ -18,7 +18,7 @@ import pytest
 
 tomllib = pytest.importorskip("tomllib")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SERVICE = ROOT / "service" / "kawhi"
 
 # feature -> module a dependency imports lazily for it (not visible in our own imports)
