@@ -230,6 +230,7 @@ def run_server_suites(bench: Any, args: argparse.Namespace, prof: dict[str, Any]
         if args.model != "demo":
             model_dir = save_reference(bench.reference, Path(tmp) / "model")
         flags = {"device": args.device, "dtype": args.dtype} if model_dir is not None else {"device": args.device}
+        flags["cache_prefix_bytes"] = 0  # passes repeat the same images: no prefix kept across requests
         for item in args.serve_flag:
             name, _, value = item.partition("=")
             flags[name.strip().replace("-", "_")] = value.strip()
