@@ -154,6 +154,23 @@ class PrefixCache:
                     "max_bytes": self.max_bytes}
 
 
+def shared_prefixes(prompts: Sequence[Any], compute: Callable[[Any], PrefixState],
+                    cache: Optional[PrefixCache] = None) -> list[PrefixState]:
+    """One state per prompt (``compute(prompt)``); prompts with equal ``cache_key`` share one,
+    from ``cache`` when given; a prompt without a key gets its own."""
+    shared: dict[str, PrefixState] = {}
+    out = []
+    for prompt in prompts:
+        key = prompt.cache_key
+        if key is None:
+            out.append(compute(prompt))
+            continue
+        if key not in shared:
+            shared[key] = cache.get_or_compute(key, lambda: compute(prompt)) if cache is not None else compute(prompt)
+        out.append(shared[key])
+    return out
+
+
 # ---------------------------------------------------------------------- row packing
 
 Row = tuple[int, int, list[int]]  # (group index, response index, token ids)
@@ -199,6 +216,30 @@ def pack_rows(groups: Sequence[tuple[Any, Sequence[Sequence[int]]]], max_tokens:
     return batches
 
 
+def padded_prefix_cache(rows: list[Row], prefixes: list[PrefixState], longest: int, text_config: Any,
+                        device: Any) -> tuple[Any, Optional[torch.Tensor]]:
+    """The copying alternative to split attention: a KV cache with one copy of its prefix
+    per row, right-padded to the longest prefix P, and the (rows, P + longest) mask hiding
+    that padding (None when all prefixes are as long)."""
+    from transformers import DynamicCache
+
+    prefix_len = max(prefixes[g].length for g, _, _ in rows)
+    cache = DynamicCache(config=text_config)
+    for layer in range(len(prefixes[rows[0][0]].keys)):
+        keys, values = [], []
+        for g, _, _ in rows:
+            pad = prefix_len - prefixes[g].length
+            keys.append(torch.nn.functional.pad(prefixes[g].keys[layer][0], (0, 0, 0, pad)))
+            values.append(torch.nn.functional.pad(prefixes[g].values[layer][0], (0, 0, 0, pad)))
+        cache.update(torch.stack(keys), torch.stack(values), layer)
+    mask = None
+    if any(prefixes[g].length != prefix_len for g, _, _ in rows):
+        mask = torch.ones((len(rows), prefix_len + longest), dtype=torch.long, device=device)
+        for i, (g, _, _) in enumerate(rows):
+            mask[i, prefixes[g].length : prefix_len] = 0
+    return cache, mask
+
+
 # ---------------------------------------------------------------------- split attention
 
 
@@ -208,6 +249,17 @@ class SplitPlan:
     contiguous and covering the batch."""
 
     segments: list[tuple[int, int, PrefixState]]
+
+    @classmethod
+    def of(cls, rows: Sequence[Row], prefixes: Sequence[PrefixState]) -> "SplitPlan":
+        """Runs of consecutive rows continuing the same prefix (rows: (group, response, ids))."""
+        segments: list[list[Any]] = []
+        for i, (g, _, _) in enumerate(rows):
+            if segments and segments[-1][2] is prefixes[g]:
+                segments[-1][1] = i + 1
+            else:
+                segments.append([i, i + 1, prefixes[g]])
+        return cls([(a, b, p) for a, b, p in segments])
 
 
 _PLAN: contextvars.ContextVar[Optional[SplitPlan]] = contextvars.ContextVar("kawhi_split_plan", default=None)
@@ -285,6 +337,20 @@ class continuation_plan:
 
 
 _REGISTERED = False
+
+
+def enable_split_attention(model: Any) -> bool:
+    """Make split attention the LM layers' attention of a transformers Qwen-VL model whose LM
+    runs SDPA (it is plain SDPA outside a continuation). False when the LM runs something
+    else (eager, flash-attention): the copying path is used then."""
+    text_config = model.config.get_text_config()
+    if text_config._attn_implementation == SPLIT_ATTENTION:
+        return True
+    if text_config._attn_implementation != "sdpa":
+        return False
+    register_split_attention()
+    model.set_attn_implementation({"text_config": SPLIT_ATTENTION})
+    return True
 
 
 def register_split_attention() -> None:

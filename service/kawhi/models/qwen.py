@@ -33,17 +33,20 @@ from typing import Any, Literal, Optional, Sequence
 import torch
 from PIL import Image
 
+from kawhi.models.byte_level import UNICODE_TO_BYTE as _UNICODE_TO_BYTE
+from kawhi.models.byte_level import utf8_char_spans as _utf8_char_spans
 from kawhi.models.heads import preset_heads
 from kawhi.models.prefix import (
-    SPLIT_ATTENTION,
     LayerInputs,
     PrefixCache,
     PrefixState,
     Row,
     SplitPlan,
     continuation_plan,
+    enable_split_attention,
     pack_rows,
-    register_split_attention,
+    padded_prefix_cache,
+    shared_prefixes,
 )
 
 _pack_rows = pack_rows  # the name the tests know
@@ -126,49 +129,6 @@ class GroupStates:
     responses: list[LayerInputs]
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte <-> printable-unicode map used by byte-level BPE."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
-
-
-_UNICODE_TO_BYTE = {u: b for b, u in _bytes_to_unicode().items()}
-
-
-def _utf8_char_spans(data: bytes) -> tuple[str, list[int]]:
-    """Decode ``data`` as UTF-8 (invalid bytes -> U+FFFD each) and map byte -> char index.
-
-    Returns the text and a list of length len(data) + 1 giving, for each byte offset,
-    the index of the character that starts at or contains it.
-    """
-    chars: list[str] = []
-    byte_to_char = [0] * (len(data) + 1)
-    i = 0
-    while i < len(data):
-        lead = data[i]
-        width = 1 if lead < 0x80 else 2 if lead >> 5 == 0b110 else 3 if lead >> 4 == 0b1110 else 4 if lead >> 3 == 0b11110 else 0
-        piece = data[i : i + width] if width else b""
-        try:
-            ch = piece.decode("utf-8") if width else None
-        except UnicodeDecodeError:
-            ch = None
-        if ch is None:
-            ch, width = "\ufffd", 1
-        for j in range(i, i + width):
-            byte_to_char[j] = len(chars)
-        chars.append(ch)
-        i += width
-    byte_to_char[len(data)] = len(chars)
-    return "".join(chars), byte_to_char
-
-
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """Qwen-VL's resize rule: both sides multiples of ``factor``, area within [min, max] pixels."""
     if max(height, width) / min(height, width) > 200:
@@ -237,12 +197,8 @@ class QwenVLReference:
             tokenizer.chat_template = QWEN_CHAT_TEMPLATE
         self.pad_token_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._byte_level = self._detect_byte_level()
-        # Split attention needs the LM on SDPA; it is then the LM's attention implementation
-        # (plain SDPA outside a continuation). On by default where it measured faster: CPU.
-        self.split_capable = text_config._attn_implementation in ("sdpa", SPLIT_ATTENTION)
-        if text_config._attn_implementation == "sdpa":
-            register_split_attention()
-            model.set_attn_implementation({"text_config": SPLIT_ATTENTION})
+        self.split_capable = enable_split_attention(model)
+        # on by default where it measured faster (bench/README.md): CPU
         self.split_attention: bool = self.split_capable and self.device.type == "cpu"
 
     # ------------------------------------------------------------------ loading
@@ -469,18 +425,7 @@ class QwenVLReference:
     def prefixes(self, prompts: Sequence[PromptInputs], cache: Optional[PrefixCache] = None) -> list[PrefixState]:
         """One PrefixState per prompt; prompts with equal ``cache_key`` share one (from ``cache``
         when given, computed once otherwise)."""
-        shared: dict[str, PrefixState] = {}
-        out = []
-        for prompt in prompts:
-            key = prompt.cache_key
-            if key is None:
-                out.append(self._prefix(prompt))
-                continue
-            if key not in shared:
-                shared[key] = (cache.get_or_compute(key, lambda: self._prefix(prompt)) if cache is not None
-                               else self._prefix(prompt))
-            out.append(shared[key])
-        return out
+        return shared_prefixes(prompts, self._prefix, cache)
 
     def _prefix(self, prompt: PromptInputs) -> PrefixState:
         """Run one image + prompt; keep its KV cache (layers 0..L-2) and visual states."""
@@ -522,13 +467,7 @@ class QwenVLReference:
         starts = torch.tensor([prefixes[g].next_position for g, _, _ in rows], device=device)
         positions = (starts[:, None] + torch.arange(longest, device=device)[None]).expand(3, -1, -1)
         if split:
-            segments: list[list[Any]] = []
-            for i, (g, _, _) in enumerate(rows):
-                if segments and segments[-1][2] is prefixes[g]:
-                    segments[-1][1] = i + 1
-                else:
-                    segments.append([i, i + 1, prefixes[g]])
-            with continuation_plan(SplitPlan([(a, b, p) for a, b, p in segments])):
+            with continuation_plan(SplitPlan.of(rows, prefixes)):
                 out = self._run_until_final_layer(input_ids=ids.to(device), position_ids=positions, use_cache=False)
         else:
             cache, mask = self._padded_prefix_cache(rows, prefixes, longest)
@@ -542,25 +481,7 @@ class QwenVLReference:
 
     def _padded_prefix_cache(self, rows: list[Row], prefixes: list[PrefixState],
                              longest: int) -> tuple[Any, Optional[torch.Tensor]]:
-        """A KV cache with one copy of its prefix per row, right-padded to the longest
-        prefix, and the mask hiding that padding (None when all prefixes are as long)."""
-        from transformers import DynamicCache
-
-        prefix_len = max(prefixes[g].length for g, _, _ in rows)
-        cache = DynamicCache(config=self.model.config.get_text_config())
-        for layer in range(len(prefixes[rows[0][0]].keys)):
-            keys, values = [], []
-            for g, _, _ in rows:
-                pad = prefix_len - prefixes[g].length
-                keys.append(torch.nn.functional.pad(prefixes[g].keys[layer][0], (0, 0, 0, pad)))
-                values.append(torch.nn.functional.pad(prefixes[g].values[layer][0], (0, 0, 0, pad)))
-            cache.update(torch.stack(keys), torch.stack(values), layer)
-        mask = None
-        if any(prefixes[g].length != prefix_len for g, _, _ in rows):
-            mask = torch.ones((len(rows), prefix_len + longest), dtype=torch.long, device=self.device)
-            for i, (g, _, _) in enumerate(rows):
-                mask[i, prefixes[g].length : prefix_len] = 0
-        return cache, mask
+        return padded_prefix_cache(rows, prefixes, longest, self.model.config.get_text_config(), self.device)
 
     @torch.inference_mode()
     def project(self, states: LayerInputs, which: Literal["query", "key"], rope: bool = True) -> torch.Tensor:
