@@ -204,3 +204,12 @@ def test_one_group_sent_as_single_response_groups_costs_one_prefix(engine, monke
     distinct = [{**s, "image": {"data": _png(figure(mark=20 + i))}} for i, s in enumerate(singles)]
     engine.reweight(distinct)
     assert len(computed) == 6
+
+
+def test_server_settings_reach_the_engine():
+    from kawhi.server.app import engine_limits
+    from kawhi.server.settings import Settings
+
+    limits = engine_limits(Settings(cache_prefix_bytes=0, split_attention=False))
+    assert limits.prefix_cache_bytes == 0 and limits.split_attention is False
+    assert engine_limits(Settings()).split_attention is None  # auto: where it measured faster
