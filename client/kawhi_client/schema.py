@@ -112,14 +112,14 @@ class ResponseResult(BaseModel):
     token_advantages: Optional[list[float]] = None
     token_weights: Optional[list[float]] = None
 
-    @field_validator("token_advantages", "token_weights", mode="before")
+    @field_validator("token_advantages", "token_weights", mode="wrap")
     @classmethod
-    def _decode_base64(cls, value: Any) -> Any:
-        if isinstance(value, str):
+    def _decode_base64(cls, value: Any, handler: Any) -> Any:
+        if isinstance(value, str):  # decoded floats need no second validation pass
             from kawhi_client.arrays import decode_float32
 
             return decode_float32(value)
-        return value
+        return handler(value)
 
 
 class Problem(BaseModel):
