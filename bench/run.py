@@ -364,6 +364,8 @@ def p3(bench: Any, args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, A
                for ids, r in zip(group.responses, group.rewards)]
     shared = bench.prepare([group])
     independent = bench.prepare(singles)
+    for p in independent:  # independent means each pays its prefix (the engine would share equal ones)
+        p.prompt.cache_key = None
     times = compare({"shared": bench.call("kawhi", shared), "independent": bench.call("kawhi", independent),
                      "bare": bench.call("bare", shared)}, cfg["repeats"], device=bench.device)
     toks = tokens_of(shared)
