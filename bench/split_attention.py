@@ -28,6 +28,50 @@ from typing import Any
 import torch
 
 
+def attention_only(ref: Any, prefix: int, group: int, tokens: int, repeats: int) -> dict[str, float]:
+    """One LM layer's attention at the model's shapes, masked SDPA over a per-response copy
+    of the prefix vs split attention; min and median of interleaved calls (robust to load)."""
+    import time
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from kawhi.models.prefix import LayerInputs, PrefixState, SplitPlan, continuation_plan, split_attention
+
+    module = ref._base.language_model.layers[0].self_attn
+    H, Hkv, d = ref.num_heads, ref.num_kv_heads, ref.head_dim
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(group, H, tokens, d, generator=gen, dtype=ref.dtype)
+    k, v = (torch.randn(group, Hkv, tokens, d, generator=gen, dtype=ref.dtype) for _ in range(2))
+    pk, pv = (torch.randn(1, Hkv, prefix, d, generator=gen, dtype=ref.dtype) for _ in range(2))
+    state = PrefixState([pk] * (module.layer_idx + 1), [pv] * (module.layer_idx + 1),
+                        LayerInputs(pk[:0], pk[:0], pk[:0]), prefix, prefix)
+    mask = torch.ones(group, 1, tokens, prefix + tokens, dtype=torch.bool)
+    mask[..., prefix:] = torch.ones(tokens, tokens, dtype=torch.bool).tril()
+
+    def masked() -> Any:
+        keys = torch.cat([pk.expand(group, -1, -1, -1), k], 2)
+        values = torch.cat([pv.expand(group, -1, -1, -1), v], 2)
+        return sdpa_attention_forward(module, q, keys, values, mask, scaling=d ** -0.5)[0]
+
+    def split() -> Any:
+        with continuation_plan(SplitPlan([(0, group, state)])):
+            return split_attention(module, q, k, v, None, scaling=d ** -0.5)[0]
+
+    times: dict[str, list[float]] = {"mask": [], "split": []}
+    with torch.inference_mode():
+        diff = (masked() - split()).abs().max().item()
+        for _ in range(repeats):
+            for name, fn in (("mask", masked), ("split", split)):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    out = {f"{n}_min_s": min(t) for n, t in times.items()}
+    out.update({f"{n}_median_s": sorted(t)[len(t) // 2] for n, t in times.items()})
+    out["min_ratio"] = out["split_min_s"] / out["mask_min_s"]
+    out["max_abs_diff"] = diff
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.split_attention", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         return [s.hidden for s in out.responses]
 
     diff = max((a - b).abs().max().item() for a, b in zip(states(False), states(True)))
+    prefix = int(prepared[0].prompt.input_ids.numel())
+    layer = attention_only(ref, prefix, args.group, args.tokens, max(5, 3 * args.repeats))
     times = compare({name: (lambda e=e: e.run(prepared)) for name, e in engines.items()}, args.repeats)
     mem = {}
     for variant in ("mask", "split"):
@@ -79,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         "max_abs_diff_hidden": diff,
         "mask_s": times["mask"]["median_s"], "split_s": times["split"]["median_s"],
         "time_ratio": times["split"]["median_s"] / times["mask"]["median_s"],
+        "min_time_ratio": times["split"]["min_s"] / times["mask"]["min_s"],
+        "one_layer_attention": layer,
         "mask_peak_mib": mem["mask"]["delta_mib"], "split_peak_mib": mem["split"]["delta_mib"],
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
