@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         "forward_over_matmul_square": round(gflops[best] / gflops["matmul_square"], 3),
         "forward_over_matmul_shaped": round(gflops[best] / gflops["matmul_shaped"], 3),
         "split_over_copy_time": round(times["forward_split"]["median_s"] / times["forward_copy"]["median_s"], 3),
+        "min_s": {k: round(v["min_s"], 5) for k, v in times.items()},
+        "forward_over_matmul_square_min": round((rate[best] / times[best]["min_s"])
+                                                / (rate["matmul_square"] / times["matmul_square"]["min_s"]), 3),
         "load_avg_1m": [round(load_start, 2), round(os.getloadavg()[0], 2)],
         "command": "python -m bench.mfu " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
