@@ -113,3 +113,26 @@ def test_prefix_cache_counters_on_metrics(server):
     assert (misses, hits) == (1, len(singles) - 1)
     assert metric(after, "kawhi_prefix_cache_bytes") > 0
     assert metric(after, "kawhi_prefix_cache_max_bytes") == server.settings.cache_prefix_bytes
+
+
+def test_concurrent_single_response_requests_compute_their_prefix_once(server):
+    """A group sent as concurrent one-response requests (verl's one call per sample):
+    whichever batches they land in, the prefix is computed once."""
+    import asyncio
+
+    import httpx
+
+    group = small_group(seed=47, n=5)
+    singles = [{**group, "id": f"s{i}", "responses": [r], "advantages": [1.0]} for i, r in enumerate(group["responses"])]
+
+    async def send() -> list[int]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+            answers = await asyncio.gather(*[c.post("/v1/reweight", json={"groups": [s]}) for s in singles])
+        return [a.status_code for a in answers]
+
+    with server.client() as c:
+        before = c.get("/metrics").text
+        assert asyncio.run(send()) == [200] * 5
+        after = c.get("/metrics").text
+    misses = metric(after, "kawhi_prefix_cache_misses_total") - metric(before, "kawhi_prefix_cache_misses_total")
+    assert misses == 1
