@@ -16,8 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from kawhi.server.problems import ProblemError
-
 ARRAY_FIELDS = ("token_advantages", "token_weights")
 
 
@@ -31,18 +29,9 @@ class WireFormat:
         return self.encoding_format == "float" and self.token_arrays
 
 
-def wire_format(obj: Any) -> WireFormat:
-    """The wire fields of a parsed request body (validated; 422 with a pointer otherwise)."""
-    if not isinstance(obj, dict):
-        return WireFormat()
-    encoding = obj.get("encoding_format", "float")
-    if encoding not in ("float", "base64"):
-        raise ProblemError(422, "validation", f"encoding_format must be 'float' or 'base64', not {encoding!r}"[:200],
-                           "/encoding_format")
-    arrays = obj.get("token_arrays", True)
-    if not isinstance(arrays, bool):
-        raise ProblemError(422, "validation", "token_arrays must be true or false", "/token_arrays")
-    return WireFormat(encoding, arrays)
+def wire_of(parsed: Any) -> WireFormat:
+    """The wire fields of a parsed request (kawhi.pipeline.parse validates them)."""
+    return WireFormat(getattr(parsed, "encoding_format", "float"), getattr(parsed, "token_arrays", True))
 
 
 def base64_float32(values: Any) -> str:
