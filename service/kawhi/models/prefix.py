@@ -50,7 +50,8 @@ class PrefixState:
 
     keys, values: one (1, H_kv, P, head_dim) tensor per layer 0..L-2. visual: the final
     layer's inputs at the N visual tokens. next_position: the rotary position of the
-    first response token. length: P.
+    first response token. length: P. states: the final layer's inputs at all P
+    positions, for a caller that finishes the final layer (reference log-probs).
     """
 
     keys: list[torch.Tensor]
@@ -58,10 +59,13 @@ class PrefixState:
     visual: LayerInputs
     next_position: int
     length: int
+    states: Optional[LayerInputs] = None
 
     @property
     def nbytes(self) -> int:
         tensors = [*self.keys, *self.values, self.visual.hidden, self.visual.cos, self.visual.sin]
+        if self.states is not None:
+            tensors += [self.states.hidden, self.states.cos, self.states.sin]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 

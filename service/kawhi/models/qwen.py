@@ -127,6 +127,7 @@ class GroupStates:
 
     visual: LayerInputs
     responses: list[LayerInputs]
+    prefix: Optional[LayerInputs] = None  # every prefix position (for finishing the final layer)
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -419,7 +420,8 @@ class QwenVLReference:
         for g, (_, responses) in enumerate(groups):
             visual = prefixes[g].visual
             empty = LayerInputs(visual.hidden[:0], visual.cos[:0], visual.sin[:0])
-            results.append(GroupStates(visual, [states.get((g, r), empty) for r in range(len(responses))]))
+            results.append(GroupStates(visual, [states.get((g, r), empty) for r in range(len(responses))],
+                                       prefixes[g].states))
         return results
 
     def prefixes(self, prompts: Sequence[PromptInputs], cache: Optional[PrefixCache] = None) -> list[PrefixState]:
@@ -446,8 +448,9 @@ class QwenVLReference:
         vis = prompt.visual_positions.to(device)
         visual = LayerInputs(captured.hidden[0, vis], captured.cos[0, vis], captured.sin[0, vis])
         filled = [layer for layer in cache.layers if layer.keys is not None]  # the final layer never ran
+        whole = LayerInputs(captured.hidden[0], captured.cos[0], captured.sin[0])
         return PrefixState([layer.keys for layer in filled], [layer.values for layer in filled], visual,
-                           int(positions.max()) + 1, int(prompt.input_ids.numel()))
+                           int(positions.max()) + 1, int(prompt.input_ids.numel()), whole)
 
     def _continue_prefixes(self, rows: list[Row], prefixes: list[PrefixState],
                            states: dict[tuple[int, int], LayerInputs], split: bool = False) -> None:

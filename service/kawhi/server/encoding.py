@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-ARRAY_FIELDS = ("token_advantages", "token_weights")
+# per-token arrays of a ResponseResult (ref_logprobs / entropy only when the request asked for them)
+ARRAY_FIELDS = ("token_advantages", "token_weights", "ref_logprobs", "entropy")
 
 
 @dataclass(frozen=True)
