@@ -4,7 +4,6 @@ cache's counters on /metrics; the client decodes transparently."""
 from __future__ import annotations
 
 import base64
-import json
 import struct
 from typing import Any
 
