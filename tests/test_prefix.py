@@ -213,3 +213,15 @@ def test_server_settings_reach_the_engine():
     limits = engine_limits(Settings(cache_prefix_bytes=0, split_attention=False))
     assert limits.prefix_cache_bytes == 0 and limits.split_attention is False
     assert engine_limits(Settings()).split_attention is None  # auto: where it measured faster
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_with_lse_matches_plain_matmuls(causal):
+    from kawhi.models.prefix import attention_with_lse, reference_attention_with_lse
+
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 4, 37, 16, generator=gen) for _ in range(3))
+    out, lse = attention_with_lse(q, k, v, causal, 0.25)
+    ref_out, ref_lse = reference_attention_with_lse(q, k, v, causal, 0.25)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)

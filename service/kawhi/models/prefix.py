@@ -280,6 +280,12 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal
         out, lse, *_ = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal,
                                                                               scale=scale)
         return out, lse[..., : q.shape[2]].float()
+    return reference_attention_with_lse(q, k, v, causal, scale)
+
+
+def reference_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """attention_with_lse in plain float32 matmuls (other devices; the tests' reference)."""
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
     if causal:
         scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
