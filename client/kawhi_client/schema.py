@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_serializer, model_validator
 
 Estimator = Literal["grpo", "drgrpo", "rloo", "given"]
 StdKind = Literal["population", "unbiased"]
@@ -78,6 +78,13 @@ class Options(_Strict):
     granularity: Optional[Granularity] = None
     rope: Optional[RopeMode] = None
     skip_ratio: Optional[float] = Field(None, ge=0, le=1)
+    return_ref_logprobs: Optional[StrictBool] = Field(
+        None, description="add each response's reference log-probs, one per token (ref_logprobs)")
+    return_entropy: Optional[StrictBool] = Field(
+        None, description="add the entropy of the reference's next-token distribution, one per token (entropy)")
+    logprob_temperature: Optional[float] = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="logits are divided by it before the log-softmax (the trainer's sampling temperature)")
 
 
 class ReweightRequest(_Strict):
@@ -102,6 +109,17 @@ class ResponseResult(BaseModel):
     paragraphs: list[Paragraph]
     token_advantages: list[float]
     token_weights: list[float]
+    # present only when the request asked for them (options return_ref_logprobs / return_entropy)
+    ref_logprobs: Optional[list[float]] = None
+    entropy: Optional[list[float]] = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unrequested(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        for key in ("ref_logprobs", "entropy"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
 
 
 class Problem(BaseModel):

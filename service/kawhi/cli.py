@@ -28,6 +28,8 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
         if f.name == "heads":
             group.add_argument(flag, default=None, help="'preset', 'all' or comma-separated head indices "
                                f"(default: {default})")
+        elif isinstance(default, bool):  # an output switch (--return-ref-logprobs): off unless given
+            group.add_argument(flag, action="store_true", default=None, help=f"(default: {default})")
         elif isinstance(default, str):
             group.add_argument(flag, default=None, choices=_literal_choices(f.name),
                                help=f"(default: {default})")

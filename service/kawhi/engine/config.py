@@ -8,6 +8,7 @@ optional; `MethodConfig.updated(options)` resolves a request against the default
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Sequence, Union
 
@@ -58,6 +59,12 @@ class MethodConfig:
     granularity: Literal["paragraph", "sentence", "token"] = "paragraph"
     rope: Literal["after", "before"] = "after"
     skip_ratio: float = 0.7
+    # Outputs beside the weights (docs/ref-logprobs.md): the reference model's per-token
+    # log-probs / entropy of the responses, at logits / logprob_temperature (a trainer's
+    # rollout temperature, so the numbers match its own).
+    return_ref_logprobs: bool = False
+    return_entropy: bool = False
+    logprob_temperature: float = 1.0
     sguf: SgufParams = field(default_factory=SgufParams)
 
     def __post_init__(self) -> None:
@@ -67,6 +74,8 @@ class MethodConfig:
             raise ValueError(f"smoothing must be in [0, 1], got {self.smoothing}")
         if not 0.0 <= self.skip_ratio <= 1.0:
             raise ValueError(f"skip_ratio must be in [0, 1], got {self.skip_ratio}")
+        if not (self.logprob_temperature > 0 and math.isfinite(self.logprob_temperature)):
+            raise ValueError(f"logprob_temperature must be a finite number > 0, got {self.logprob_temperature}")
         if not self.eps >= 0:
             raise ValueError(f"eps must be >= 0, got {self.eps}")
         if not self.w_min <= self.w_max:

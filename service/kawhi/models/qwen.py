@@ -26,7 +26,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -63,12 +63,14 @@ QWEN_CHAT_TEMPLATE = (
 @dataclass
 class _Prefix:
     """A group's prefix after its forward: KV cache of layers 0..L-2, visual states,
-    the rotary position its response starts at, and its length in tokens."""
+    the rotary position its response starts at, its length in tokens, and the
+    final-layer inputs of all its positions (kawhi.models.logprobs finishes them)."""
 
     cache: Any
     visual: "LayerInputs"
     next_position: int
     length: int
+    states: Optional["LayerInputs"] = None
 
 
 _Row = tuple[int, int, list[int]]  # (group index, response index, token ids)
@@ -160,10 +162,12 @@ class LayerInputs:
 
 @dataclass
 class GroupStates:
-    """Final-layer inputs of one group: its visual tokens and each response's tokens."""
+    """Final-layer inputs of one group: its visual tokens, each response's tokens and
+    (for reference log-probs) every prefix position."""
 
     visual: LayerInputs
     responses: list[LayerInputs]
+    prefix: Optional[LayerInputs] = None
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -306,7 +310,7 @@ class QwenVLReference:
         model = model_class.from_pretrained(
             path, local_files_only=True, dtype=torch_dtype, attn_implementation=attn_implementation
         )
-        model.lm_head = torch.nn.Identity()  # never used: the forward stops before it
+        # the LM head stays: the alignment forward never reaches it, reference log-probs use it
         model.to(device)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         if tokenizer.chat_template is None:
@@ -488,7 +492,8 @@ class QwenVLReference:
         for g, (_, responses) in enumerate(groups):
             prefix = prefixes[g]
             empty = LayerInputs(prefix.visual.hidden[:0], prefix.visual.cos[:0], prefix.visual.sin[:0])
-            results.append(GroupStates(prefix.visual, [states.get((g, r), empty) for r in range(len(responses))]))
+            results.append(GroupStates(prefix.visual, [states.get((g, r), empty) for r in range(len(responses))],
+                                       prefix.states))
         return results
 
     def _prefix(self, prompt: PromptInputs) -> "_Prefix":
@@ -509,7 +514,8 @@ class QwenVLReference:
         )
         vis = prompt.visual_positions.to(device)
         visual = LayerInputs(captured.hidden[0, vis], captured.cos[0, vis], captured.sin[0, vis])
-        return _Prefix(cache, visual, int(positions.max()) + 1, int(prompt.input_ids.numel()))
+        whole = LayerInputs(captured.hidden[0], captured.cos[0], captured.sin[0])
+        return _Prefix(cache, visual, int(positions.max()) + 1, int(prompt.input_ids.numel()), whole)
 
     def _continue_prefixes(self, rows: list[tuple[int, int, list[int]]], prefixes: list["_Prefix"],
                            states: dict[tuple[int, int], LayerInputs]) -> None:
