@@ -200,14 +200,16 @@ def response_logprobs(
     if batch:
         flush()
 
-    results = []
+    # every predicting position of the group through the LM head together (in row chunks)
+    pieces = []
     for r, ids in enumerate(responses):
-        if not len(ids):
-            empty = torch.zeros(0, dtype=torch.float32)
-            results.append(TokenLogprobs(empty, empty.clone()))
-            continue
-        hidden = first_hidden[None] if r not in finals else torch.cat([first_hidden[None], finals.pop(r)])
-        targets = torch.as_tensor(list(ids), dtype=torch.long, device=device)
-        scored = finisher.score(hidden, targets)
-        results.append(TokenLogprobs(scored.logprobs.cpu(), scored.entropy.cpu()))
-    return results
+        if len(ids):
+            pieces.append(first_hidden[None] if r not in finals else torch.cat([first_hidden[None], finals.pop(r)]))
+    lengths = [len(ids) for ids in responses]
+    targets = torch.as_tensor([t for ids in responses for t in ids], dtype=torch.long, device=device)
+    if pieces:
+        scored = finisher.score(torch.cat(pieces), targets)
+        logprobs, entropy = scored.logprobs.cpu(), scored.entropy.cpu()
+    else:
+        logprobs = entropy = torch.zeros(0, dtype=torch.float32)
+    return [TokenLogprobs(lp, ent) for lp, ent in zip(logprobs.split(lengths), entropy.split(lengths))]
