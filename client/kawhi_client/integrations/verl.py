@@ -183,7 +183,9 @@ def kawhi_settings(config: Any) -> dict[str, Any]:
     Keys: ``url`` (an http(s) URL, or ``in-process``), ``on_error``, ``options`` (API
     options), ``inner`` (the wrapped reward manager, default ``naive``), ``model`` and
     ``device`` (for ``in-process``), ``client`` (keyword arguments of
-    ``kawhi_client.Client``: ``timeout``, ``retries``, ``wait_ready``, ``api_key`` ...)."""
+    ``kawhi_client.Client``: ``timeout``, ``retries``, ``wait_ready``, ``api_key`` ...),
+    ``ref_logprobs`` (``KAWHI_REF_LOGPROBS``: the KL reference from the service) and
+    ``temperature`` (verl's ``actor_rollout_ref.rollout.temperature``)."""
     section = _cfg_get(_cfg_get(config, "reward"), "kawhi")
     if section is not None and hasattr(section, "items") and not isinstance(section, Mapping):
         try:
