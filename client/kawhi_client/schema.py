@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, create_model, field_validator, model_serializer, model_validator
 
 from kawhi_client.options import OPTIONS, SGUF_OPTIONS, OptionSpec
 
@@ -73,6 +73,8 @@ def _option_field(spec: OptionSpec) -> tuple[Any, Any]:
         return Optional[int], Field(None, description=spec.help, ge=spec.minimum, le=spec.maximum)
     if spec.kind == "heads":
         return Optional[Union[Literal["preset", "all"], list[int]]], Field(None, description=spec.help)
+    if spec.kind == "bool":
+        return Optional[StrictBool], Field(None, description=spec.help)
     if spec.registry:  # any registered name; the service checks it against its registry
         return Optional[str], Field(None, description=f"{spec.help}; built in: {', '.join(spec.choices)}")
     return Optional[Literal[spec.choices]], Field(None, description=spec.help)  # type: ignore[valid-type]
@@ -121,8 +123,11 @@ class ResponseResult(BaseModel):
     paragraphs: list[Paragraph]
     token_advantages: Optional[list[float]] = None
     token_weights: Optional[list[float]] = None
+    # present only when the request asked for them (options return_ref_logprobs / return_entropy)
+    ref_logprobs: Optional[list[float]] = None
+    entropy: Optional[list[float]] = None
 
-    @field_validator("token_advantages", "token_weights", mode="wrap")
+    @field_validator("token_advantages", "token_weights", "ref_logprobs", "entropy", mode="wrap")
     @classmethod
     def _decode_base64(cls, value: Any, handler: Any) -> Any:
         if isinstance(value, str):  # decoded floats need no second validation pass
@@ -130,6 +135,14 @@ class ResponseResult(BaseModel):
 
             return decode_float32(value)
         return handler(value)
+
+    @model_serializer(mode="wrap")
+    def _omit_unrequested(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        for key in ("ref_logprobs", "entropy"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
 
 
 class Problem(BaseModel):

@@ -32,6 +32,7 @@ from kawhi.engine.images import ImageLimits, decode_base64
 from kawhi.engine.regions import RegionSelection, select_regions
 from kawhi.engine.segments import Segment, segment_tokens, token_segment_index
 from kawhi.engine.weights import normalize_weights, paragraph_weights, segment_means, token_weights
+from kawhi.models.logprobs import has_lm_head, response_logprobs
 from kawhi.models.prefix import PrefixCache, prefix_key
 from kawhi.models.qwen import PromptInputs, QwenVLReference, TokenizedText
 from kawhi_client.schema import (
@@ -167,6 +168,9 @@ class Engine:
                 field_name, detail = "options", str(exc)
             raise OptionsError(field_name, detail) from None
         self.resolve_heads(config)
+        if (config.return_ref_logprobs or config.return_entropy) and not has_lm_head(self.model):
+            field = "return_ref_logprobs" if config.return_ref_logprobs else "return_entropy"
+            raise OptionsError(field, "this server's reference model was loaded without its LM head")
         return config
 
     def resolve_heads(self, config: MethodConfig) -> tuple[int, ...]:
@@ -370,6 +374,8 @@ class Engine:
                 probes = repeat_kv(self.model.project(response_states, "key", rope), n_rep)
             alpha = alignment_scores(probes, visual_keys, selected, heads).cpu().double().numpy()
             results.append(self._reweight_response(response, alpha, config))
+        if config.return_ref_logprobs or config.return_entropy:
+            self._add_ref_logprobs(group, states, results)
         return GroupResult(
             id=group.id,
             grid=list(group.regions.grid),
@@ -377,6 +383,20 @@ class Engine:
             selected_tokens=group.regions.selected.tolist(),
             responses=results,
         )
+
+    def _add_ref_logprobs(self, group: PreparedGroup, states: Any, results: list[ResponseResult]) -> None:
+        """The reference's per-token log-probs / entropy, from the same forward's states."""
+        config = group.config
+        scored = response_logprobs(self.model, states, [r.tokens.token_ids for r in group.responses],
+                                   temperature=config.logprob_temperature, with_entropy=config.return_entropy,
+                                   max_batch_tokens=self.limits.max_forward_tokens)
+        for result, values in zip(results, scored):
+            if not (torch.isfinite(values.logprobs).all() and torch.isfinite(values.entropy).all()):
+                raise ValueError("the reference model produced non-finite log-probs")
+            if config.return_ref_logprobs:
+                result.ref_logprobs = values.logprobs.tolist()
+            if config.return_entropy:
+                result.entropy = values.entropy.tolist()
 
     @staticmethod
     def _reweight_response(response: PreparedResponse, alpha: np.ndarray, config: MethodConfig) -> ResponseResult:

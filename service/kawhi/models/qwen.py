@@ -123,7 +123,8 @@ class TokenizedText:
 
 @dataclass
 class GroupStates:
-    """Final-layer inputs of one group: its visual tokens and each response's tokens."""
+    """Final-layer inputs of one group: its visual tokens, each response's tokens and
+    (for reference log-probs) every prefix position."""
 
     visual: LayerInputs
     responses: list[LayerInputs]
@@ -230,7 +231,7 @@ class QwenVLReference:
         model = model_class.from_pretrained(
             path, local_files_only=True, dtype=torch_dtype, attn_implementation=attn_implementation
         )
-        model.lm_head = torch.nn.Identity()  # never used: the forward stops before it
+        # the LM head stays: the alignment forward never reaches it, reference log-probs use it
         model.to(device)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         if tokenizer.chat_template is None:

@@ -234,6 +234,8 @@ def _setting_field(spec: Any, name: str, what: str) -> tuple[Any, Any]:
                             **{k: v for k, v in bound.items() if v is not None})
     if spec.kind == "int":
         return int, Field(spec.default, description=description, ge=spec.minimum, le=spec.maximum)
+    if spec.kind == "bool":
+        return bool, Field(spec.default, description=description)
     if spec.kind == "choice" and not spec.registry:
         return Literal[spec.choices], Field(spec.default, description=description)  # type: ignore[valid-type]
     # heads ('preset' | 'all' | '0,1,3', parsed by method_config()) and registry names (checked there)
