@@ -135,3 +135,15 @@ def test_concurrent_single_response_requests_compute_their_prefix_once(server):
         after = c.get("/metrics").text
     misses = metric(after, "kawhi_prefix_cache_misses_total") - metric(before, "kawhi_prefix_cache_misses_total")
     assert misses == 1
+
+
+def test_reference_logprobs_travel_base64_too(server):
+    group = small_group(seed=48, n=2)
+    options = {"return_ref_logprobs": True, "return_entropy": True}
+    plain = post(server, {"groups": [group], "options": options})
+    packed = post(server, {"groups": [group], "options": options, "encoding_format": "base64"})
+    assert plain.status_code == packed.status_code == 200, plain.text
+    for x, y in zip(plain.json()["results"][0]["responses"], packed.json()["results"][0]["responses"]):
+        for name in ("ref_logprobs", "entropy"):
+            assert isinstance(y[name], str)
+            assert decode_float32(y[name]) == pytest.approx(x[name], rel=1e-6, abs=1e-6)
