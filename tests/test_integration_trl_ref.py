@@ -153,6 +153,10 @@ def test_trl_ref_logprobs_switch_refuses_what_it_cannot_honour(tmp_path: Any) ->
     with pytest.raises(ValueError, match="logprob_temperature"):
         KawhiGRPOTrainer(args=ref_args(tmp_path), processing_class=left_padding_processor(),
                          kawhi_options={"logprob_temperature": 1.0}, **common)
+    frozen = ref_args(tmp_path)
+    frozen.sync_ref_model = True
+    with pytest.raises(ValueError, match="sync_ref_model"):  # the service's reference never moves
+        KawhiGRPOTrainer(args=frozen, processing_class=left_padding_processor(), **common)
     with pytest.raises(ValueError, match="pads on the left"):  # TRL would misalign a shorter prompt's image
         KawhiGRPOTrainer(args=ref_args(tmp_path), processing_class=demo_processor(), **common)
 

@@ -239,9 +239,18 @@ def test_http_round_trip_equals_the_engine():
         body = client.post("/v1/reweight", json={"groups": [raw], "options": options}).json()
         plain = client.post("/v1/reweight", json={"groups": [raw]}).json()
         bad = client.post("/v1/reweight", json={"groups": [raw], "options": {"logprob_temperature": -1}})
+        packed = client.post("/v1/reweight", json={"groups": [raw], "options": options,
+                                                   "encoding_format": "base64"}).json()
     assert body["options"]["return_ref_logprobs"] is True and body["options"]["logprob_temperature"] == 0.9
     for got, want in zip(body["results"][0]["responses"], expected.responses):
         assert got["ref_logprobs"] == pytest.approx(want.ref_logprobs, abs=1e-6)
         assert got["entropy"] == pytest.approx(want.entropy, abs=1e-6)
     assert all("ref_logprobs" not in r and "entropy" not in r for r in plain["results"][0]["responses"])
     assert bad.status_code == 422 and bad.json()["pointer"] == "/options/logprob_temperature"
+    from kawhi_client.schema import ResponseResult
+
+    for got, want in zip(packed["results"][0]["responses"], expected.responses):  # base64 float32 on the wire
+        assert isinstance(got["ref_logprobs"], str) and isinstance(got["entropy"], str)
+        decoded = ResponseResult.model_validate(got)
+        assert decoded.ref_logprobs == pytest.approx(want.ref_logprobs, abs=1e-5)
+        assert decoded.entropy == pytest.approx(want.entropy, abs=1e-5)
