@@ -14,4 +14,4 @@ if ! "$VENV/bin/python" -c "import verl, ray" >/dev/null 2>&1; then
     rm -rf "$VENV"
     bash examples/verl/install_cpu_test_env.sh "$VENV"
 fi
-exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/integrations/test_integration_verl.py tests/integrations/test_integration_examples.py
+exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/integrations/test_integration_verl.py tests/integrations/test_integration_verl_ref.py tests/integrations/test_integration_examples.py

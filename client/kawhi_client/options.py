@@ -27,7 +27,7 @@ SEED_MAX = 2**64 - 1
 @dataclass(frozen=True)
 class OptionSpec:
     name: str
-    kind: str  # "float" | "int" | "choice" | "heads"
+    kind: str  # "float" | "int" | "choice" | "heads" | "bool"
     default: Any
     help: str
     minimum: Optional[float] = None
@@ -66,6 +66,14 @@ OPTIONS: tuple[OptionSpec, ...] = (
                choices=("paragraph", "sentence", "token")),
     OptionSpec("rope", "choice", "after", "q/k taken after (paper) or before RoPE", choices=("after", "before")),
     OptionSpec("skip_ratio", "float", 0.7, "share of non-key visual tokens skipped", minimum=0.0, maximum=1.0),
+    # outputs beside the weights, from the same forward (docs/ref-logprobs.md)
+    OptionSpec("return_ref_logprobs", "bool", False,
+               "also return each response's reference log-probs, one per token (ref_logprobs)"),
+    OptionSpec("return_entropy", "bool", False,
+               "also return the entropy of the reference's next-token distribution, one per token (entropy)"),
+    OptionSpec("logprob_temperature", "float", 1.0,
+               "logits / it before those log-probs (the trainer's sampling temperature)",
+               minimum=0.0, maximum=1e4, exclusive_minimum=True),
 )
 
 SGUF_OPTIONS: tuple[OptionSpec, ...] = (
@@ -109,6 +117,10 @@ def check_option(spec: OptionSpec, value: Any, registered: Optional[Any] = None)
         names = tuple(registered) if registered is not None else spec.choices
         if not isinstance(value, str) or value not in names:
             raise ValueError(f"{spec.name} must be one of {sorted(names)}")
+        return value
+    if spec.kind == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"{spec.name} must be true or false")
         return value
     if spec.kind == "heads":
         if value in ("preset", "all"):

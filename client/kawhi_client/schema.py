@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, create_model, field_validator, model_serializer, model_validator
 
 from kawhi_client.options import OPTIONS, SGUF_OPTIONS, OptionSpec
 
@@ -20,6 +20,7 @@ RegionStrategy = Literal["sguf", "all", "random", "inverse"]
 Similarity = Literal["query_key", "key_key"]
 Granularity = Literal["paragraph", "sentence", "token"]
 RopeMode = Literal["after", "before"]
+EncodingFormat = Literal["float", "base64"]
 
 
 class _Strict(BaseModel):
@@ -72,6 +73,8 @@ def _option_field(spec: OptionSpec) -> tuple[Any, Any]:
         return Optional[int], Field(None, description=spec.help, ge=spec.minimum, le=spec.maximum)
     if spec.kind == "heads":
         return Optional[Union[Literal["preset", "all"], list[int]]], Field(None, description=spec.help)
+    if spec.kind == "bool":
+        return Optional[StrictBool], Field(None, description=spec.help)
     if spec.registry:  # any registered name; the service checks it against its registry
         return Optional[str], Field(None, description=f"{spec.help}; built in: {', '.join(spec.choices)}")
     return Optional[Literal[spec.choices]], Field(None, description=spec.help)  # type: ignore[valid-type]
@@ -96,6 +99,10 @@ class ReweightRequest(_Strict):
     per_group_errors: bool = Field(
         False, description="answer 200 with an error per bad group instead of failing the request"
     )
+    encoding_format: EncodingFormat = Field(
+        "float", description="per-token arrays as JSON numbers, or base64 of little-endian float32"
+    )
+    token_arrays: bool = Field(True, description="false: answer without per-token arrays (paragraphs only)")
 
 
 class Paragraph(BaseModel):
@@ -108,10 +115,34 @@ class Paragraph(BaseModel):
 
 
 class ResponseResult(BaseModel):
+    """token_advantages / token_weights: one value per response token; on the wire JSON
+    numbers, or base64 strings of little-endian float32 (``encoding_format="base64"``,
+    decoded here), or absent (``token_arrays=false``: None)."""
+
     advantage: float
     paragraphs: list[Paragraph]
-    token_advantages: list[float]
-    token_weights: list[float]
+    token_advantages: Optional[list[float]] = None
+    token_weights: Optional[list[float]] = None
+    # present only when the request asked for them (options return_ref_logprobs / return_entropy)
+    ref_logprobs: Optional[list[float]] = None
+    entropy: Optional[list[float]] = None
+
+    @field_validator("token_advantages", "token_weights", "ref_logprobs", "entropy", mode="wrap")
+    @classmethod
+    def _decode_base64(cls, value: Any, handler: Any) -> Any:
+        if isinstance(value, str):  # decoded floats need no second validation pass
+            from kawhi_client.arrays import decode_float32
+
+            return decode_float32(value)
+        return handler(value)
+
+    @model_serializer(mode="wrap")
+    def _omit_unrequested(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        for key in ("ref_logprobs", "entropy"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
 
 
 class Problem(BaseModel):

@@ -48,6 +48,8 @@ def _add_option(group: Any, spec: OptionSpec, dest: str, prefix: str = "") -> No
         group.add_argument(_flag(spec, prefix), dest=dest, type=float, default=None, help=help_text)
     elif spec.kind == "int":
         group.add_argument(_flag(spec, prefix), dest=dest, type=int, default=None, help=help_text)
+    elif spec.kind == "bool":  # an output switch (--return-ref-logprobs): off unless given
+        group.add_argument(_flag(spec, prefix), dest=dest, action="store_true", default=None, help=help_text)
     elif spec.kind == "heads":
         group.add_argument(_flag(spec, prefix), dest=dest, default=None,
                            help="'preset', 'all' or comma-separated head indices (default: preset)")

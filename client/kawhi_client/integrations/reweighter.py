@@ -60,6 +60,10 @@ class RowResult:
     reweighted: bool
     reason: Optional[str] = None
     paragraphs: list[Any] = field(default_factory=list)
+    # the reference model's per-token log-probs / entropy, when the options asked for them
+    # (None when not asked, or when this row fell back)
+    ref_logprobs: Optional[list[float]] = None
+    entropy: Optional[list[float]] = None
 
     @classmethod
     def uniform(cls, advantage: float, n: int, reason: str) -> "RowResult":
@@ -86,6 +90,7 @@ class Reweighter:
         policy: a ``FailurePolicy`` to share (e.g. across trainers).
         skip_zero_advantage: responses whose advantage is exactly 0 are not sent: their
             token advantages are 0 whatever the weights (this is exact, not a fallback).
+            Ignored when the options ask for reference log-probs or entropy (every row needs them).
         max_group_size: rollouts sharing an image and prompt are sent as groups of at
             most this many responses (the service's default limit is 64).
     """
@@ -111,6 +116,11 @@ class Reweighter:
     @property
     def on_error(self) -> OnError:
         return self.policy.on_error
+
+    @property
+    def wants_ref_logprobs(self) -> bool:
+        """Whether the options ask the service for reference log-probs or entropy."""
+        return bool(self.options.get("return_ref_logprobs") or self.options.get("return_entropy"))
 
     def check_tokenizer(self, tokenizer: Any) -> Optional[bool]:
         """Compare the trainer's tokenizer with the service's (``tokenizer_fingerprint`` of
@@ -146,13 +156,15 @@ class Reweighter:
         for i, r in enumerate(rollouts):
             n = len(r.token_ids)
             if n == 0:
-                results[i] = RowResult([], [], False, "empty response")
+                results[i] = RowResult([], [], False, "empty response",
+                                       ref_logprobs=[] if self.options.get("return_ref_logprobs") else None,
+                                       entropy=[] if self.options.get("return_entropy") else None)
                 continue
             if not math.isfinite(float(r.advantage)):
                 self.policy.failed("bad rollout", f"rollout {i}: advantage {r.advantage!r} is not finite", rows=1)
                 results[i] = RowResult.uniform(r.advantage, n, "fallback: bad rollout")
                 continue
-            if self.skip_zero_advantage and float(r.advantage) == 0.0:
+            if self.skip_zero_advantage and not self.wants_ref_logprobs and float(r.advantage) == 0.0:
                 results[i] = RowResult.uniform(0.0, n, "zero advantage")
                 continue
             try:
@@ -240,16 +252,36 @@ class Reweighter:
                                "(the service scored a different tokenisation)")
                 elif not all(math.isfinite(v) for v in adv) or not all(math.isfinite(v) for v in w):
                     problem = "non-finite token advantages"
+                else:
+                    problem = self._ref_problem(response, n)
                 if problem is not None:
                     self.policy.failed("result mismatch", f"rollout {i}: {problem}", rows=1,
                                        group_ids=[group.get("id")])
                     results[i] = RowResult.uniform(rollouts[i].advantage, n, "fallback: result mismatch")
                     continue
-                results[i] = RowResult(adv, w, True, None, list(response.paragraphs))
+                results[i] = RowResult(adv, w, True, None, list(response.paragraphs),
+                                       _floats(response.ref_logprobs), _floats(response.entropy))
                 ok += 1
         self.policy.succeeded(ok)
+
+    def _ref_problem(self, response: Any, n: int) -> Optional[str]:
+        """What is wrong with the reference log-probs / entropy the options asked for, if anything."""
+        for key in ("return_ref_logprobs", "return_entropy"):
+            if not self.options.get(key):
+                continue
+            name = "ref_logprobs" if key == "return_ref_logprobs" else "entropy"
+            values = getattr(response, name, None)
+            if values is None or len(values) != n:
+                return f"{0 if values is None else len(values)} {name} for {n} token ids sent"
+            if not all(math.isfinite(v) for v in values):
+                return f"non-finite {name}"
+        return None
 
     def close(self) -> None:
         close = getattr(self.backend, "close", None)
         if callable(close):
             close()
+
+
+def _floats(values: Optional[Sequence[float]]) -> Optional[list[float]]:
+    return None if values is None else [float(v) for v in values]

@@ -29,6 +29,17 @@ token id: ``A_i * w_{i,t}``. Those fill a ``(B, T)`` tensor at the completion-ma
 (0 elsewhere), which replaces ``output["advantages"]``. Rows with advantage exactly 0 are
 not sent (their token advantages are 0 whatever the weights).
 
+Reference log-probs from the service (``kawhi_ref_logprobs=True``, with ``beta > 0``): the
+KAWHI reference is the initial policy, which is also the KL reference TRL would keep a
+second copy of. TRL then builds no reference model (``GRPOTrainer.__init__`` skips it when
+``beta == 0``, so the trainer is built with ``beta`` 0 and the configured value restored
+right after), runs no reference forward (``_generate_and_score_completions`` computes
+``ref_per_token_logps`` only when ``beta != 0``; it runs with ``beta`` 0) and its loss
+(``_compute_loss``, ``beta`` restored) reads ``ref_per_token_logps`` — which this class
+fills from the service's ``ref_logprobs``, computed at TRL's own ``temperature``
+(``logprob_temperature``), in the same call that returns the advantages. A missing
+reference log-prob always fails the step (there is no honest fallback for a KL reference).
+
 Failure policy: ``kawhi_on_error="raise"`` (default) fails the step with
 ``KawhiIntegrationError``; ``"fallback"`` keeps TRL's uniform advantages for the affected
 rows, counts them (``trainer.kawhi.policy``) and warns once per event. The counters are
@@ -50,11 +61,16 @@ from kawhi_client.integrations.common import (
     Reweighter,
     Rollout,
     RowResult,
+    check_options,
     insert_image_placeholder,
     wire_messages,
 )
 
-__all__ = ["KawhiGRPOTrainer", "kawhi_rollouts_from_trl", "token_advantages_tensor"]
+__all__ = ["KawhiGRPOTrainer", "kawhi_rollouts_from_trl", "ref_logprobs_tensor", "token_advantages_tensor"]
+
+# ref_per_token_logps outside completion_mask: very negative, so TRL's per-token KL there,
+# exp(ref - logp) - (ref - logp) - 1, stays finite (exp never overflows) before the mask zeroes it
+_MASKED_REF_LOGP = -1.0e4
 
 
 class KawhiGRPOTrainer(GRPOTrainer):
@@ -70,6 +86,9 @@ class KawhiGRPOTrainer(GRPOTrainer):
             validated at construction.
         kawhi_on_error: ``"raise"`` (default) or ``"fallback"`` (see module doc).
         kawhi_policy: a ``FailurePolicy`` to share its counters (overrides ``kawhi_on_error``).
+        kawhi_ref_logprobs: take the KL reference log-probs from the service instead of a
+            reference model (needs ``beta > 0``; see module doc). The service must serve the
+            policy's initial weights.
 
     ``self.kawhi`` is the ``Reweighter``; ``self.kawhi.policy`` holds the counters;
     ``self.kawhi_last`` the ``RowResult`` list of the latest batch.
@@ -85,16 +104,32 @@ class KawhiGRPOTrainer(GRPOTrainer):
         kawhi_options: Optional[Mapping[str, Any]] = None,
         kawhi_on_error: OnError = "raise",
         kawhi_policy: Optional[FailurePolicy] = None,
+        kawhi_ref_logprobs: bool = False,
         **kwargs: Any,
     ) -> None:
         # Validate the KAWHI side before TRL builds anything heavy.
+        config = kwargs.get("args", args[2] if len(args) > 2 else None)
         if isinstance(kawhi, Reweighter):
             if kawhi_options is not None or kawhi_policy is not None:
                 raise TypeError("pass options/policy to the Reweighter itself, not next to it")
+            if kawhi_ref_logprobs:
+                kawhi.options = _with_ref_options(kawhi.options, config)
             reweighter = kawhi
         else:
+            if kawhi_ref_logprobs:
+                kawhi_options = _with_ref_options(check_options(kawhi_options), config)
             reweighter = Reweighter(kawhi, options=kawhi_options, on_error=kawhi_on_error, policy=kawhi_policy)
-        super().__init__(*args, **kwargs)
+        self.kawhi_ref_logprobs = kawhi_ref_logprobs
+        if kawhi_ref_logprobs:
+            _check_left_padding(kwargs.get("processing_class"))
+            beta, config.beta = config.beta, 0.0  # TRL builds a reference model only when beta != 0
+            try:
+                super().__init__(*args, **kwargs)
+            finally:
+                config.beta = beta
+            self.beta = beta
+        else:
+            super().__init__(*args, **kwargs)
         self.kawhi = reweighter
         self.kawhi_last: list[RowResult] = []
         self.kawhi_tokenizer_ok: Optional[bool] = None  # checked against the service at the first batch
@@ -102,7 +137,14 @@ class KawhiGRPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ the hook
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        output = super()._generate_and_score_completions(inputs)
+        if self.kawhi_ref_logprobs:
+            beta, self.beta = self.beta, 0.0  # TRL's reference forward runs only when beta != 0
+            try:
+                output = super()._generate_and_score_completions(inputs)
+            finally:
+                self.beta = beta
+        else:
+            output = super()._generate_and_score_completions(inputs)
         advantages = output["advantages"]
         if advantages.dim() != 1:  # another subclass already made them per token
             raise KawhiIntegrationError(
@@ -114,6 +156,8 @@ class KawhiGRPOTrainer(GRPOTrainer):
         rows = self.kawhi.reweight(rollouts)
         self.kawhi_last = rows
         output["advantages"] = token_advantages_tensor(rows, output["completion_mask"], advantages)
+        if self.kawhi_ref_logprobs:
+            output["ref_per_token_logps"] = ref_logprobs_tensor(rows, output["completion_mask"])
         self._log_kawhi(rows, output["completion_mask"])
         return output
 
@@ -194,4 +238,52 @@ def token_advantages_tensor(rows: Sequence[RowResult], completion_mask: torch.Te
             raise KawhiIntegrationError(f"row {i}: {len(row.token_advantages)} token advantages for {n} masked tokens")
         if n:
             out[i, mask[i]] = torch.tensor(row.token_advantages, dtype=advantages.dtype, device=advantages.device)
+    return out
+
+
+def _check_left_padding(processing_class: Any) -> None:
+    """trl 1.16 left-pads prompt_ids itself but takes mm_token_type_ids as the processor padded
+    them: with a right-padding processor, a shorter prompt's image positions slip and the
+    policy's own log-probs are computed at wrong rotary positions (TRL's default processor,
+    AutoProcessor(..., padding_side="left"), is fine). The service's reference would then
+    disagree with the policy for exactly those rows."""
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    if getattr(tokenizer, "padding_side", "left") != "left":
+        raise ValueError("kawhi_ref_logprobs=True needs a processing_class that pads on the left "
+                         "(processing_class.tokenizer.padding_side = 'left', as TRL's own default): with right "
+                         "padding TRL misaligns mm_token_type_ids of shorter prompts")
+
+
+def _with_ref_options(options: Optional[Mapping[str, Any]], config: Any) -> dict[str, Any]:
+    """The API options for service reference log-probs at TRL's own temperature; checks the config."""
+    if config is None or not getattr(config, "beta", 0.0):
+        raise ValueError("kawhi_ref_logprobs=True needs a GRPOConfig with beta > 0 (the KL term's weight); "
+                         "with beta = 0 TRL uses no reference log-probs")
+    if getattr(config, "sync_ref_model", False):
+        raise ValueError("kawhi_ref_logprobs=True cannot follow sync_ref_model=True: the service's reference "
+                         "is the frozen initial policy")
+    options = dict(options or {})
+    temperature = float(config.temperature)
+    if options.get("logprob_temperature", temperature) != temperature:
+        raise ValueError(f"kawhi_options logprob_temperature={options['logprob_temperature']} differs from "
+                         f"GRPOConfig.temperature={temperature}, which TRL divides its logits by")
+    options.update(return_ref_logprobs=True, logprob_temperature=temperature)
+    return options
+
+
+def ref_logprobs_tensor(rows: Sequence[RowResult], completion_mask: torch.Tensor) -> torch.Tensor:
+    """``(B, T)`` float32 ``ref_per_token_logps``: row i's service log-probs at the positions where
+    its mask is set, a very negative constant elsewhere (masked out by TRL's loss). Every row
+    must have them: a row without (the service failed for it) fails the step."""
+    mask = completion_mask.bool()
+    out = torch.full(mask.shape, _MASKED_REF_LOGP, dtype=torch.float32, device=completion_mask.device)
+    for i, row in enumerate(rows):
+        n = int(mask[i].sum())
+        if row.ref_logprobs is None:
+            raise KawhiIntegrationError(f"row {i}: no reference log-probs from the service ({row.reason}); "
+                                        "the KL term has no reference to fall back to")
+        if len(row.ref_logprobs) != n:
+            raise KawhiIntegrationError(f"row {i}: {len(row.ref_logprobs)} reference log-probs for {n} masked tokens")
+        if n:
+            out[i, mask[i]] = torch.tensor(row.ref_logprobs, dtype=torch.float32, device=completion_mask.device)
     return out

@@ -10,7 +10,9 @@ token ids — and the advantage stage runs after the images are gone. So:
    ``custom_reward_function`` still computes the score) and, per sample, sends KAWHI the
    sample's image and chat prompt (``raw_prompt``, the image part as RLHFDataset builds
    it) and the policy's OWN response token ids, asking for the token weights only (the
-   group advantage is not known yet). The weights travel with the sample as
+   group advantage is not known yet). The samples verl scores together (one task each,
+   started at once) go in one call (``SampleBatcher``), so a GRPO group's responses are
+   one group there; what still arrives apart shares the service's prefix cache. The weights travel with the sample as
    ``reward_extra_info["kawhi_token_weights"]`` — a compact string (run-length JSON),
    because verl stacks each extra-info key with ``np.array`` and ragged lists would not
    stack — plus a numeric ``kawhi_fallback`` flag (0/1) that verl's metrics can average.
@@ -42,6 +44,22 @@ trainer reads only fixed fields from its TransferQueue in the advantage stage, s
 weights never reach an estimator there; ``grpo_kawhi`` then raises (it never silently
 trains plain GRPO under its name).
 
+Reference log-probs from the service (``+reward.kawhi.ref_logprobs=true``): the same
+reward-stage call also returns the reference model's per-token log-probs (at
+``actor_rollout_ref.rollout.temperature``, which verl divides its logits by), stored as
+``reward_extra_info["kawhi_ref_logprobs"]`` (base64 float32). In the trainer process,
+``install()`` replaces verl's reference log-prob step, ``RayPPOTrainer._compute_ref_log_prob``,
+by one that decodes them into ``ref_log_prob`` — which verl itself unions into the batch
+(nothing is added before). verl 0.9.1 builds its reference model because its role mapping
+(``main_ppo_v0.BaseTaskRunner.add_actor_rollout_worker``) picks ``Role.ActorRolloutRef``
+whenever ``need_reference_policy(config)`` (KL loss or KL reward); with the switch on,
+``install()`` makes it pick ``Role.ActorRollout`` (no reference model) and lets
+``init_workers`` run with the trainer's ``use_reference_policy`` kept on, so the KL loss /
+KL reward and the reference step still run. That mapping is built in verl's TaskRunner
+actor before any reward manager is loaded, so the module must be imported there first:
+``+ray_kwargs.ray_init.runtime_env.worker_process_setup_hook=kawhi_client.integrations.verl.install``.
+A missing reference log-prob always fails (no honest fallback for a KL reference).
+
 Failure policy (``reward.kawhi.on_error``): ``raise`` (default) fails the reward stage;
 ``fallback`` stores a fallback marker for the sample (its advantage stays verl's GRPO
 advantage, weight 1), warns in the reward worker, and the advantage stage counts and
@@ -51,6 +69,8 @@ training logs are.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import contextvars
 import functools
 import json
@@ -75,11 +95,17 @@ __all__ = [
     "REWARD_MANAGER_NAME",
     "WEIGHTS_KEY",
     "KawhiRewardManager",
+    "SampleBatcher",
     "compute_grpo_kawhi_advantage",
     "decode_weights",
     "driver_policy",
     "encode_fallback",
+    "REF_KEY",
+    "decode_ref_logprobs",
+    "encode_ref_logprobs",
     "encode_weights",
+    "ref_log_prob_tensor",
+    "service_ref_log_prob",
     "install",
     "kawhi_extra_info",
     "reweighter_from_config",
@@ -93,6 +119,8 @@ ESTIMATOR_NAME = "grpo_kawhi"
 REWARD_MANAGER_NAME = "kawhi"
 WEIGHTS_KEY = "kawhi_token_weights"
 FALLBACK_KEY = "kawhi_fallback"
+REF_KEY = "kawhi_ref_logprobs"
+_REF_PREFIX = "kawhi-lp1:"
 _WEIGHTS_PREFIX = "kawhi-w1:"
 _FALLBACK_PREFIX = "kawhi-fallback:"
 
@@ -159,7 +187,11 @@ def kawhi_settings(config: Any) -> dict[str, Any]:
     Keys: ``url`` (an http(s) URL, or ``in-process``), ``on_error``, ``options`` (API
     options), ``inner`` (the wrapped reward manager, default ``naive``), ``model`` and
     ``device`` (for ``in-process``), ``client`` (keyword arguments of
-    ``kawhi_client.Client``: ``timeout``, ``retries``, ``wait_ready``, ``api_key`` ...)."""
+    ``kawhi_client.Client``: ``timeout``, ``retries``, ``wait_ready``, ``api_key``,
+    ``encoding_format`` (default here ``base64``) ...), ``batch_wait_s`` (how long the
+    ``SampleBatcher`` waits for stragglers after the batch's tasks, default 0.002),
+    ``ref_logprobs`` (``KAWHI_REF_LOGPROBS``: the KL reference from the service) and
+    ``temperature`` (verl's ``actor_rollout_ref.rollout.temperature``)."""
     section = _cfg_get(_cfg_get(config, "reward"), "kawhi")
     if section is not None and hasattr(section, "items") and not isinstance(section, Mapping):
         try:
@@ -178,7 +210,17 @@ def kawhi_settings(config: Any) -> dict[str, Any]:
         "model": section.get("model") or os.environ.get("KAWHI_MODEL"),
         "device": section.get("device") or os.environ.get("KAWHI_DEVICE") or "cpu",
         "client": dict(section.get("client") or {}),
+        "batch_wait_s": section.get("batch_wait_s", os.environ.get("KAWHI_BATCH_WAIT_S", 0.002)),
+        "ref_logprobs": _truthy(section.get("ref_logprobs", os.environ.get("KAWHI_REF_LOGPROBS", False))),
+        "temperature": float(_cfg_get(_cfg_get(_cfg_get(config, "actor_rollout_ref"), "rollout"), "temperature", 1.0)
+                             or 1.0),
     }
+
+
+def _truthy(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
 
 
 def reweighter_from_config(config: Any) -> Reweighter:
@@ -195,9 +237,13 @@ def reweighter_from_config(config: Any) -> Reweighter:
     else:
         from kawhi_client.client import Client
 
-        backend = as_backend(Client(url, **s["client"]))
+        # weights come back as float32 base64 (verl multiplies them into float32 tensors anyway)
+        backend = as_backend(Client(url, **{"encoding_format": "base64", **s["client"]}))
+    options = dict(s["options"])
+    if s["ref_logprobs"]:  # the KL reference from the same call, at verl's own temperature
+        options.update(return_ref_logprobs=True, logprob_temperature=s["temperature"])
     # advantage 1.0 is sent ("given"): token_advantages == token_weights; nothing is skipped
-    return Reweighter(backend, options=s["options"], on_error=s["on_error"], skip_zero_advantage=False)
+    return Reweighter(backend, options=options, on_error=s["on_error"], skip_zero_advantage=False)
 
 
 # ============================================================================ reward stage
@@ -264,13 +310,38 @@ def kawhi_extra_info(reweighter: Reweighter, data: Any, tokenizer: Any = None) -
     stage fails); under ``fallback`` the sample gets the fallback marker."""
     rollout = rollout_from_sample(data, tokenizer)
     (row,) = reweighter.reweight([rollout])
-    return row_extra_info(row, reweighter.on_error)
+    return row_extra_info(row, reweighter.on_error, ref_logprobs=bool(reweighter.options.get("return_ref_logprobs")))
 
 
-def row_extra_info(row: RowResult, on_error: str) -> dict[str, Any]:
+def row_extra_info(row: RowResult, on_error: str, ref_logprobs: bool = False) -> dict[str, Any]:
     if row.reweighted or row.reason == "empty response":
-        return {WEIGHTS_KEY: encode_weights(row.token_weights, on_error), FALLBACK_KEY: 0.0}
-    return {WEIGHTS_KEY: encode_fallback(row.reason or "fallback"), FALLBACK_KEY: 1.0}
+        info = {WEIGHTS_KEY: encode_weights(row.token_weights, on_error), FALLBACK_KEY: 0.0}
+    else:
+        info = {WEIGHTS_KEY: encode_fallback(row.reason or "fallback"), FALLBACK_KEY: 1.0}
+    if ref_logprobs:
+        info[REF_KEY] = encode_fallback(row.reason or "fallback") if row.ref_logprobs is None else \
+            encode_ref_logprobs(row.ref_logprobs)
+    return info
+
+
+def encode_ref_logprobs(values: Sequence[float]) -> str:
+    """Reference log-probs -> ``kawhi-lp1:`` + base64 of little-endian float32 (exact for the
+    service's float32 values; verl stacks extra info with ``np.array``, so one string per sample)."""
+    import struct
+
+    return _REF_PREFIX + base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode()
+
+
+def decode_ref_logprobs(value: Any) -> tuple[Optional[list[float]], Optional[str]]:
+    """A stored value -> (log-probs, None) or (None, the fallback reason)."""
+    import struct
+
+    if isinstance(value, str) and value.startswith(_FALLBACK_PREFIX):
+        return None, value[len(_FALLBACK_PREFIX):] or "unknown"
+    if not isinstance(value, str) or not value.startswith(_REF_PREFIX):
+        raise KawhiIntegrationError(f"{REF_KEY} holds {str(value)[:40]!r}, not KAWHI reference log-probs")
+    raw = base64.b64decode(value[len(_REF_PREFIX):])
+    return list(struct.unpack(f"<{len(raw) // 4}f", raw)), None
 
 
 def _reward_manager_base() -> type:
@@ -312,17 +383,79 @@ class KawhiRewardManager(_Base):  # type: ignore[misc, valid-type]
         self.reweighter = reweighter_from_config(config)
         self.tokenizer_ok: Optional[bool] = None
         self._checked = False
+        self.samples = SampleBatcher(self._reweight_rows, max_wait_s=float(kawhi_settings(config)["batch_wait_s"]))
 
-    async def run_single(self, data: Any) -> dict[str, Any]:
+    def _reweight_rows(self, rollouts: list[Rollout]) -> list[RowResult]:
         if not self._checked:  # the policy's tokenizer against the service's, once per worker
             self._checked = True
-            self.tokenizer_ok = await self.loop.run_in_executor(None, self.reweighter.check_tokenizer, self.tokenizer)
-        result = await self.inner.run_single(data)
+            self.tokenizer_ok = self.reweighter.check_tokenizer(self.tokenizer)
+        return self.reweighter.reweight(rollouts)
+
+    async def run_single(self, data: Any) -> dict[str, Any]:
         sample = data[-1:]  # like verl's managers: the last sequence of a multi-sequence output
-        extra = await self.loop.run_in_executor(None, kawhi_extra_info, self.reweighter, sample, self.tokenizer)
+        # joins the samples verl scores concurrently with this one, before the inner score runs
+        kawhi = asyncio.ensure_future(self.samples.submit(rollout_from_sample(sample, self.tokenizer)))
+        try:
+            result = await self.inner.run_single(data)
+        except BaseException:
+            kawhi.cancel()
+            raise
+        extra = row_extra_info(await kawhi, self.reweighter.on_error,
+                               ref_logprobs=bool(self.reweighter.options.get("return_ref_logprobs")))
         result = dict(result)
         result["reward_extra_info"] = {**dict(result.get("reward_extra_info") or {}), **extra}
         return result
+
+
+class SampleBatcher:
+    """Sends the samples verl hands a reward manager together in one call.
+
+    verl's reward loop scores a batch with one ``run_single`` task per sample, all
+    created at once (``RewardLoopWorker.compute_score_batch``: ``create_task`` for each,
+    then ``gather``). Each task submits its sample here first; the first submission
+    schedules a flush that runs once the event loop has let every task of that batch
+    reach its submission (and ``max_wait_s`` more, for stragglers). The flush sends them
+    all in one ``reweight`` call, where samples sharing an image and prompt (a GRPO
+    group) become one group. Samples of a group that reach the service in different
+    calls (verl chunks the batch across reward workers) share their prefix through the
+    service's prefix cache instead.
+    """
+
+    def __init__(self, reweight: Any, *, max_wait_s: float = 0.002, max_rows: int = 1024) -> None:
+        self.reweight = reweight
+        self.max_wait_s = max_wait_s
+        self.max_rows = max_rows
+        self.calls = 0
+        self._pending: list[tuple[Rollout, Any]] = []
+        self._flush: Any = None
+
+    async def submit(self, rollout: Rollout) -> RowResult:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.append((rollout, future))
+        if self._flush is None:
+            self._flush = loop.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        seen = -1
+        while seen != len(self._pending) and len(self._pending) < self.max_rows:
+            seen = len(self._pending)
+            await asyncio.sleep(0)  # every task already scheduled runs up to its submission
+        if self.max_wait_s > 0:
+            await asyncio.sleep(self.max_wait_s)
+        batch, self._pending, self._flush = self._pending, [], None
+        self.calls += 1
+        try:
+            rows = await asyncio.get_running_loop().run_in_executor(None, self.reweight, [r for r, _ in batch])
+        except BaseException as exc:  # the failure policy said raise: every sample of the call fails
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), row in zip(batch, rows):
+            if not future.done():
+                future.set_result(row)
 
 
 # ============================================================================ advantage stage
@@ -432,6 +565,110 @@ def _wrap_compute_advantage(original: Any) -> Any:
     return compute_advantage
 
 
+def ref_log_prob_tensor(encoded: Any, response_mask: Any) -> Any:
+    """The stored reference log-probs of a batch -> verl's ``ref_log_prob`` ``(B, T)`` float32:
+    row i's values on its first ``n_i`` response positions, 0 after them (as verl's own
+    ``no_padding_2_padding`` leaves them). A sample without them fails: the KL term has no
+    reference to fall back to."""
+    import torch
+
+    rows = list(encoded.tolist() if hasattr(encoded, "tolist") else encoded)
+    B, T = response_mask.shape
+    if len(rows) != B:
+        raise KawhiIntegrationError(f"{len(rows)} stored reference log-probs for a batch of {B}")
+    out = torch.zeros((B, T), dtype=torch.float32, device=response_mask.device)
+    for i, value in enumerate(rows):
+        values, reason = decode_ref_logprobs(value)
+        if values is None:
+            raise KawhiIntegrationError(f"sample {i}: no reference log-probs from KAWHI ({reason}); "
+                                        "the KL term has no reference to fall back to")
+        n = len(values)
+        if n > T or int(response_mask[i, n:].sum()):
+            raise KawhiIntegrationError(f"sample {i}: {n} reference log-probs for a {T}-token response "
+                                        f"with {int(response_mask[i].sum())} masked tokens")
+        if n:
+            out[i, :n] = torch.tensor(values, dtype=torch.float32, device=response_mask.device)
+    return out
+
+
+def service_ref_log_prob(batch: Any) -> Any:
+    """What verl's ``RayPPOTrainer._compute_ref_log_prob`` returns, from the service's values:
+    a ``DataProto`` holding ``ref_log_prob`` (verl unions it into the batch itself)."""
+    from verl import DataProto
+
+    if REF_KEY not in batch.non_tensor_batch:
+        raise KawhiIntegrationError(
+            f"+reward.kawhi.ref_logprobs is on but the batch has no '{REF_KEY}': the reward manager must be "
+            "KawhiRewardManager (and trainer.use_v1=false)")
+    tensor = ref_log_prob_tensor(batch.non_tensor_batch[REF_KEY], batch.batch["response_mask"])
+    return DataProto.from_dict(tensors={"ref_log_prob": tensor})
+
+
+def _ref_from_service(config: Any) -> bool:
+    try:
+        return bool(kawhi_settings(config)["ref_logprobs"])
+    except Exception:  # noqa: BLE001 - a config without the reward section: not ours
+        return False
+
+
+def _wrap_ref_step(original: Any) -> Any:
+    if getattr(original, "__kawhi_original__", None) is not None:
+        return original
+
+    @functools.wraps(original)
+    def _compute_ref_log_prob(self: Any, batch: Any) -> Any:
+        if not _ref_from_service(self.config):
+            return original(self, batch)
+        return service_ref_log_prob(batch)
+
+    _compute_ref_log_prob.__kawhi_original__ = original  # type: ignore[attr-defined]
+    return _compute_ref_log_prob
+
+
+def _wrap_init_workers(original: Any) -> Any:
+    if getattr(original, "__kawhi_original__", None) is not None:
+        return original
+
+    @functools.wraps(original)
+    def init_workers(self: Any, *args: Any, **kwargs: Any) -> Any:
+        from verl.trainer.ppo.utils import Role
+
+        if not (_ref_from_service(self.config) and self.use_reference_policy
+                and Role.ActorRolloutRef not in self.role_worker_mapping):
+            return original(self, *args, **kwargs)
+        # no reference worker was mapped (see add_actor_rollout_worker): build the others
+        # as verl does without one, then keep the reference step on (it reads the service)
+        self.use_reference_policy = False
+        try:
+            result = original(self, *args, **kwargs)
+        finally:
+            self.use_reference_policy = True
+        self.ref_policy_wg = self.actor_rollout_wg  # only profiling touches it; the ref step is ours
+        return result
+
+    init_workers.__kawhi_original__ = original  # type: ignore[attr-defined]
+    return init_workers
+
+
+def _wrap_role_mapping(original: Any) -> Any:
+    if getattr(original, "__kawhi_original__", None) is not None:
+        return original
+
+    @functools.wraps(original)
+    def add_actor_rollout_worker(self: Any, config: Any) -> Any:
+        from verl.trainer.ppo.utils import Role
+
+        result = original(self, config)
+        if _ref_from_service(config) and Role.ActorRolloutRef in self.role_worker_mapping:
+            # the fused actor + reference worker would load a second copy of the model
+            self.role_worker_mapping[Role.ActorRollout] = self.role_worker_mapping.pop(Role.ActorRolloutRef)
+            self.mapping[Role.ActorRollout] = self.mapping.pop(Role.ActorRolloutRef)
+        return result
+
+    add_actor_rollout_worker.__kawhi_original__ = original  # type: ignore[attr-defined]
+    return add_actor_rollout_worker
+
+
 _INSTALLED = False
 
 
@@ -453,6 +690,16 @@ def install() -> None:
         log.warning("KAWHI: verl.trainer.ppo.ray_trainer not importable (%s); compute_advantage not wrapped", exc)
     else:
         ray_trainer.compute_advantage = _wrap_compute_advantage(ray_trainer.compute_advantage)
+        trainer_cls = ray_trainer.RayPPOTrainer
+        trainer_cls._compute_ref_log_prob = _wrap_ref_step(trainer_cls._compute_ref_log_prob)
+        trainer_cls.init_workers = _wrap_init_workers(trainer_cls.init_workers)
+        try:
+            from verl.trainer import main_ppo_v0
+        except ImportError as exc:  # pragma: no cover - verl without its legacy runner
+            log.warning("KAWHI: verl.trainer.main_ppo_v0 not importable (%s); role mapping not wrapped", exc)
+        else:
+            runner = main_ppo_v0.BaseTaskRunner
+            runner.add_actor_rollout_worker = _wrap_role_mapping(runner.add_actor_rollout_worker)
         for name, module in list(sys.modules.items()):
             if name.startswith("verl.") and module is not None and module is not ray_trainer:
                 current = getattr(module, "compute_advantage", None)

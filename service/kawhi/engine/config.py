@@ -67,6 +67,12 @@ class MethodConfig:
     granularity: Literal["paragraph", "sentence", "token"] = "paragraph"
     rope: Literal["after", "before"] = "after"
     skip_ratio: float = 0.7
+    # Outputs beside the weights (docs/ref-logprobs.md): the reference model's per-token
+    # log-probs / entropy of the responses, at logits / logprob_temperature (a trainer's
+    # rollout temperature, so the numbers match its own).
+    return_ref_logprobs: bool = False
+    return_entropy: bool = False
+    logprob_temperature: float = 1.0
     sguf: SgufParams = field(default_factory=SgufParams)
 
     def __post_init__(self) -> None:

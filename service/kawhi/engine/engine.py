@@ -34,6 +34,8 @@ from kawhi.engine.segments import Segment, segment_tokens, token_segment_index
 from kawhi.engine.weights import normalize_weights, paragraph_weights, segment_means, token_weights
 from kawhi.heads.files import HeadSet, resolve_head_set
 from kawhi.heads.identity import ModelIdentity
+from kawhi.models.logprobs import has_lm_head, response_logprobs
+from kawhi.models.prefix import PrefixCache, prefix_key
 from kawhi.models.qwen import PromptInputs, QwenVLReference, TokenizedText
 from kawhi_client.schema import (
     GroupResult,
@@ -64,6 +66,11 @@ class EngineLimits:
     # Several groups' responses in one forward: None = on a GPU only. On CPU the forward is
     # compute-bound and merging measured 15-55 % slower per group (padding, masks, copies).
     merge_groups: Optional[bool] = None
+    # Responses attend to the one stored copy of their prefix (split attention) instead of a
+    # per-response copy of its KV cache: None = where it measured faster (CPU; bench/README.md).
+    split_attention: Optional[bool] = None
+    # Prefixes (KV of layers 0..L-2 + visual states) kept across requests, on the model's device.
+    prefix_cache_bytes: int = 256 * 1024 * 1024
     image: ImageLimits = field(default_factory=ImageLimits)
 
 
@@ -129,6 +136,7 @@ class Engine:
             log.warning("no vision-critical head set known for %s: 'preset' means all %d heads "
                         "(docs/heads.md: run `kawhi heads discover` and pass its output as --heads-file)",
                         self.model_name, model.num_heads)
+        self.prefix_cache = PrefixCache(self.limits.prefix_cache_bytes)
 
     @classmethod
     def load(
@@ -176,6 +184,9 @@ class Engine:
                 field_name, detail = "options", str(exc)
             raise OptionsError(field_name, detail) from None
         self.resolve_heads(config)
+        if (config.return_ref_logprobs or config.return_entropy) and not has_lm_head(self.model):
+            field = "return_ref_logprobs" if config.return_ref_logprobs else "return_entropy"
+            raise OptionsError(field, "this server's reference model was loaded without its LM head")
         return config
 
     def resolve_heads(self, config: MethodConfig) -> tuple[int, ...]:
@@ -247,6 +258,7 @@ class Engine:
             prompt = self.model.encode_prompt(resized, prompt=group.prompt, messages=group.messages)
         except Exception as exc:  # a template or message-shape problem in the caller's messages
             raise GroupError("/messages" if group.messages is not None else "/prompt", _caller_text(exc)) from None
+        prompt.cache_key = prefix_key(self.model_name, image_sha256, prompt.input_ids)
 
         responses = []
         total = int(prompt.input_ids.numel())
@@ -340,7 +352,8 @@ class Engine:
         try:
             all_states: list[Any] = self.model.final_layer_inputs_many(
                 [(g.prompt, [r.tokens.token_ids for r in g.responses]) for g in prepared],
-                max_batch_tokens=self.limits.max_forward_tokens, merge_groups=self._merge_groups)
+                max_batch_tokens=self.limits.max_forward_tokens, merge_groups=self._merge_groups,
+                split_attention=self.limits.split_attention, prefix_cache=self.prefix_cache)
         except Exception:
             log.exception("batched forward of %d groups failed; running them one by one", len(prepared))
             all_states = [None] * len(prepared)
@@ -348,7 +361,9 @@ class Engine:
         for group, states in zip(prepared, all_states):
             try:
                 if states is None:
-                    states = self.model.final_layer_inputs(group.prompt, [r.tokens.token_ids for r in group.responses])
+                    states = self.model.final_layer_inputs_many(
+                        [(group.prompt, [r.tokens.token_ids for r in group.responses])],
+                        split_attention=self.limits.split_attention, prefix_cache=self.prefix_cache)[0]
                 results.append(self._score_group(group, states))
             except Exception as exc:
                 log.exception("group %s failed in the forward", group.id)
@@ -380,6 +395,8 @@ class Engine:
             results.append(self._reweight_response(response, alpha, config))
             if group.explain:
                 maps.append(visual_token_alignment(probes, visual_keys, heads).cpu().tolist())
+        if config.return_ref_logprobs or config.return_entropy:
+            self._add_ref_logprobs(group, states, results)
         fields = dict(id=group.id, grid=list(group.regions.grid), key_tokens=group.regions.key.tolist(),
                       selected_tokens=group.regions.selected.tolist(), responses=results)
         if group.explain:
@@ -387,6 +404,20 @@ class Engine:
 
             return ExplainedResult(**fields, visual_alignment=maps)
         return GroupResult(**fields)
+
+    def _add_ref_logprobs(self, group: PreparedGroup, states: Any, results: list[ResponseResult]) -> None:
+        """The reference's per-token log-probs / entropy, from the same forward's states."""
+        config = group.config
+        scored = response_logprobs(self.model, states, [r.tokens.token_ids for r in group.responses],
+                                   temperature=config.logprob_temperature, with_entropy=config.return_entropy,
+                                   max_batch_tokens=self.limits.max_forward_tokens)
+        for result, values in zip(results, scored):
+            if not (torch.isfinite(values.logprobs).all() and torch.isfinite(values.entropy).all()):
+                raise ValueError("the reference model produced non-finite log-probs")
+            if config.return_ref_logprobs:
+                result.ref_logprobs = values.logprobs.tolist()
+            if config.return_entropy:
+                result.entropy = values.entropy.tolist()
 
     @staticmethod
     def _reweight_response(response: PreparedResponse, alpha: np.ndarray, config: MethodConfig) -> ResponseResult:

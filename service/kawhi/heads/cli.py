@@ -112,8 +112,7 @@ def cmd_discover(args: argparse.Namespace) -> int:
         print("kawhi: using the embedded DEMO model (random weights): its heads mean nothing. "
               "Pass --model PATH for real use.", file=sys.stderr)
     reference = QwenVLReference.from_pretrained(args.model or DEMO_MODEL_DIR, device=args.device,
-                                                dtype="float32" if args.model is None else args.dtype,
-                                                keep_lm_head=True)
+                                                dtype="float32" if args.model is None else args.dtype)
     state_path = args.output.with_name(args.output.name + ".partial.jsonl")
     if args.restart:
         state_path.unlink(missing_ok=True)

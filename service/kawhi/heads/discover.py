@@ -202,7 +202,7 @@ def discover(
 ) -> dict[str, Any]:
     """Run the causal test; returns the report (a heads file: ``model``, ``heads`` and the evidence).
 
-    reference: a QwenVLReference with its LM head (``keep_lm_head=True``).
+    reference: a QwenVLReference (it keeps its LM head).
     progress: called with the total number of scores (one item under one mask), returns a
     tqdm-like bar (``update(n)``, ``set_postfix_str(s)``, ``close()``) or None.
     batch_heads: masked copies of an item scored in one forward (speed only; on CPU 4 per

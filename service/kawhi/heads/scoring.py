@@ -41,7 +41,7 @@ class AnswerScorer:
 
     def __init__(self, reference: Any) -> None:
         if isinstance(reference.model.lm_head, torch.nn.Identity):
-            raise ValueError("head discovery scores answers with the LM head: load the model with keep_lm_head=True")
+            raise ValueError("head discovery scores answers with the LM head, and this model has none")
         self.reference = reference
 
     def encode(self, image: Image.Image, question: str, answer: str) -> EncodedItem:

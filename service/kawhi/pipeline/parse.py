@@ -126,6 +126,8 @@ class ParsedRequest:
     per_group_errors: bool = True
     errors: dict[int, KawhiError] = field(default_factory=dict)
     group_prefix: bool = True
+    encoding_format: str = "float"  # how the answer's per-token arrays travel (kawhi.server.encoding)
+    token_arrays: bool = True
 
     def prefix(self, index: int) -> str:
         return pointer("groups", index) if self.group_prefix else ""
@@ -186,7 +188,7 @@ def parse_request(doc: Any) -> ParsedRequest:
     if not isinstance(doc, dict):
         raise KawhiError("validation", "the request must be a JSON object with 'groups'", "")
     check_values({k: v for k, v in doc.items() if k != "groups"})
-    unknown = sorted(set(doc) - {"groups", "options", "per_group_errors"})
+    unknown = sorted(set(doc) - {"groups", "options", "per_group_errors", "encoding_format", "token_arrays"})
     if unknown:
         raise KawhiError("validation", "unknown member (extra inputs are not permitted)", pointer(unknown[0]))
     per_group = doc.get("per_group_errors", False)
@@ -197,8 +199,16 @@ def parse_request(doc: Any) -> ParsedRequest:
         raise KawhiError("validation", "groups must be a list of rollout groups", "/groups")
     if not raws:
         raise KawhiError("validation", "groups must hold at least one rollout group", "/groups")
+    encoding = doc.get("encoding_format", "float")
+    if encoding not in ("float", "base64"):
+        raise KawhiError("validation", "encoding_format must be 'float' or 'base64'", "/encoding_format")
+    arrays = doc.get("token_arrays", True)
+    if not isinstance(arrays, bool):
+        raise KawhiError("validation", "token_arrays must be true or false", "/token_arrays")
     options = parse_options(doc.get("options"))
-    return parse_groups(raws, options, per_group_errors=per_group, group_prefix=True)
+    parsed = parse_groups(raws, options, per_group_errors=per_group, group_prefix=True)
+    parsed.encoding_format, parsed.token_arrays = encoding, arrays
+    return parsed
 
 
 def parse_groups(raws: Sequence[Any], options: Mapping[str, Any] | None = None, *, per_group_errors: bool = True,

@@ -177,6 +177,10 @@ def create_app(settings: Any = None, *, engine: Any = None) -> FastAPI:
     app.state.kawhi = state
     _install_error_handlers(app, state)
     app.add_middleware(RequestContextMiddleware, state=state)
+    if settings.gzip_min_bytes:
+        from starlette.middleware.gzip import GZipMiddleware
+
+        app.add_middleware(GZipMiddleware, minimum_size=settings.gzip_min_bytes)
 
     from kawhi.server.routes import router, v1
     import kawhi.server.explain  # noqa: F401  (adds POST /v1/explain to v1)

@@ -29,6 +29,7 @@ from kawhi import __version__
 from kawhi.errors import KawhiError
 from kawhi.pipeline import Admission, Pipeline, outcome
 from kawhi.server.batcher import QueueFull
+from kawhi.server.encoding import encode_answer, wire_of
 from kawhi.server.state import ServerState
 
 log = logging.getLogger("kawhi.server")
@@ -76,6 +77,9 @@ def idempotency_key(pipeline: Pipeline, admission: Admission) -> str:
         "tokenizer": pipeline.engine.tokenizer_fingerprint, "options": admission.config.to_dict(),
         "per_group_errors": admission.parsed.per_group_errors, "groups": groups,
     }
+    wire = wire_of(admission.parsed)
+    if not wire.is_default:  # a stored answer is stored in the encoding it was asked in
+        canonical["wire"] = [wire.encoding_format, wire.token_arrays]
     blob = json.dumps(canonical, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -205,8 +209,9 @@ async def _compute(state: ServerState, pipeline: Pipeline, admission: Admission,
     for i, res in enumerate(response.results):
         if res.error is not None and i not in admission.errors:
             state.metrics.errors.labels(res.error.type.rsplit("/", 1)[-1]).inc()
+    wire = wire_of(admission.parsed)
     if tokens > INLINE_SERIALIZE_TOKENS:
-        data = await asyncio.to_thread(response.model_dump_json)
+        data = await asyncio.to_thread(encode_answer, response, wire)
     else:
-        data = response.model_dump_json()
-    return data.encode(), not admission.errors and all(r.error is None for r in response.results)
+        data = encode_answer(response, wire)
+    return data, not admission.errors and all(r.error is None for r in response.results)
