@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from kawhi_client.errors import InvalidRequest, KawhiHTTPError, ProtocolError, client_problem
 from kawhi_client.images import ImageInputError, LoadedImage, load_image
+from kawhi_client.routing import routing_key
 from kawhi_client.schema import GroupResult, Options, Problem, ReweightResponse, RolloutGroup, Usage
 
 GroupLike = Union[RolloutGroup, Mapping[str, Any]]
@@ -176,6 +177,7 @@ class PreparedGroup:
     sha256: str
     json: bytes
     tokens: int
+    route: str = ""  # the group's routing key (kawhi_client.routing)
 
 
 def prepare_groups(
@@ -226,7 +228,8 @@ def prepare_groups(
             continue
         if img.sha256 not in images or images[img.sha256].data is None:
             images[img.sha256] = img
-        prepared.append(PreparedGroup(i, model.id, img.sha256, dumps_json(wire), estimate_tokens(wire)))
+        route = routing_key(img.sha256, wire.get("prompt"), wire.get("messages"))
+        prepared.append(PreparedGroup(i, model.id, img.sha256, dumps_json(wire), estimate_tokens(wire), route))
     return prepared, failed, images
 
 

@@ -67,6 +67,12 @@ class Metrics:
         self.redis_errors = Counter("kawhi_redis_errors", "failed Redis calls", registry=r)
         self.errors = Counter("kawhi_errors", "problem responses, by problem type", ["type"], registry=r)
         self.engine_ready = Gauge("kawhi_engine_ready", "1 once the reference model is loaded", registry=r)
+        self.routing_requests = Counter(
+            "kawhi_routing_requests", "reweight requests by whether their routing key was seen here before "
+            "(seen, new, none)", ["key"], registry=r,
+        )
+        for seen in ("seen", "new", "none"):
+            self.routing_requests.labels(seen)
         self.info = Gauge("kawhi_build_info", "constant 1, labelled with version and model", ["version", "model"],
                           registry=r)
         for kind in ("image", "result", "region"):

@@ -10,6 +10,7 @@ import logging
 import time
 from typing import Any, Callable, Optional
 
+from kawhi.server.affinity import SeenKeys
 from kawhi.server.logs import accept_request_id, request_id_var
 from kawhi.server.problems import ProblemError, problem_response
 
@@ -42,6 +43,7 @@ class RequestContextMiddleware:
     def __init__(self, app: Callable, *, state: Any) -> None:
         self.app = app
         self.state = state  # ServerState: settings, metrics
+        self.routing_keys = SeenKeys()
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -56,6 +58,10 @@ class RequestContextMiddleware:
         started = time.perf_counter()
         status_holder: dict[str, Any] = {"status": 500, "started": False}
         rid_header = (b"x-request-id", rid.encode())
+        routing: Optional[str] = None
+        if scope.get("path") == "/v1/reweight" and scope.get("method") == "POST":
+            routing = self.routing_keys.observe(headers.get(b"x-kawhi-routing-key", b"").decode("latin-1"))
+            metrics.routing_requests.labels(routing).inc()
 
         async def send_wrapper(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -110,6 +116,7 @@ class RequestContextMiddleware:
                     "status": status_holder["status"],
                     "ms": round(elapsed * 1000, 2),
                     "client": (scope.get("client") or ("", 0))[0],
+                    **({"routing": routing} if routing else {}),
                 },
             )
             request_id_var.reset(token)
