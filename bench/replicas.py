@@ -1,0 +1,217 @@
+"""Group affinity across replicas, on loopback: N ``kawhi serve`` replicas (demo model), a
+workload of groups sent one sample per request (as verl sends them), and what each
+replica saw.
+
+    python -m bench.replicas                              # the table in bench/README.md
+    python -m bench.replicas --groups 24 --samples 8 --in-flight 6 --out results.json
+
+Four runs over the same workload shape (fresh prompts each run, so no run inherits another's
+state): one replica; three replicas through ``Client(replicas=[...])`` (rendezvous hashing on
+the routing key); three replicas with the requests dealt round robin (what a plain
+Kubernetes Service does); three replicas with affinity and one replica SIGKILLed after a
+third of the requests. For each: requests answered, throughput, the affinity ratio
+``seen / (seen + new)`` of the routing keys the replicas counted
+(``kawhi_routing_requests_total``; the best possible is ``1 - groups / requests``, what one
+replica sees), how many replicas a group touched, image uploads, and the prefix-cache hit
+ratio when the server exports it. The failover run adds the client's failovers and retries
+and the time from the kill until the dead replica's groups were served elsewhere.
+
+The numbers are for throughput *shape*, not capacity: on a small shared CPU machine three
+replicas share the same cores, so they cannot multiply throughput there; on one GPU per
+replica they would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import hashlib
+import json
+import re
+import statistics
+import threading
+import time
+from collections import Counter
+from typing import Any, Iterator, Optional
+
+import httpx
+
+from bench.server import Server, _check_loopback
+from bench.workload import image_png
+from kawhi_client import Client
+from kawhi_client.replicas import rank
+from kawhi_client.routing import routing_key
+
+SAMPLE = re.compile(r'^(\w+)(?:\{([^}]*)\})? ([0-9.eE+-]+|NaN)$')
+
+
+def workload(groups: int, samples: int, *, tag: str = "", side: int = 112) -> list[dict[str, Any]]:
+    """``groups`` groups of ``samples`` responses, one request per response, sample-major
+    (every group's first sample, then every group's second ...), as a trainer interleaves
+    them. Each request is a one-response group; its ``id`` is ``<group>.<sample>``."""
+    out = []
+    for s in range(samples):
+        for g in range(groups):
+            out.append({"id": f"{tag}g{g}.s{s}", "image": image_png((side, side), seed=g),
+                        "prompt": f"{tag}Question {g}: which bar is the tallest?",
+                        "responses": [{"text": f"Answer {s}: the bar in the middle, number {s % 5}.",
+                                       "reward": float(s % 2)}]})
+    return out
+
+
+def key_of(request: dict[str, Any]) -> str:
+    return routing_key(hashlib.sha256(request["image"]).hexdigest(), request["prompt"])
+
+
+def scrape(url: str) -> dict[str, float]:
+    """The counters of one replica this benchmark reads, from its /metrics."""
+    _check_loopback(url)
+    out: dict[str, float] = {}
+    for line in httpx.get(url + "/metrics", timeout=10.0).text.splitlines():
+        m = SAMPLE.match(line)
+        if not m:
+            continue
+        name, labels, value = m.group(1), m.group(2) or "", float(m.group(3))
+        if name == "kawhi_routing_requests_total":
+            out["routing_" + labels.split('"')[1]] = value
+        elif name in ("kawhi_cache_hits_total", "kawhi_cache_misses_total") and 'kind="image"' in labels:
+            out[name.replace("kawhi_cache_", "image_").replace("_total", "")] = value
+        elif name in ("kawhi_prefix_cache_hits_total", "kawhi_prefix_cache_misses_total"):
+            out[name.replace("kawhi_", "").replace("_total", "")] = value
+        elif name == "kawhi_requests_total" and 'route="/v1/images"' in labels:
+            out["uploads"] = out.get("uploads", 0.0) + value
+    return out
+
+
+def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+
+
+@contextlib.contextmanager
+def replicas(n: int, *, threads: int = 1) -> Iterator[list[Server]]:
+    """``n`` demo replicas on loopback ports (started together, stopped on exit)."""
+    servers = [Server(threads=threads) for _ in range(n)]
+    with contextlib.ExitStack() as stack:
+        for s in servers:
+            stack.push(s.__exit__)  # a replica that did start is stopped even if another did not
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            futures = [pool.submit(s.__enter__) for s in servers]
+        for f in futures:
+            f.result()
+        yield servers
+
+
+def run(servers: list[Server], work: list[dict[str, Any]], *, mode: str = "affinity", in_flight: int = 4,
+        kill_after: Optional[float] = None) -> dict[str, Any]:
+    """Send every request of ``work`` (``in_flight`` at a time) and report what happened.
+
+    mode: ``affinity`` (one Client over all replicas), ``round-robin`` (request i to
+    replica i mod n, one plain Client each). ``kill_after``: SIGKILL the replica owning
+    the most groups once that fraction of the requests has been answered.
+    """
+    urls = [s.url for s in servers]
+    alive = [s for s in servers if s.proc is not None and s.proc.poll() is None]
+    before = {s.url: scrape(s.url) for s in alive}
+    owners = {key_of(r): rank(key_of(r), urls)[0] for r in work}
+    victim: Optional[Server] = None
+    if kill_after is not None:
+        most = Counter(owners.values()).most_common(1)[0][0]
+        victim = next(s for s in servers if s.url == most)
+    if mode == "affinity":
+        clients = [Client(replicas=urls, max_in_flight=in_flight, timeout=120)]
+    else:
+        clients = [Client(u, max_in_flight=in_flight, timeout=120) for u in urls]
+    lock = threading.Lock()
+    done = 0
+    killed_at: Optional[float] = None
+    records: list[dict[str, Any]] = []
+
+    def one(i: int, request: dict[str, Any]) -> None:
+        nonlocal done, killed_at
+        client = clients[0] if mode == "affinity" else clients[i % len(clients)]
+        t0 = time.perf_counter()
+        result = client.reweight([request])[0]
+        t1 = time.perf_counter()
+        ok = result.id == request["id"] and result.error is None
+        with lock:
+            records.append({"t0": t0, "t1": t1, "ok": ok, "owner": owners[key_of(request)]})
+            done += 1
+            if victim is not None and killed_at is None and done >= kill_after * len(work):  # type: ignore[operator]
+                assert victim.proc is not None
+                victim.proc.kill()  # SIGKILL: no drain, connections reset
+                killed_at = time.perf_counter()
+
+    start = time.perf_counter()
+    errors: list[str] = []
+    with concurrent.futures.ThreadPoolExecutor(in_flight) as pool:
+        futures = [pool.submit(one, i, r) for i, r in enumerate(work)]
+        for f in futures:
+            try:
+                f.result()
+            except Exception as exc:  # a lost request: counted, named
+                errors.append(f"{type(exc).__name__}: {exc}")
+    seconds = time.perf_counter() - start
+    stats = [c.stats.snapshot() for c in clients]
+    for c in clients:
+        c.close()
+
+    per_replica = {}
+    for s in servers:
+        if s.url in before and s.proc is not None and s.proc.poll() is None:
+            per_replica[s.url] = delta(before[s.url], scrape(s.url))
+    seen = sum(r.get("routing_seen", 0) for r in per_replica.values())
+    new = sum(r.get("routing_new", 0) for r in per_replica.values())
+    groups = len(set(owners))
+    out: dict[str, Any] = {
+        "mode": mode, "replicas": len(alive), "requests": len(work), "groups": groups,
+        "answered": sum(1 for r in records if r["ok"]), "lost": len(work) - sum(1 for r in records if r["ok"]),
+        "errors": errors[:5], "seconds": round(seconds, 2), "requests_per_s": round(len(work) / seconds, 2),
+        "latency_p50_s": round(statistics.median(r["t1"] - r["t0"] for r in records), 3) if records else None,
+        "latency_max_s": round(max(r["t1"] - r["t0"] for r in records), 3) if records else None,
+        "affinity_ratio": round(seen / (seen + new), 4) if seen + new else None,
+        "best_affinity_ratio": round(1 - groups / len(work), 4),
+        "group_starts": int(new),  # = groups when every group stayed on one replica (surviving ones)
+        "groups_per_replica": {u: int(r.get("routing_new", 0)) for u, r in per_replica.items()},
+        "uploads": int(sum(r.get("uploads", 0) for r in per_replica.values())),
+        "client": {k: sum(s[k] for s in stats) for k in ("http_requests", "retries", "failovers")},
+    }
+    ph = sum(r.get("prefix_cache_hits", 0) for r in per_replica.values())
+    pm = sum(r.get("prefix_cache_misses", 0) for r in per_replica.values())
+    if ph + pm:
+        out["prefix_hit_ratio"] = round(ph / (ph + pm), 4)
+    if victim is not None:
+        out["killed"] = victim.url
+        out["killed_groups"] = sum(1 for o in owners.values() if o == victim.url)
+        if killed_at is not None:
+            moved = [r for r in records if r["owner"] == victim.url and r["t1"] > killed_at]
+            out["recovery_s"] = round(max(r["t1"] - max(r["t0"], killed_at) for r in moved), 3) if moved else None
+            out["killed_after_requests"] = sum(1 for r in records if r["t1"] <= killed_at)
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--groups", type=int, default=12)
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--in-flight", type=int, default=6)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    results = []
+    with replicas(1) as one:
+        results.append(run(one, workload(a.groups, a.samples, tag="one-"), in_flight=a.in_flight))
+    with replicas(3) as three:
+        results.append(run(three, workload(a.groups, a.samples, tag="hrw-"), in_flight=a.in_flight))
+        results.append(run(three, workload(a.groups, a.samples, tag="rr-"), mode="round-robin",
+                           in_flight=a.in_flight))
+        results.append(run(three, workload(a.groups, a.samples, tag="kill-"), in_flight=a.in_flight,
+                           kill_after=1 / 3))
+    for r in results:
+        print(json.dumps(r))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"args": vars(a), "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
