@@ -7,14 +7,16 @@ replica saw.
 
 Four runs over the same workload shape (fresh prompts each run, so no run inherits another's
 state): one replica; three replicas through ``Client(replicas=[...])`` (rendezvous hashing on
-the routing key); three replicas with the requests dealt round robin (what a plain
-Kubernetes Service does); three replicas with affinity and one replica SIGKILLed after a
-third of the requests. For each: requests answered, throughput, the affinity ratio
+the routing key); three replicas with each request sent to a random one (what a plain
+Kubernetes Service does: kube-proxy picks a backend at random per connection); three
+replicas with affinity and one replica SIGKILLed after a third of the requests. For each: requests answered, throughput, the affinity ratio
 ``seen / (seen + new)`` of the routing keys the replicas counted
 (``kawhi_routing_requests_total``; the best possible is ``1 - groups / requests``, what one
 replica sees), how many replicas a group touched, image uploads, and the prefix-cache hit
-ratio when the server exports it. The failover run adds the client's failovers and retries
-and the time from the kill until the dead replica's groups were served elsewhere.
+ratio when the server exports it. The failover run adds the client's failovers and retries,
+how many of the dead replica's requests were in flight at the kill and how long until the
+last of them was answered elsewhere (``recovery_s``), and the median latency of its groups'
+later requests on their new replicas.
 
 The numbers are for throughput *shape*, not capacity: on a small shared CPU machine three
 replicas share the same cores, so they cannot multiply throughput there; on one GPU per
@@ -28,11 +30,14 @@ import concurrent.futures
 import contextlib
 import hashlib
 import json
+import random
 import re
 import statistics
+import tempfile
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import httpx
@@ -89,9 +94,10 @@ def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]
 
 
 @contextlib.contextmanager
-def replicas(n: int, *, threads: int = 1) -> Iterator[list[Server]]:
-    """``n`` demo replicas on loopback ports (started together, stopped on exit)."""
-    servers = [Server(threads=threads) for _ in range(n)]
+def replicas(n: int, *, threads: int = 1, model_dir: Optional[Path] = None) -> Iterator[list[Server]]:
+    """``n`` replicas on loopback ports (demo model, or ``model_dir``), started together,
+    stopped on exit."""
+    servers = [Server(model_dir, threads=threads) for _ in range(n)]
     with contextlib.ExitStack() as stack:
         for s in servers:
             stack.push(s.__exit__)  # a replica that did start is stopped even if another did not
@@ -106,8 +112,8 @@ def run(servers: list[Server], work: list[dict[str, Any]], *, mode: str = "affin
         kill_after: Optional[float] = None) -> dict[str, Any]:
     """Send every request of ``work`` (``in_flight`` at a time) and report what happened.
 
-    mode: ``affinity`` (one Client over all replicas), ``round-robin`` (request i to
-    replica i mod n, one plain Client each). ``kill_after``: SIGKILL the replica owning
+    mode: ``affinity`` (one Client over all replicas), ``random`` (each request to a
+    replica drawn by a seeded RNG, one plain Client per replica). ``kill_after``: SIGKILL the replica owning
     the most groups once that fraction of the requests has been answered.
     """
     urls = [s.url for s in servers]
@@ -122,6 +128,8 @@ def run(servers: list[Server], work: list[dict[str, Any]], *, mode: str = "affin
         clients = [Client(replicas=urls, max_in_flight=in_flight, timeout=120)]
     else:
         clients = [Client(u, max_in_flight=in_flight, timeout=120) for u in urls]
+    draw = random.Random(0)
+    pick = [draw.randrange(len(urls)) for _ in work]
     lock = threading.Lock()
     done = 0
     killed_at: Optional[float] = None
@@ -129,7 +137,7 @@ def run(servers: list[Server], work: list[dict[str, Any]], *, mode: str = "affin
 
     def one(i: int, request: dict[str, Any]) -> None:
         nonlocal done, killed_at
-        client = clients[0] if mode == "affinity" else clients[i % len(clients)]
+        client = clients[0] if mode == "affinity" else clients[pick[i]]
         t0 = time.perf_counter()
         result = client.reweight([request])[0]
         t1 = time.perf_counter()
@@ -172,6 +180,7 @@ def run(servers: list[Server], work: list[dict[str, Any]], *, mode: str = "affin
         "affinity_ratio": round(seen / (seen + new), 4) if seen + new else None,
         "best_affinity_ratio": round(1 - groups / len(work), 4),
         "group_starts": int(new),  # = groups when every group stayed on one replica (surviving ones)
+        "replicas_per_group": round(new / groups, 2) if groups else None,
         "groups_per_replica": {u: int(r.get("routing_new", 0)) for u, r in per_replica.items()},
         "uploads": int(sum(r.get("uploads", 0) for r in per_replica.values())),
         "client": {k: sum(s[k] for s in stats) for k in ("http_requests", "retries", "failovers")},
@@ -184,9 +193,13 @@ def run(servers: list[Server], work: list[dict[str, Any]], *, mode: str = "affin
         out["killed"] = victim.url
         out["killed_groups"] = sum(1 for o in owners.values() if o == victim.url)
         if killed_at is not None:
-            moved = [r for r in records if r["owner"] == victim.url and r["t1"] > killed_at]
-            out["recovery_s"] = round(max(r["t1"] - max(r["t0"], killed_at) for r in moved), 3) if moved else None
             out["killed_after_requests"] = sum(1 for r in records if r["t1"] <= killed_at)
+            # the dead replica's requests in flight at the kill: how long until all were answered elsewhere
+            caught = [r["t1"] - killed_at for r in records if r["owner"] == victim.url and r["t0"] <= killed_at < r["t1"]]
+            out["in_flight_at_kill"] = len(caught)
+            out["recovery_s"] = round(max(caught), 3) if caught else None
+            moved = [r["t1"] - r["t0"] for r in records if r["owner"] == victim.url and r["t0"] > killed_at]
+            out["moved_latency_p50_s"] = round(statistics.median(moved), 3) if moved else None
     return out
 
 
@@ -195,17 +208,28 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--groups", type=int, default=12)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--in-flight", type=int, default=6)
+    ap.add_argument("--side", type=int, default=224, help="image side in pixels")
+    ap.add_argument("--model", choices=("demo", "bench"), default="demo",
+                    help="the embedded demo model, or the larger CPU bench model of bench/models.py")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     results = []
-    with replicas(1) as one:
-        results.append(run(one, workload(a.groups, a.samples, tag="one-"), in_flight=a.in_flight))
-    with replicas(3) as three:
-        results.append(run(three, workload(a.groups, a.samples, tag="hrw-"), in_flight=a.in_flight))
-        results.append(run(three, workload(a.groups, a.samples, tag="rr-"), mode="round-robin",
-                           in_flight=a.in_flight))
-        results.append(run(three, workload(a.groups, a.samples, tag="kill-"), in_flight=a.in_flight,
-                           kill_after=1 / 3))
+    with tempfile.TemporaryDirectory(prefix="kawhi-bench-model-") as tmp:
+        model_dir = None
+        if a.model == "bench":
+            from bench.models import build_reference, save_reference
+
+            model_dir = save_reference(build_reference("bench"), Path(tmp) / "model")
+
+        def work(tag: str) -> list[dict[str, Any]]:
+            return workload(a.groups, a.samples, tag=tag, side=a.side)
+
+        with replicas(1, model_dir=model_dir) as one:
+            results.append(run(one, work("one-"), in_flight=a.in_flight))
+        with replicas(3, model_dir=model_dir) as three:
+            results.append(run(three, work("hrw-"), in_flight=a.in_flight))
+            results.append(run(three, work("random-"), mode="random", in_flight=a.in_flight))
+            results.append(run(three, work("kill-"), in_flight=a.in_flight, kill_after=1 / 3))
     for r in results:
         print(json.dumps(r))
     if a.out:

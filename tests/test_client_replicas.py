@@ -59,7 +59,7 @@ def test_killing_a_replica_mid_run_loses_no_request(three) -> None:
     assert out["replicas"] == 3 and len(out["groups_per_replica"]) == 2  # one is gone
     if out["killed_groups"]:
         assert out["client"]["failovers"] >= 1
-        assert out["recovery_s"] is not None
+        assert out["in_flight_at_kill"] == 0 or out["recovery_s"] > 0
     # every group, moved or not, is new on exactly one of the survivors
     assert out["group_starts"] == GROUPS
 
