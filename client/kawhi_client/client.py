@@ -31,7 +31,8 @@ from kawhi_client.config import (
     resolve_base_url,
     retry_policy,
 )
-from kawhi_client.core import Call, Core, Job, Lookup, Sleep, check_action, resume
+from kawhi_client.actions import Call, Job, Lookup, Sleep, check_action, resume
+from kawhi_client.core import Core
 from kawhi_client.planning import GroupLike, OptionsLike
 from kawhi_client.schema import GroupResult, ReweightResponse
 

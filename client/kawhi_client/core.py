@@ -46,12 +46,13 @@ import logging
 import random
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Generator, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import httpx
 from pydantic import ValidationError
 
+from kawhi_client.actions import Call, Job, Lookup, Parallel, Sleep, check_action, resume  # noqa: F401 (re-exported)
+from kawhi_client.affinity import ReplicaJobs
 from kawhi_client.config import DEFAULT_READY_TIMEOUT_S, ClientConfig, ClientStats, Limits, parse_retry_after
 from kawhi_client.errors import (
     ImageNotFound,
@@ -91,54 +92,11 @@ log = logging.getLogger("kawhi_client")
 
 PROBLEM_IMAGE_NOT_FOUND = "image-not-found"
 
-@dataclass
-class Call:
-    """Send one HTTP request; the driver answers the httpx.Response (body read) or
-    throws the httpx exception into the job."""
-
-    method: str
-    path: str
-    headers: dict[str, str]
-    timeout: httpx.Timeout
-    content: Optional[bytes] = None
-    endpoint: Optional[str] = None  # a replica's base URL; None: the client's base_url
-
-
-@dataclass
-class Lookup:
-    """Resolve a host name; the driver answers its addresses (a list of IP strings) or
-    throws the OSError into the job."""
-
-    host: str
-    port: int
-
-
-@dataclass
-class Sleep:
-    seconds: float
-
-
-@dataclass
-class Parallel:
-    """Run these jobs concurrently, each holding one of the ``max_in_flight`` slots for
-    its whole life (retries and waits included); answers their results in order. Inside
-    a job (already holding a slot) the jobs run one after another in that slot."""
-
-    jobs: list[Generator[Any, Any, Any]]
-
-
-Job = Generator[Any, Any, Any]
-
 # httpx errors worth another attempt: the network, a dropped connection, a timeout.
 RETRY_EXCEPTIONS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
-# ... and those that send the next attempt to another replica: the replica is not answering.
-# (A read timeout is not one of them: the replica may still be working on it, and a retry
-# there joins that work through the server's idempotency key.)
-FAILOVER_EXCEPTIONS = (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ConnectTimeout)
-FAILOVER_STATUSES = frozenset({429, 503})
 
 
-class Core:
+class Core(ReplicaJobs):
     """Everything the two clients share: configuration, caches, counters, and the
     operations as generator jobs (see the module doc)."""
 
@@ -192,34 +150,6 @@ class Core:
     def forget(self, sha: str, replica: Optional[str] = None) -> None:
         with self._lock:
             self._known.pop(self._known_key(sha, replica), None)
-
-    # ------------------------------------------------------------------ replicas
-    def refresh_replicas(self) -> Job:
-        """Resolve a headless Service's name again when it is due (no-op otherwise)."""
-        rs = self.replicas
-        if rs is None or rs.dns is None or not rs.lookup_due(self.clock()):
-            return
-        try:
-            addresses = yield Lookup(rs.dns.host, rs.dns.port)
-        except OSError as exc:
-            rs.lookup_failed(self.clock())
-            log.warning("kawhi: could not resolve %s (%s); keeping %d replica(s)", rs.dns.host, exc, len(rs.urls))
-            return
-        joined, left = rs.update(list(addresses), self.clock())
-        if joined or left:
-            log.info("kawhi: replicas of %s: %d (+%d -%d)", rs.dns.host, len(rs.urls), len(joined), len(left))
-
-    def choose_replica(self, key: str, avoid: set[str]) -> Job:
-        """The replica for this attempt: the key's first healthy choice not failed in
-        this exchange, else its first choice not failed, else its first; None if none."""
-        yield from self.refresh_replicas()
-        assert self.replicas is not None
-        now = self.clock()
-        order = self.replicas.order(key, now)
-        for u in order:
-            if u not in avoid and self.replicas.is_up(u, now):
-                return u
-        return next((u for u in order if u not in avoid), order[0] if order else None)
 
     # ------------------------------------------------------------------ one request, retried
     def exchange(
@@ -294,22 +224,6 @@ class Core:
                 method, path, attempt, _describe(failure), wait, rid,
             )
             yield Sleep(wait)
-
-    def _fail_over(
-        self, failure: Any, endpoint: str, retry_after: Optional[float], failed: set[str], attempt: int
-    ) -> bool:
-        """Mark a replica that did not serve the attempt down; True when another healthy
-        replica can take the next attempt at once (no backoff wait)."""
-        assert self.replicas is not None
-        status = failure.status_code if isinstance(failure, httpx.Response) else None
-        if not (isinstance(failure, FAILOVER_EXCEPTIONS) or status in FAILOVER_STATUSES):
-            return False
-        now = self.clock()
-        self.replicas.mark_down(endpoint, now, retry_after)
-        failed.add(endpoint)
-        if attempt >= self.retry.max_attempts:
-            return False
-        return any(u not in failed and self.replicas.is_up(u, now) for u in self.replicas.urls)
 
     def _http_error(
         self, resp: httpx.Response, rid: str, attempts: int, retry_after: Optional[float]
@@ -505,18 +419,6 @@ class Core:
         pieces = [piece for answer in answers for piece in answer]
         return merge_responses(len(groups), pieces, failed, info)
 
-    def owners(self, groups: list[PreparedGroup]) -> Job:
-        """The groups by the replica that owns their routing key (in input order within
-        each); with one endpoint, all of them under None."""
-        if self.replicas is None:
-            return {None: groups}
-        yield from self.refresh_replicas()
-        now = self.clock()
-        out: dict[Optional[str], list[PreparedGroup]] = {}
-        for g in groups:
-            out.setdefault(self.replicas.owner(g.route, now), []).append(g)
-        return out
-
     def chunk_job(
         self,
         chunk: list[PreparedGroup],
@@ -619,15 +521,3 @@ def _describe(failure: Any) -> str:
     return type(failure).__name__
 
 
-def resume(job: Job, value: Any, error: Optional[BaseException]) -> tuple[bool, Any]:
-    """Advance a job: (True, its return value) when it is done, else (False, next action)."""
-    try:
-        action = job.throw(error) if error is not None else job.send(value)
-    except StopIteration as stop:
-        return True, stop.value
-    return False, action
-
-
-def check_action(action: Any) -> None:
-    if not isinstance(action, (Call, Lookup, Sleep, Parallel)):
-        raise TypeError(f"kawhi_client: a job yielded {action!r}")
