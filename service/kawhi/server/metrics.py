@@ -73,6 +73,9 @@ class Metrics:
         )
         for seen in ("seen", "new", "none"):
             self.routing_requests.labels(seen)
+        from kawhi.server.affinity import SeenKeys
+
+        self.routing_keys = SeenKeys()
         self.info = Gauge("kawhi_build_info", "constant 1, labelled with version and model", ["version", "model"],
                           registry=r)
         for kind in ("image", "result", "region"):
@@ -81,3 +84,9 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def observe_routing_key(self, raw: str | None) -> str:
+        """Count one reweight's routing key (HTTP header or gRPC metadata): seen, new or none."""
+        kind = self.routing_keys.observe(raw)
+        self.routing_requests.labels(kind).inc()
+        return kind

@@ -10,7 +10,6 @@ import logging
 import time
 from typing import Any, Callable, Optional
 
-from kawhi.server.affinity import SeenKeys
 from kawhi.server.logs import accept_request_id, request_id_var
 from kawhi.server.problems import ProblemError, problem_response
 
@@ -43,7 +42,6 @@ class RequestContextMiddleware:
     def __init__(self, app: Callable, *, state: Any) -> None:
         self.app = app
         self.state = state  # ServerState: settings, metrics
-        self.routing_keys = SeenKeys()
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -60,8 +58,7 @@ class RequestContextMiddleware:
         rid_header = (b"x-request-id", rid.encode())
         routing: Optional[str] = None
         if scope.get("path") == "/v1/reweight" and scope.get("method") == "POST":
-            routing = self.routing_keys.observe(headers.get(b"x-kawhi-routing-key", b"").decode("latin-1"))
-            metrics.routing_requests.labels(routing).inc()
+            routing = metrics.observe_routing_key(headers.get(b"x-kawhi-routing-key", b"").decode("latin-1"))
 
         async def send_wrapper(message: dict) -> None:
             if message["type"] == "http.response.start":
