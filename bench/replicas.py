@@ -203,6 +203,22 @@ def run(servers: list[Server], work: list[dict[str, Any]], *, mode: str = "affin
     return out
 
 
+def table(results: list[dict[str, Any]]) -> str:
+    """The markdown table of bench/README.md from a run's results."""
+    names = {("affinity", 1): "1 replica", ("affinity", 3): "3 replicas, `Client(replicas=...)`",
+             ("random", 3): "3 replicas, random (plain Service)"}
+    rows = ["| run | answered | req/s | p50 s | affinity ratio (best) | replicas per group | uploads | "
+            "prefix-cache hit ratio | failovers | recovery s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        name = "3 replicas, one SIGKILLed after 1/3" if "killed" in r else names[(r["mode"], r["replicas"])]
+        rows.append(
+            f"| {name} | {r['answered']}/{r['requests']} | {r['requests_per_s']} | {r['latency_p50_s']} | "
+            f"{r['affinity_ratio']} ({r['best_affinity_ratio']}) | {r['replicas_per_group']} | {r['uploads']} | "
+            f"{r.get('prefix_hit_ratio', 'n/a')} | {r['client']['failovers']} | "
+            f"{r.get('recovery_s', '') if 'killed' in r else ''} |")
+    return "\n".join(rows)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--groups", type=int, default=12)
@@ -232,6 +248,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             results.append(run(three, work("kill-"), in_flight=a.in_flight, kill_after=1 / 3))
     for r in results:
         print(json.dumps(r))
+    print(table(results))
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"args": vars(a), "results": results}, f, indent=1)
