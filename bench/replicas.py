@@ -94,10 +94,11 @@ def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]
 
 
 @contextlib.contextmanager
-def replicas(n: int, *, threads: int = 1, model_dir: Optional[Path] = None) -> Iterator[list[Server]]:
-    """``n`` replicas on loopback ports (demo model, or ``model_dir``), started together,
-    stopped on exit."""
-    servers = [Server(model_dir, threads=threads) for _ in range(n)]
+def replicas(n: int, *, threads: int = 1, model_dir: Optional[Path] = None,
+             flags: Optional[dict[str, Any]] = None) -> Iterator[list[Server]]:
+    """``n`` replicas on loopback ports (demo model, or ``model_dir``; extra ``kawhi serve``
+    ``flags``), started together, stopped on exit."""
+    servers = [Server(model_dir, flags=flags, threads=threads) for _ in range(n)]
     with contextlib.ExitStack() as stack:
         for s in servers:
             stack.push(s.__exit__)  # a replica that did start is stopped even if another did not
@@ -227,6 +228,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--side", type=int, default=224, help="image side in pixels")
     ap.add_argument("--model", choices=("demo", "bench"), default="demo",
                     help="the embedded demo model, or the larger CPU bench model of bench/models.py")
+    ap.add_argument("--serve-flag", action="append", default=[], metavar="NAME=VALUE",
+                    help="a kawhi serve flag for every replica, e.g. cache_prefix_bytes=0")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     results = []
@@ -240,9 +243,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         def work(tag: str) -> list[dict[str, Any]]:
             return workload(a.groups, a.samples, tag=tag, side=a.side)
 
-        with replicas(1, model_dir=model_dir) as one:
+        flags = dict(item.split("=", 1) for item in a.serve_flag)
+        with replicas(1, model_dir=model_dir, flags=flags) as one:
             results.append(run(one, work("one-"), in_flight=a.in_flight))
-        with replicas(3, model_dir=model_dir) as three:
+        with replicas(3, model_dir=model_dir, flags=flags) as three:
             results.append(run(three, work("hrw-"), in_flight=a.in_flight))
             results.append(run(three, work("random-"), mode="random", in_flight=a.in_flight))
             results.append(run(three, work("kill-"), in_flight=a.in_flight, kill_after=1 / 3))
