@@ -26,20 +26,23 @@ def quiet() -> None:
 
 class Bench:
     def __init__(self, model: str = "demo", *, device: str = "cpu", dtype: str = "auto",
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, split_attention: bool | None = None) -> None:
         import torch
 
         quiet()
         if threads:
             torch.set_num_threads(threads)
-        from kawhi.engine.engine import Engine
+        from kawhi.engine.engine import Engine, EngineLimits
 
         self.model_kind = model
         self.device = device
+        # Timings repeat calls on the same groups: no prefix kept across calls, so every call
+        # pays its prefixes (bench/prefix_share.py measures the cache itself).
+        limits = EngineLimits(prefix_cache_bytes=0, split_attention=split_attention)
         if model == "demo":
-            self.engine = Engine.load(device=device)
+            self.engine = Engine.load(device=device, limits=limits)
         else:
-            self.engine = Engine(build_reference(model, device=device, dtype=dtype))
+            self.engine = Engine(build_reference(model, device=device, dtype=dtype), limits=limits)
         self.reference = self.engine.model
         self.threads = torch.get_num_threads()
 

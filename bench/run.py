@@ -230,6 +230,7 @@ def run_server_suites(bench: Any, args: argparse.Namespace, prof: dict[str, Any]
         if args.model != "demo":
             model_dir = save_reference(bench.reference, Path(tmp) / "model")
         flags = {"device": args.device, "dtype": args.dtype} if model_dir is not None else {"device": args.device}
+        flags["cache_prefix_bytes"] = 0  # passes repeat the same images: no prefix kept across requests
         for item in args.serve_flag:
             name, _, value = item.partition("=")
             flags[name.strip().replace("-", "_")] = value.strip()
@@ -363,6 +364,8 @@ def p3(bench: Any, args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, A
                for ids, r in zip(group.responses, group.rewards)]
     shared = bench.prepare([group])
     independent = bench.prepare(singles)
+    for p in independent:  # independent means each pays its prefix (the engine would share equal ones)
+        p.prompt.cache_key = None
     times = compare({"shared": bench.call("kawhi", shared), "independent": bench.call("kawhi", independent),
                      "bare": bench.call("bare", shared)}, cfg["repeats"], device=bench.device)
     toks = tokens_of(shared)

@@ -123,7 +123,8 @@ def metrics_snapshot(url: str) -> dict[str, float]:
     _check_loopback(url)
     wanted = ("kawhi_forward_seconds_sum", "kawhi_forward_seconds_count", "kawhi_prepare_seconds_sum",
               "kawhi_prepare_seconds_count", "kawhi_batch_groups_sum", "kawhi_batch_groups_count",
-              "process_cpu_seconds_total")
+              "process_cpu_seconds_total", "kawhi_prefix_cache_hits_total", "kawhi_prefix_cache_misses_total",
+              "kawhi_prefix_cache_coalesced_total")
     out: dict[str, float] = {}
     text = httpx.get(url + "/metrics", timeout=10.0).text
     for line in text.splitlines():
@@ -144,6 +145,9 @@ def metrics_delta(before: dict[str, float], after: dict[str, float]) -> dict[str
         "prepare_s": d.get("kawhi_prepare_seconds_sum", 0.0),
         "groups": d.get("kawhi_batch_groups_sum", 0.0),
         "server_cpu_s": d.get("process_cpu_seconds_total", 0.0),
+        "prefix_hits": d.get("kawhi_prefix_cache_hits_total", 0.0),
+        "prefix_misses": d.get("kawhi_prefix_cache_misses_total", 0.0),
+        "prefix_coalesced": d.get("kawhi_prefix_cache_coalesced_total", 0.0),
     }
 
 

@@ -1,26 +1,19 @@
-"""Experiment: the response pass without an attention mask (a suggested engine change).
+"""Split attention on vs off: time, peak memory and exactness of ``Engine.run``.
 
-The engine's response pass (``QwenVLReference.final_layer_inputs``) runs G responses of T
-tokens over a KV cache holding the P-token prefix. With q_len != kv_len transformers builds
-a (G, 1, T, P+T) boolean causal mask, so SDPA
-
-* converts it to a float mask in every layer (``aten::where``: G*T*(P+T)*4 bytes each time),
-* cannot use its causal fast path (the flash kernels skip the upper triangle only with
-  ``is_causal``), so it computes all T x (P+T) scores, and
-* repeats K/V to every query head (transformers uses SDPA's GQA only without a mask).
-
-The mask is pure structure: every response token sees the whole prefix and its own
-predecessors. So attention splits exactly into a prefix part (no mask; GQA heads packed
-along the length axis) and a self part (``is_causal=True``), merged with their
-log-sum-exps. ``split_sdpa`` does that with ``aten::_scaled_dot_product_flash_attention_for_cpu``,
-which returns the log-sum-exp. On CUDA the equivalent is loading the reference with
-``attn_implementation="flash_attention_2"``, whose causal mask is bottom-right aligned
-when q_len < kv_len, so no mask is built at all.
+The response pass continues a prefix of P tokens with G responses of T tokens. With the
+switch off (``EngineLimits.split_attention=False``) every response gets its own copy of the
+prefix's KV cache and, with q_len != kv_len, transformers builds a (G, 1, T, P+T) mask, so
+SDPA converts it to a float mask in every layer, cannot use its causal fast path and
+repeats K/V to every query head. With it on (``kawhi.models.prefix.split_attention``)
+attention splits exactly into "all of the prefix" (no mask; the query heads of a KV head
+and all G responses packed into one call against the one stored copy of the prefix) and
+"causal over the response", merged by their log-sum-exps.
 
     python -m bench.split_attention --model bench --tokens 2048 --group 4
 
-prints the engine's ``Engine.run`` time and peak memory with and without the split (same
-process, interleaved), and the largest difference in the captured hidden states.
+prints the engine's ``Engine.run`` time and peak memory with the switch on and off (same
+process, interleaved; memory in a fresh process each), and the largest difference in the
+captured hidden states.
 """
 
 from __future__ import annotations
@@ -35,47 +28,48 @@ from typing import Any
 import torch
 
 
-def _sees_whole_prefix(mask: torch.Tensor, prefix: int) -> bool:
-    """True when no query is masked from any of the first ``prefix`` keys (bool: True = attend;
-    float: 0 = attend)."""
-    part = mask[..., :prefix]
-    return bool(part.all()) if part.dtype == torch.bool else bool((part == 0).all())
+def attention_only(ref: Any, prefix: int, group: int, tokens: int, repeats: int) -> dict[str, float]:
+    """One LM layer's attention at the model's shapes, masked SDPA over a per-response copy
+    of the prefix vs split attention; min and median of interleaved calls (robust to load)."""
+    import time
 
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-def split_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any,
-               dropout: float = 0.0, scaling: Any = None, is_causal: Any = None, **kwargs: Any) -> Any:
-    """transformers attention function: exact prefix/self split for q_len < kv_len on CPU.
+    from kawhi.models.prefix import LayerInputs, PrefixState, SplitPlan, continuation_plan, split_attention
 
-    Valid where the mask is "all of the prefix + causal over the queries" (the engine's
-    right-padded response pass of one group, or of groups with equal prefix lengths); a
-    mask that hides part of the prefix (prefix padding) goes to transformers' own SDPA.
-    """
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    module = ref._base.language_model.layers[0].self_attn
+    H, Hkv, d = ref.num_heads, ref.num_kv_heads, ref.head_dim
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(group, H, tokens, d, generator=gen, dtype=ref.dtype)
+    k, v = (torch.randn(group, Hkv, tokens, d, generator=gen, dtype=ref.dtype) for _ in range(2))
+    pk, pv = (torch.randn(1, Hkv, prefix, d, generator=gen, dtype=ref.dtype) for _ in range(2))
+    state = PrefixState([pk] * (module.layer_idx + 1), [pv] * (module.layer_idx + 1),
+                        LayerInputs(pk[:0], pk[:0], pk[:0]), prefix, prefix)
+    mask = torch.ones(group, 1, tokens, prefix + tokens, dtype=torch.bool)
+    mask[..., prefix:] = torch.ones(tokens, tokens, dtype=torch.bool).tril()
 
-    B, H, T, d = query.shape
-    S = key.shape[2]
-    if T == 1 or S <= T or query.device.type != "cpu" or dropout:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
-    P = S - T
-    if attention_mask is not None and not _sees_whole_prefix(attention_mask, P):
-        # prefix padding (groups of different prefix lengths in one batch): keep the masked kernel
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    hkv = key.shape[1]
-    n_rep = H // hkv
-    # prefix: no mask, so the n_rep query heads of a KV head can share one call (GQA packed)
-    out_p, lse_p = flash(query.reshape(B, hkv, n_rep * T, d), key[:, :, :P], value[:, :, :P], 0.0, False,
-                         scale=scaling)
-    out_p, lse_p = out_p.reshape(B, H, T, d), lse_p.reshape(B, H, T)
-    out_s, lse_s = flash(query, repeat_kv(key[:, :, P:], n_rep), repeat_kv(value[:, :, P:], n_rep), 0.0, True,
-                         scale=scaling)
-    m = torch.maximum(lse_p, lse_s)
-    w_p = (lse_p - m).exp_().unsqueeze(-1)
-    w_s = (lse_s - m).exp_().unsqueeze(-1)
-    out = (out_p * w_p + out_s * w_s) / (w_p + w_s)
-    return out.transpose(1, 2).contiguous(), None
+    def masked() -> Any:
+        keys = torch.cat([pk.expand(group, -1, -1, -1), k], 2)
+        values = torch.cat([pv.expand(group, -1, -1, -1), v], 2)
+        return sdpa_attention_forward(module, q, keys, values, mask, scaling=d ** -0.5)[0]
+
+    def split() -> Any:
+        with continuation_plan(SplitPlan([(0, group, state)])):
+            return split_attention(module, q, k, v, None, scaling=d ** -0.5)[0]
+
+    times: dict[str, list[float]] = {"mask": [], "split": []}
+    with torch.inference_mode():
+        diff = (masked() - split()).abs().max().item()
+        for _ in range(repeats):
+            for name, fn in (("mask", masked), ("split", split)):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    out = {f"{n}_min_s": min(t) for n, t in times.items()}
+    out.update({f"{n}_median_s": sorted(t)[len(t) // 2] for n, t in times.items()})
+    out["min_ratio"] = out["split_min_s"] / out["mask_min_s"]
+    out["max_abs_diff"] = diff
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,61 +84,52 @@ def main(argv: list[str] | None = None) -> int:
                         help="internal: only measure this variant's peak memory (run in a fresh process)")
     args = parser.parse_args(argv)
 
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     from bench.context import Bench
     from bench.measure import REPO, compare, peak_rss_delta
     from bench.workload import GroupSpec
+    from kawhi.engine.engine import Engine, EngineLimits
 
     bench = Bench(args.model, threads=args.threads)
-    prepared = bench.prepare(bench.groups(GroupSpec(args.tokens, args.group, (448, 336), 2000)))
     ref = bench.reference
-    original = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    prepared = bench.prepare(bench.groups(GroupSpec(args.tokens, args.group, (448, 336), 2000)))
+    engines = {name: Engine(ref, limits=EngineLimits(prefix_cache_bytes=0, split_attention=name == "split"))
+               for name in ("mask", "split")}
 
-    def states() -> list[torch.Tensor]:
-        out = ref.final_layer_inputs(prepared[0].prompt, [r.tokens.token_ids for r in prepared[0].responses])
+    if args.memory:  # a fresh process per variant: the allocator holds nothing from the other one
+        engine = engines[args.memory]
+        engine.run(bench.prepare(bench.groups(GroupSpec(8, 1, (448, 336), 1))))  # warm the kernels
+        print(json.dumps(peak_rss_delta(lambda: engine.run(prepared))))
+        return 0
+
+    def states(split: bool) -> list[torch.Tensor]:
+        p = prepared[0]
+        out = ref.final_layer_inputs_many([(p.prompt, [r.tokens.token_ids for r in p.responses])],
+                                          split_attention=split)[0]
         return [s.hidden for s in out.responses]
 
-    def use(fn: Any) -> None:
-        ALL_ATTENTION_FUNCTIONS["sdpa"] = fn
-
-    run = bench.call("kawhi", prepared)
-    if args.memory:  # a fresh process per variant: the allocator holds nothing from the other one
-        use(split_sdpa if args.memory == "split" else original)
-        warm = bench.prepare(bench.groups(GroupSpec(8, 1, (448, 336), 1)))
-        bench.call("kawhi", warm)()
-        print(json.dumps(peak_rss_delta(run)))
-        return 0
-    use(original)
-    base = states()
-    use(split_sdpa)
-    diff = max((a - b).abs().max().item() for a, b in zip(base, states()))
-
-    def as_mask() -> None:
-        use(original)
-        run()
-
-    def as_split() -> None:
-        use(split_sdpa)
-        run()
-
-    times = compare({"mask": as_mask, "split": as_split}, args.repeats)
-    use(original)
+    diff = max((a - b).abs().max().item() for a, b in zip(states(False), states(True)))
+    prefix = int(prepared[0].prompt.input_ids.numel())
+    layer = attention_only(ref, prefix, args.group, args.tokens, max(5, 3 * args.repeats))
+    times = compare({name: (lambda e=e: e.run(prepared)) for name, e in engines.items()}, args.repeats)
     mem = {}
     for variant in ("mask", "split"):
         cmd = [sys.executable, "-m", "bench.split_attention", "--model", args.model, "--tokens", str(args.tokens),
                "--group", str(args.group), "--memory", variant]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True, env=env)
         mem[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
-    mem_mask, mem_split = mem["mask"], mem["split"]
-    out = {"model": args.model, "tokens": args.tokens, "group": args.group, "threads": bench.threads,
-           "max_abs_diff_hidden": diff,
-           "mask_s": times["mask"]["median_s"], "split_s": times["split"]["median_s"],
-           "time_ratio": times["split"]["median_s"] / times["mask"]["median_s"],
-           "mask_peak_mib": mem_mask["delta_mib"], "split_peak_mib": mem_split["delta_mib"]}
+    out: dict[str, Any] = {
+        "model": args.model, "tokens": args.tokens, "group": args.group, "threads": bench.threads,
+        "max_abs_diff_hidden": diff,
+        "mask_s": times["mask"]["median_s"], "split_s": times["split"]["median_s"],
+        "time_ratio": times["split"]["median_s"] / times["mask"]["median_s"],
+        "min_time_ratio": times["split"]["min_s"] / times["mask"]["min_s"],
+        "one_layer_attention": layer,
+        "mask_peak_mib": mem["mask"]["delta_mib"], "split_peak_mib": mem["split"]["delta_mib"],
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+    }
     print(json.dumps(out))
     return 0
 

@@ -8,9 +8,63 @@ read through its ``.tolist()`` / ``__array__``.
 
 from __future__ import annotations
 
+import array
+import sys
 from typing import Any, Iterable, Literal, Mapping, Optional
 
-__all__ = ["pad_token_advantages", "token_advantage_rows"]
+__all__ = ["decode_float32", "encode_float32", "pad_token_advantages", "token_advantage_rows",
+           "token_weights_from_paragraphs"]
+
+
+def encode_float32(values: Any) -> str:
+    """Numbers -> base64 of their little-endian float32 bytes (the wire's ``base64`` encoding)."""
+    import base64
+
+    np = _numpy()
+    if np is not None:
+        return base64.b64encode(np.asarray(values, dtype="<f4").tobytes()).decode("ascii")
+    arr = array.array("f", [float(v) for v in values])
+    if sys.byteorder == "big":
+        arr.byteswap()
+    return base64.b64encode(arr.tobytes()).decode("ascii")
+
+
+def decode_float32(text: str, as_numpy: bool = False) -> Any:
+    """base64 of little-endian float32 -> a list of floats (or a float32 numpy array)."""
+    import base64
+    import binascii
+
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"not base64: {exc}") from None
+    if len(raw) % 4:
+        raise ValueError(f"{len(raw)} bytes is not a whole number of float32 values")
+    np = _numpy()
+    if np is not None:
+        out = np.frombuffer(raw, dtype="<f4")
+        return out.astype(np.float32) if as_numpy else out.tolist()
+    if as_numpy:
+        raise ImportError("as_numpy=True needs numpy")
+    arr = array.array("f")
+    arr.frombytes(raw)
+    if sys.byteorder == "big":
+        arr.byteswap()
+    return arr.tolist()
+
+
+def token_weights_from_paragraphs(response: Any, n_tokens: Optional[int] = None) -> list[float]:
+    """Per-token weights rebuilt from a response's paragraphs (for ``token_arrays=false``):
+    each token gets its paragraph's weight, tokens outside every paragraph 1.0. Multiply by
+    the response's ``advantage`` for its token advantages."""
+    paragraphs = response.get("paragraphs") if isinstance(response, Mapping) else response.paragraphs
+    spans = [(p["token_start"], p["token_end"], p["weight"]) if isinstance(p, Mapping)
+             else (p.token_start, p.token_end, p.weight) for p in paragraphs]
+    n = n_tokens if n_tokens is not None else max((end for _, end, _ in spans), default=0)
+    out = [1.0] * n
+    for start, end, weight in spans:
+        out[start:end] = [float(weight)] * (min(end, n) - start)
+    return out
 
 
 def _numpy() -> Any:

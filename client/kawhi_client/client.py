@@ -33,7 +33,7 @@ from kawhi_client.config import (
 )
 from kawhi_client.actions import Call, Job, Lookup, Sleep, check_action, resume
 from kawhi_client.core import Core
-from kawhi_client.planning import GroupLike, OptionsLike
+from kawhi_client.planning import GroupLike, OptionsLike, wire_fields
 from kawhi_client.schema import GroupResult, ReweightResponse
 
 __all__ = ["AsyncClient", "Client", "ClientConfig", "ClientStats", "Limits", "RetryPolicy", "Timeouts",
@@ -58,6 +58,8 @@ class _Base:
         wait_ready: Union[bool, float] = True,
         max_groups_per_request: Optional[int] = None,
         headers: Optional[Mapping[str, str]] = None,
+        encoding_format: str = "float",
+        token_arrays: bool = True,
         verify: Any = True,
         replicas: Union[str, Sequence[str], None] = None,
         resolve_every: float = 30.0,
@@ -80,6 +82,10 @@ class _Base:
                 number of seconds, or False (do not wait).
             max_groups_per_request: cap the groups per request below the server's limit.
             headers: extra HTTP headers on every request.
+            encoding_format: ``"float"`` (JSON numbers) or ``"base64"`` (per-token arrays as
+                little-endian float32, ~4x fewer bytes; decoded to lists transparently).
+            token_arrays: False asks for no per-token arrays (``token_advantages`` and
+                ``token_weights`` are None; the paragraphs carry spans and weights).
             verify: TLS verification, as httpx takes it.
             replicas: several replicas of the service instead of one ``base_url``: a list
                 of base URLs (or one comma-separated string), or ``dns+http://NAME:PORT``
@@ -108,6 +114,7 @@ class _Base:
             replicas=replicas,
             resolve_every=resolve_every,
             shared_image_cache=shared_image_cache,
+            wire=wire_fields(encoding_format, token_arrays),
         )
         self._core = Core(config)
         self._open(config)

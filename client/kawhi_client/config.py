@@ -263,6 +263,7 @@ class ClientConfig:
     replicas: Any = None  # None: one endpoint (base_url); else a ReplicaSet spec (kawhi_client.replicas)
     resolve_every: float = 30.0  # seconds between DNS lookups of a dns+http:// replica spec
     shared_image_cache: bool = False  # the replicas share one image store (Redis): upload an image once
+    wire: bytes = b""  # request fields choosing the answer's array encoding (planning.wire_fields)
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:

@@ -126,6 +126,7 @@ class Core(ReplicaJobs):
             ReplicaSet(config.replicas, resolve_every=config.resolve_every) if config.replicas is not None else None
         )
         self.shared_images = config.shared_image_cache
+        self.wire = config.wire  # see planning.wire_fields
         # images the server was sent (insertion-ordered): sha256, or "<replica> <sha256>" per replica
         self._known: dict[str, None] = {}
         self._known_max = 100_000
@@ -408,7 +409,7 @@ class Core(ReplicaJobs):
                 max_groups=limits.groups_per_request(self.max_in_flight, self.max_groups_per_request),
                 max_bytes=max(1024, limits.max_body_bytes - 1024),
                 max_tokens=limits.max_request_tokens,
-                overhead=body_overhead(opts, per_group_errors),
+                overhead=body_overhead(opts, per_group_errors, self.wire),
             )]
         prefix = request_id or new_request_id()
         jobs = []
@@ -447,7 +448,7 @@ class Core(ReplicaJobs):
             yield from self.upload_job(images[sha], reupload=True, route=route)
 
         while True:
-            body = build_body([g.json for g in chunk], opts, per_group_errors)
+            body = build_body([g.json for g in chunk], opts, per_group_errors, self.wire)
             timeout = self.timeouts.for_tokens(sum(g.tokens for g in chunk))
             try:
                 resp = yield from self.exchange(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Estimator = Literal["grpo", "drgrpo", "rloo", "given"]
 StdKind = Literal["population", "unbiased"]
@@ -18,6 +18,7 @@ RegionStrategy = Literal["sguf", "all", "random", "inverse"]
 Similarity = Literal["query_key", "key_key"]
 Granularity = Literal["paragraph", "sentence", "token"]
 RopeMode = Literal["after", "before"]
+EncodingFormat = Literal["float", "base64"]
 
 
 class _Strict(BaseModel):
@@ -86,6 +87,10 @@ class ReweightRequest(_Strict):
     per_group_errors: bool = Field(
         False, description="answer 200 with an error per bad group instead of failing the request"
     )
+    encoding_format: EncodingFormat = Field(
+        "float", description="per-token arrays as JSON numbers, or base64 of little-endian float32"
+    )
+    token_arrays: bool = Field(True, description="false: answer without per-token arrays (paragraphs only)")
 
 
 class Paragraph(BaseModel):
@@ -98,10 +103,23 @@ class Paragraph(BaseModel):
 
 
 class ResponseResult(BaseModel):
+    """token_advantages / token_weights: one value per response token; on the wire JSON
+    numbers, or base64 strings of little-endian float32 (``encoding_format="base64"``,
+    decoded here), or absent (``token_arrays=false``: None)."""
+
     advantage: float
     paragraphs: list[Paragraph]
-    token_advantages: list[float]
-    token_weights: list[float]
+    token_advantages: Optional[list[float]] = None
+    token_weights: Optional[list[float]] = None
+
+    @field_validator("token_advantages", "token_weights", mode="wrap")
+    @classmethod
+    def _decode_base64(cls, value: Any, handler: Any) -> Any:
+        if isinstance(value, str):  # decoded floats need no second validation pass
+            from kawhi_client.arrays import decode_float32
+
+            return decode_float32(value)
+        return handler(value)
 
 
 class Problem(BaseModel):

@@ -10,7 +10,9 @@ token ids — and the advantage stage runs after the images are gone. So:
    ``custom_reward_function`` still computes the score) and, per sample, sends KAWHI the
    sample's image and chat prompt (``raw_prompt``, the image part as RLHFDataset builds
    it) and the policy's OWN response token ids, asking for the token weights only (the
-   group advantage is not known yet). The weights travel with the sample as
+   group advantage is not known yet). The samples verl scores together (one task each,
+   started at once) go in one call (``SampleBatcher``), so a GRPO group's responses are
+   one group there; what still arrives apart shares the service's prefix cache. The weights travel with the sample as
    ``reward_extra_info["kawhi_token_weights"]`` — a compact string (run-length JSON),
    because verl stacks each extra-info key with ``np.array`` and ragged lists would not
    stack — plus a numeric ``kawhi_fallback`` flag (0/1) that verl's metrics can average.
@@ -51,6 +53,7 @@ training logs are.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
 import json
@@ -75,6 +78,7 @@ __all__ = [
     "REWARD_MANAGER_NAME",
     "WEIGHTS_KEY",
     "KawhiRewardManager",
+    "SampleBatcher",
     "compute_grpo_kawhi_advantage",
     "decode_weights",
     "driver_policy",
@@ -159,7 +163,9 @@ def kawhi_settings(config: Any) -> dict[str, Any]:
     Keys: ``url`` (an http(s) URL, or ``in-process``), ``on_error``, ``options`` (API
     options), ``inner`` (the wrapped reward manager, default ``naive``), ``model`` and
     ``device`` (for ``in-process``), ``client`` (keyword arguments of
-    ``kawhi_client.Client``: ``timeout``, ``retries``, ``wait_ready``, ``api_key`` ...)."""
+    ``kawhi_client.Client``: ``timeout``, ``retries``, ``wait_ready``, ``api_key``,
+    ``encoding_format`` (default here ``base64``) ...), ``batch_wait_s`` (how long the
+    ``SampleBatcher`` waits for stragglers after the batch's tasks, default 0.002)."""
     section = _cfg_get(_cfg_get(config, "reward"), "kawhi")
     if section is not None and hasattr(section, "items") and not isinstance(section, Mapping):
         try:
@@ -178,6 +184,7 @@ def kawhi_settings(config: Any) -> dict[str, Any]:
         "model": section.get("model") or os.environ.get("KAWHI_MODEL"),
         "device": section.get("device") or os.environ.get("KAWHI_DEVICE") or "cpu",
         "client": dict(section.get("client") or {}),
+        "batch_wait_s": section.get("batch_wait_s", os.environ.get("KAWHI_BATCH_WAIT_S", 0.002)),
     }
 
 
@@ -195,7 +202,8 @@ def reweighter_from_config(config: Any) -> Reweighter:
     else:
         from kawhi_client.client import Client
 
-        backend = as_backend(Client(url, **s["client"]))
+        # weights come back as float32 base64 (verl multiplies them into float32 tensors anyway)
+        backend = as_backend(Client(url, **{"encoding_format": "base64", **s["client"]}))
     # advantage 1.0 is sent ("given"): token_advantages == token_weights; nothing is skipped
     return Reweighter(backend, options=s["options"], on_error=s["on_error"], skip_zero_advantage=False)
 
@@ -312,17 +320,78 @@ class KawhiRewardManager(_Base):  # type: ignore[misc, valid-type]
         self.reweighter = reweighter_from_config(config)
         self.tokenizer_ok: Optional[bool] = None
         self._checked = False
+        self.samples = SampleBatcher(self._reweight_rows, max_wait_s=float(kawhi_settings(config)["batch_wait_s"]))
 
-    async def run_single(self, data: Any) -> dict[str, Any]:
+    def _reweight_rows(self, rollouts: list[Rollout]) -> list[RowResult]:
         if not self._checked:  # the policy's tokenizer against the service's, once per worker
             self._checked = True
-            self.tokenizer_ok = await self.loop.run_in_executor(None, self.reweighter.check_tokenizer, self.tokenizer)
-        result = await self.inner.run_single(data)
+            self.tokenizer_ok = self.reweighter.check_tokenizer(self.tokenizer)
+        return self.reweighter.reweight(rollouts)
+
+    async def run_single(self, data: Any) -> dict[str, Any]:
         sample = data[-1:]  # like verl's managers: the last sequence of a multi-sequence output
-        extra = await self.loop.run_in_executor(None, kawhi_extra_info, self.reweighter, sample, self.tokenizer)
+        # joins the samples verl scores concurrently with this one, before the inner score runs
+        kawhi = asyncio.ensure_future(self.samples.submit(rollout_from_sample(sample, self.tokenizer)))
+        try:
+            result = await self.inner.run_single(data)
+        except BaseException:
+            kawhi.cancel()
+            raise
+        extra = row_extra_info(await kawhi, self.reweighter.on_error)
         result = dict(result)
         result["reward_extra_info"] = {**dict(result.get("reward_extra_info") or {}), **extra}
         return result
+
+
+class SampleBatcher:
+    """Sends the samples verl hands a reward manager together in one call.
+
+    verl's reward loop scores a batch with one ``run_single`` task per sample, all
+    created at once (``RewardLoopWorker.compute_score_batch``: ``create_task`` for each,
+    then ``gather``). Each task submits its sample here first; the first submission
+    schedules a flush that runs once the event loop has let every task of that batch
+    reach its submission (and ``max_wait_s`` more, for stragglers). The flush sends them
+    all in one ``reweight`` call, where samples sharing an image and prompt (a GRPO
+    group) become one group. Samples of a group that reach the service in different
+    calls (verl chunks the batch across reward workers) share their prefix through the
+    service's prefix cache instead.
+    """
+
+    def __init__(self, reweight: Any, *, max_wait_s: float = 0.002, max_rows: int = 1024) -> None:
+        self.reweight = reweight
+        self.max_wait_s = max_wait_s
+        self.max_rows = max_rows
+        self.calls = 0
+        self._pending: list[tuple[Rollout, Any]] = []
+        self._flush: Any = None
+
+    async def submit(self, rollout: Rollout) -> RowResult:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.append((rollout, future))
+        if self._flush is None:
+            self._flush = loop.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        seen = -1
+        while seen != len(self._pending) and len(self._pending) < self.max_rows:
+            seen = len(self._pending)
+            await asyncio.sleep(0)  # every task already scheduled runs up to its submission
+        if self.max_wait_s > 0:
+            await asyncio.sleep(self.max_wait_s)
+        batch, self._pending, self._flush = self._pending, [], None
+        self.calls += 1
+        try:
+            rows = await asyncio.get_running_loop().run_in_executor(None, self.reweight, [r for r, _ in batch])
+        except BaseException as exc:  # the failure policy said raise: every sample of the call fails
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), row in zip(batch, rows):
+            if not future.done():
+                future.set_result(row)
 
 
 # ============================================================================ advantage stage

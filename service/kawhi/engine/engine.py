@@ -34,6 +34,7 @@ from kawhi.engine.images import ImageLimits, decode_base64, decode_image, sha256
 from kawhi.engine.regions import RegionSelection, select_regions
 from kawhi.engine.segments import Segment, segment_tokens, token_segment_index
 from kawhi.engine.weights import normalize_weights, paragraph_weights, segment_means, token_weights
+from kawhi.models.prefix import PrefixCache, prefix_key
 from kawhi.models.qwen import PromptInputs, QwenVLReference, TokenizedText
 from kawhi_client.schema import (
     GroupResult,
@@ -64,6 +65,11 @@ class EngineLimits:
     # Several groups' responses in one forward: None = on a GPU only. On CPU the forward is
     # compute-bound and merging measured 15-55 % slower per group (padding, masks, copies).
     merge_groups: Optional[bool] = None
+    # Responses attend to the one stored copy of their prefix (split attention) instead of a
+    # per-response copy of its KV cache: None = where it measured faster (CPU; bench/README.md).
+    split_attention: Optional[bool] = None
+    # Prefixes (KV of layers 0..L-2 + visual states) kept across requests, on the model's device.
+    prefix_cache_bytes: int = 256 * 1024 * 1024
     image: ImageLimits = field(default_factory=ImageLimits)
 
 
@@ -118,6 +124,7 @@ class Engine:
         self.tokenizer_fingerprint = model.tokenizer_fingerprint()
         merge = self.limits.merge_groups
         self._merge_groups = model.device.type == "cuda" if merge is None else merge
+        self.prefix_cache = PrefixCache(self.limits.prefix_cache_bytes)
         if model.preset_heads is None:
             log.warning("no published vision-critical head set for %s: 'preset' means all %d heads "
                         "(docs/method.md §3: run the head ablation for this model)", self.model_name, model.num_heads)
@@ -223,6 +230,7 @@ class Engine:
             prompt = self.model.encode_prompt(resized, prompt=group.prompt, messages=group.messages)
         except Exception as exc:  # a template or message-shape problem in the caller's messages
             raise GroupError("/messages" if group.messages is not None else "/prompt", str(exc)) from None
+        prompt.cache_key = prefix_key(self.model_name, image_sha256, prompt.input_ids)
 
         responses = []
         total = int(prompt.input_ids.numel())
@@ -316,7 +324,8 @@ class Engine:
         try:
             all_states: list[Any] = self.model.final_layer_inputs_many(
                 [(g.prompt, [r.tokens.token_ids for r in g.responses]) for g in prepared],
-                max_batch_tokens=self.limits.max_forward_tokens, merge_groups=self._merge_groups)
+                max_batch_tokens=self.limits.max_forward_tokens, merge_groups=self._merge_groups,
+                split_attention=self.limits.split_attention, prefix_cache=self.prefix_cache)
         except Exception:
             log.exception("batched forward of %d groups failed; running them one by one", len(prepared))
             all_states = [None] * len(prepared)
@@ -324,7 +333,9 @@ class Engine:
         for group, states in zip(prepared, all_states):
             try:
                 if states is None:
-                    states = self.model.final_layer_inputs(group.prompt, [r.tokens.token_ids for r in group.responses])
+                    states = self.model.final_layer_inputs_many(
+                        [(group.prompt, [r.tokens.token_ids for r in group.responses])],
+                        split_attention=self.limits.split_attention, prefix_cache=self.prefix_cache)[0]
                 results.append(self._score_group(group, states))
             except Exception as exc:
                 log.exception("group %s failed in the forward", group.id)

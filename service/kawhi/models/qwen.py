@@ -12,8 +12,10 @@ adapter gets them without ever materialising an attention matrix:
 * q and k are then recomputed from those hidden states with the final layer's own
   input norm, q/k projections (and q/k norms on Qwen3-VL) and the model's own
   ``apply_rotary_pos_emb``;
-* the image + prompt prefix of a group runs once; its KV cache (layers 0..L-2) is
-  repeated for the G responses, which then run as one batch continuing from it.
+* the image + prompt prefix of a group runs once (kawhi.models.prefix: cached across
+  requests by content); the G responses then run as one batch continuing from it, with
+  split attention over the one stored copy of its KV cache (layers 0..L-2), or over a
+  per-response copy of it.
 """
 
 from __future__ import annotations
@@ -26,12 +28,28 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import torch
 from PIL import Image
 
+from kawhi.models.byte_level import UNICODE_TO_BYTE as _UNICODE_TO_BYTE
+from kawhi.models.byte_level import utf8_char_spans as _utf8_char_spans
 from kawhi.models.heads import preset_heads
+from kawhi.models.prefix import (
+    LayerInputs,
+    PrefixCache,
+    PrefixState,
+    Row,
+    SplitPlan,
+    continuation_plan,
+    enable_split_attention,
+    pack_rows,
+    padded_prefix_cache,
+    shared_prefixes,
+)
+
+_pack_rows = pack_rows  # the name the tests know
 
 log = logging.getLogger(__name__)
 
@@ -58,50 +76,6 @@ QWEN_CHAT_TEMPLATE = (
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-@dataclass
-class _Prefix:
-    """A group's prefix after its forward: KV cache of layers 0..L-2, visual states,
-    the rotary position its response starts at, and its length in tokens."""
-
-    cache: Any
-    visual: "LayerInputs"
-    next_position: int
-    length: int
-
-
-_Row = tuple[int, int, list[int]]  # (group index, response index, token ids)
-
-
-def _pack_rows(groups: Sequence[tuple[Any, Sequence[Sequence[int]]]], max_tokens: int, merge_groups: bool,
-               max_padding: float) -> list[list[_Row]]:
-    """Response rows packed into forward batches (see QwenVLReference.final_layer_inputs_many)."""
-
-    def padded(rows: list[_Row]) -> int:
-        return len(rows) * max(len(tokens) for _, _, tokens in rows)
-
-    def real(rows: list[_Row]) -> int:
-        return sum(len(tokens) for _, _, tokens in rows)
-
-    batches: list[list[_Row]] = []
-    current: list[_Row] = []
-    for g, (_, responses) in enumerate(groups):
-        rows = sorted(((g, r, list(ids)) for r, ids in enumerate(responses) if len(ids)), key=lambda row: -len(row[2]))
-        if not rows:
-            continue
-        joined = current + rows
-        if current and not (merge_groups and padded(joined) <= max_tokens and padded(joined) <= max_padding * real(joined)):
-            batches.append(current)
-            current = []
-        for row in rows:
-            if current and padded(current + [row]) > max_tokens:
-                batches.append(current)
-                current = []
-            current.append(row)
-    if current:
-        batches.append(current)
-    return batches
 
 
 def qwen_vl_token_ids(tokenizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -135,6 +109,7 @@ class PromptInputs:
     image_grid_thw: torch.Tensor
     visual_positions: torch.Tensor
     grid: tuple[int, int]
+    cache_key: Optional[str] = None  # content key of the prefix (kawhi.models.prefix.prefix_key); None = not cached
 
 
 @dataclass
@@ -147,66 +122,11 @@ class TokenizedText:
 
 
 @dataclass
-class LayerInputs:
-    """Hidden states entering the final decoder layer, with their rotary tables.
-
-    hidden: (N, D); cos, sin: (N, head_dim), in the model's dtype.
-    """
-
-    hidden: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
-
-
-@dataclass
 class GroupStates:
     """Final-layer inputs of one group: its visual tokens and each response's tokens."""
 
     visual: LayerInputs
     responses: list[LayerInputs]
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte <-> printable-unicode map used by byte-level BPE."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
-
-
-_UNICODE_TO_BYTE = {u: b for b, u in _bytes_to_unicode().items()}
-
-
-def _utf8_char_spans(data: bytes) -> tuple[str, list[int]]:
-    """Decode ``data`` as UTF-8 (invalid bytes -> U+FFFD each) and map byte -> char index.
-
-    Returns the text and a list of length len(data) + 1 giving, for each byte offset,
-    the index of the character that starts at or contains it.
-    """
-    chars: list[str] = []
-    byte_to_char = [0] * (len(data) + 1)
-    i = 0
-    while i < len(data):
-        lead = data[i]
-        width = 1 if lead < 0x80 else 2 if lead >> 5 == 0b110 else 3 if lead >> 4 == 0b1110 else 4 if lead >> 3 == 0b11110 else 0
-        piece = data[i : i + width] if width else b""
-        try:
-            ch = piece.decode("utf-8") if width else None
-        except UnicodeDecodeError:
-            ch = None
-        if ch is None:
-            ch, width = "\ufffd", 1
-        for j in range(i, i + width):
-            byte_to_char[j] = len(chars)
-        chars.append(ch)
-        i += width
-    byte_to_char[len(data)] = len(chars)
-    return "".join(chars), byte_to_char
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -277,6 +197,9 @@ class QwenVLReference:
             tokenizer.chat_template = QWEN_CHAT_TEMPLATE
         self.pad_token_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._byte_level = self._detect_byte_level()
+        self.split_capable = enable_split_attention(model)
+        # on by default where it measured faster (bench/README.md): CPU
+        self.split_attention: bool = self.split_capable and self.device.type == "cpu"
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -468,31 +391,44 @@ class QwenVLReference:
         *,
         merge_groups: bool = True,
         max_padding: float = 1.25,
+        split_attention: Optional[bool] = None,
+        prefix_cache: Optional[PrefixCache] = None,
     ) -> list[GroupStates]:
         """Final-layer inputs of several groups, with each prefix run once.
 
-        Each group's image + prompt prefix runs on its own (the vision tower sees one
-        image); its responses then run as one batch continuing the cached prefix. With
-        ``merge_groups``, consecutive groups share that batch while it holds at most
-        ``max_batch_tokens`` padded response tokens and at most ``max_padding`` times
-        its real tokens; a group larger than the budget is split by rows.
+        Each distinct image + prompt prefix runs on its own (the vision tower sees one
+        image), or comes from ``prefix_cache`` (by ``PromptInputs.cache_key``; groups with
+        equal keys share one prefix even without a cache). Responses then run as batches
+        continuing their prefix; groups of one prefix pack as one group. With
+        ``merge_groups``, other groups share a batch while it holds at most
+        ``max_batch_tokens`` padded response tokens and at most ``max_padding`` times its
+        real tokens; a group larger than the budget is split by rows.
+
+        split_attention: continue with split attention (kawhi.models.prefix), else over a
+        per-row copy of the prefix's KV cache; None = :attr:`split_attention`.
 
         groups: (prompt, G token-id lists) pairs; a response may be empty. Returns, per
         group, its visual tokens' states (N = rows * cols) and each response's (T_g).
         """
-        prefixes = [self._prefix(prompt) for prompt, _ in groups]
+        prefixes = self.prefixes([prompt for prompt, _ in groups], prefix_cache)
+        split = (self.split_attention if split_attention is None else split_attention) and self.split_capable
         states: dict[tuple[int, int], LayerInputs] = {}
-        for batch in _pack_rows(groups, max_batch_tokens, merge_groups, max_padding):
-            self._continue_prefixes(batch, prefixes, states)
+        for batch in pack_rows(groups, max_batch_tokens, merge_groups, max_padding, [id(p) for p in prefixes]):
+            self._continue_prefixes(batch, prefixes, states, split)
         results = []
         for g, (_, responses) in enumerate(groups):
-            prefix = prefixes[g]
-            empty = LayerInputs(prefix.visual.hidden[:0], prefix.visual.cos[:0], prefix.visual.sin[:0])
-            results.append(GroupStates(prefix.visual, [states.get((g, r), empty) for r in range(len(responses))]))
+            visual = prefixes[g].visual
+            empty = LayerInputs(visual.hidden[:0], visual.cos[:0], visual.sin[:0])
+            results.append(GroupStates(visual, [states.get((g, r), empty) for r in range(len(responses))]))
         return results
 
-    def _prefix(self, prompt: PromptInputs) -> "_Prefix":
-        """Run one group's image + prompt; keep its KV cache (layers 0..L-2) and visual states."""
+    def prefixes(self, prompts: Sequence[PromptInputs], cache: Optional[PrefixCache] = None) -> list[PrefixState]:
+        """One PrefixState per prompt; prompts with equal ``cache_key`` share one (from ``cache``
+        when given, computed once otherwise)."""
+        return shared_prefixes(prompts, self._prefix, cache)
+
+    def _prefix(self, prompt: PromptInputs) -> PrefixState:
+        """Run one image + prompt; keep its KV cache (layers 0..L-2) and visual states."""
         from transformers import DynamicCache
 
         device = self.device
@@ -509,50 +445,43 @@ class QwenVLReference:
         )
         vis = prompt.visual_positions.to(device)
         visual = LayerInputs(captured.hidden[0, vis], captured.cos[0, vis], captured.sin[0, vis])
-        return _Prefix(cache, visual, int(positions.max()) + 1, int(prompt.input_ids.numel()))
+        filled = [layer for layer in cache.layers if layer.keys is not None]  # the final layer never ran
+        return PrefixState([layer.keys for layer in filled], [layer.values for layer in filled], visual,
+                           int(positions.max()) + 1, int(prompt.input_ids.numel()))
 
-    def _continue_prefixes(self, rows: list[tuple[int, int, list[int]]], prefixes: list["_Prefix"],
-                           states: dict[tuple[int, int], LayerInputs]) -> None:
+    def _continue_prefixes(self, rows: list[Row], prefixes: list[PrefixState],
+                           states: dict[tuple[int, int], LayerInputs], split: bool = False) -> None:
         """One batched forward of response rows, each continuing its own group's prefix.
 
-        Row i's cache holds its prefix right-padded to the longest prefix P in the batch;
-        its tokens follow at P. Right padding of the responses needs no mask (under the
-        causal mask no real token attends to a later pad); prefix padding does, and only
-        then is a mask passed, so the common one-group batch keeps the unmasked kernel.
+        Responses are right-padded: under the causal mask no real token attends to a
+        later pad. With ``split`` the prefix keys are read where they are stored (no
+        copy, no mask). Otherwise row i's cache holds its prefix right-padded to the
+        longest prefix P in the batch and its tokens follow at P; only prefix padding
+        needs a mask, so the common one-prefix batch keeps the unmasked kernel.
         """
-        from transformers import DynamicCache
-
         device = self.device
         longest = max(len(tokens) for _, _, tokens in rows)
-        prefix_len = max(prefixes[g].length for g, _, _ in rows)
         ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
         for i, (_, _, tokens) in enumerate(rows):
             ids[i, : len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
         starts = torch.tensor([prefixes[g].next_position for g, _, _ in rows], device=device)
         positions = (starts[:, None] + torch.arange(longest, device=device)[None]).expand(3, -1, -1)
-
-        cache = DynamicCache(config=self.model.config.get_text_config())
-        filled_layers = [layer for layer in prefixes[rows[0][0]].cache.layers if layer.keys is not None]
-        for layer in range(len(filled_layers)):  # the final layer never ran, so it holds nothing
-            keys, values = [], []
-            for g, _, _ in rows:
-                source = prefixes[g].cache.layers[layer]
-                pad = prefix_len - prefixes[g].length
-                keys.append(torch.nn.functional.pad(source.keys[0], (0, 0, 0, pad)))
-                values.append(torch.nn.functional.pad(source.values[0], (0, 0, 0, pad)))
-            cache.update(torch.stack(keys), torch.stack(values), layer)
-        mask = None
-        if any(prefixes[g].length != prefix_len for g, _, _ in rows):
-            mask = torch.ones((len(rows), prefix_len + longest), dtype=torch.long, device=device)
-            for i, (g, _, _) in enumerate(rows):
-                mask[i, prefixes[g].length : prefix_len] = 0
-        out = self._run_until_final_layer(
-            input_ids=ids.to(device), position_ids=positions, attention_mask=mask, use_cache=True,
-            **{self._cache_kwarg: cache},
-        )
+        if split:
+            with continuation_plan(SplitPlan.of(rows, prefixes)):
+                out = self._run_until_final_layer(input_ids=ids.to(device), position_ids=positions, use_cache=False)
+        else:
+            cache, mask = self._padded_prefix_cache(rows, prefixes, longest)
+            out = self._run_until_final_layer(
+                input_ids=ids.to(device), position_ids=positions, attention_mask=mask, use_cache=True,
+                **{self._cache_kwarg: cache},
+            )
         for i, (g, r, tokens) in enumerate(rows):
             n = len(tokens)
             states[(g, r)] = LayerInputs(out.hidden[i, :n], out.cos[i, :n], out.sin[i, :n])
+
+    def _padded_prefix_cache(self, rows: list[Row], prefixes: list[PrefixState],
+                             longest: int) -> tuple[Any, Optional[torch.Tensor]]:
+        return padded_prefix_cache(rows, prefixes, longest, self.model.config.get_text_config(), self.device)
 
     @torch.inference_mode()
     def project(self, states: LayerInputs, which: Literal["query", "key"], rope: bool = True) -> torch.Tensor:

@@ -57,6 +57,8 @@ def engine_limits(settings: Any) -> Any:
         max_response_tokens=s.max_tokens_per_response,
         max_group_tokens=s.batch_tokens,
         max_forward_tokens=s.batch_tokens,
+        split_attention=s.split_attention,
+        prefix_cache_bytes=s.cache_prefix_bytes,
         image=image,
     )
 
@@ -139,6 +141,8 @@ class ServerState:
         if not self.draining:
             self.phase = "ready"
         self.metrics.engine_ready.set(1)
+        if getattr(engine, "prefix_cache", None) is not None:
+            self.metrics.watch_prefix_cache(engine.prefix_cache)
         self.metrics.info.labels(__version__, engine.model_name).set(1)
         log.info("engine ready", extra={"model": engine.model_name, "is_demo": engine.is_demo})
 
@@ -341,6 +345,10 @@ def create_app(settings: Any = None, *, engine: Any = None) -> FastAPI:
     app.state.kawhi = state
     _install_error_handlers(app, state)
     app.add_middleware(RequestContextMiddleware, state=state)
+    if settings.gzip_min_bytes:
+        from starlette.middleware.gzip import GZipMiddleware
+
+        app.add_middleware(GZipMiddleware, minimum_size=settings.gzip_min_bytes)
 
     from kawhi.server.routes import router, v1
 

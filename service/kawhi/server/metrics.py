@@ -7,6 +7,8 @@ apps can live in one process (tests) without clashing.
 
 from __future__ import annotations
 
+from typing import Any, Iterator
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -17,11 +19,34 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 FORWARD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 GROUP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+
+
+class _PrefixCacheCollector:
+    """kawhi_prefix_cache_*: hits, misses, evictions, coalesced waits (counters), bytes, entries."""
+
+    def __init__(self, cache: Any) -> None:
+        self.cache = cache
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        s = self.cache.stats()
+        for name, help_text in (("hits", "prefix lookups answered from the cache"),
+                                ("misses", "prefixes computed"),
+                                ("evictions", "prefixes evicted to stay within the byte budget"),
+                                ("coalesced", "lookups that waited for the same prefix being computed")):
+            yield CounterMetricFamily(f"kawhi_prefix_cache_{name}", help_text, value=s[name])
+        yield GaugeMetricFamily("kawhi_prefix_cache_bytes", "bytes of prefixes held", value=s["bytes"])
+        yield GaugeMetricFamily("kawhi_prefix_cache_entries", "prefixes held", value=s["entries"])
+        yield GaugeMetricFamily("kawhi_prefix_cache_max_bytes", "byte budget of the prefix cache",
+                                value=s["max_bytes"])
 
 
 class Metrics:
@@ -81,6 +106,13 @@ class Metrics:
         for kind in ("image", "result", "region"):
             self.cache_hits.labels(kind)
             self.cache_misses.labels(kind)
+
+    def watch_prefix_cache(self, cache: Any) -> None:
+        """Export a kawhi.models.prefix.PrefixCache's counters (read at each scrape)."""
+        if getattr(self, "_prefix_collector", None) is None:
+            self._prefix_collector = _PrefixCacheCollector(cache)
+            self.registry.register(self._prefix_collector)
+        self._prefix_collector.cache = cache
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

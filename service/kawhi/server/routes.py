@@ -45,6 +45,7 @@ from kawhi_client.schema import (
 from kawhi.server.app import ServerState, get_state
 from kawhi.server.auth import require_api_key
 from kawhi.server.batcher import QueueFull
+from kawhi.server.encoding import WireFormat, encode_answer, wire_format
 from kawhi.server.problems import (
     PROBLEM_MEDIA_TYPE,
     ProblemError,
@@ -228,13 +229,14 @@ def _parse_json(body: bytes) -> Any:
 def _parse_and_check(state: ServerState, engine: Any, body: bytes) -> tuple[Any, ...]:
     """Everything about a request that needs no model and no I/O (pure CPU, thread-safe).
 
-    Returns (groups, raw_groups, config, per_group, arrived, bad, idempotency key); raises ProblemError
-    for a request-level mistake, or for any mistake when per-group errors are off.
+    Returns (groups, raw_groups, config, per_group, arrived, bad, idempotency key, wire format); raises
+    ProblemError for a request-level mistake, or for any mistake when per-group errors are off.
     """
     from kawhi.engine.errors import OptionsError
 
     s = state.settings
     obj = _parse_json(body)
+    wire = wire_format(obj)
     groups, options, per_group, bad = _parse_request(obj)
     raw_groups = obj.get("groups") if isinstance(obj, dict) else None
     if len(groups) > s.max_groups:
@@ -263,8 +265,8 @@ def _parse_and_check(state: ServerState, engine: Any, body: bytes) -> tuple[Any,
             if not per_group:
                 raise
             bad[i] = err
-    key = _idempotency_key(engine, config, per_group, arrived) if not bad else None
-    return groups, raw_groups, config, per_group, arrived, bad, key
+    key = _idempotency_key(engine, config, per_group, arrived, wire) if not bad else None
+    return groups, raw_groups, config, per_group, arrived, bad, key, wire
 
 
 def _parse_request(obj: Any) -> tuple[list[Optional[RolloutGroup]], Optional[Options], bool, dict[int, ProblemError]]:
@@ -357,7 +359,8 @@ def _arrival_check(state: ServerState, i: int, group: RolloutGroup) -> _Arrived:
     return _Arrived(i, group, sha.lower(), None, "sha256")
 
 
-def _idempotency_key(engine: Any, config: Any, per_group: bool, arrived: list[_Arrived]) -> str:
+def _idempotency_key(engine: Any, config: Any, per_group: bool, arrived: list[_Arrived],
+                     wire: WireFormat = WireFormat()) -> str:
     groups = []
     for a in arrived:
         g = a.group.model_dump(mode="python")
@@ -372,6 +375,8 @@ def _idempotency_key(engine: Any, config: Any, per_group: bool, arrived: list[_A
         "per_group_errors": per_group,
         "groups": groups,
     }
+    if not wire.is_default:
+        canonical["wire"] = [wire.encoding_format, wire.token_arrays]
     blob = json.dumps(canonical, sort_keys=True, separators=(",", ":"), allow_nan=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -458,7 +463,7 @@ async def _reweight(request: Request, state: ServerState, engine: Any) -> Respon
         parsed = await asyncio.to_thread(_parse_and_check, state, engine, raw)
     else:
         parsed = _parse_and_check(state, engine, raw)
-    groups, raw_groups, config, per_group, arrived, bad, key = parsed
+    groups, raw_groups, config, per_group, arrived, bad, key, wire = parsed
 
     # ------------------------------------------------------------ idempotency
     owner: Optional[asyncio.Future] = None
@@ -483,7 +488,7 @@ async def _reweight(request: Request, state: ServerState, engine: Any) -> Respon
     body_out: Optional[bytes] = None
     try:
         body_out, cacheable = await _compute(state, engine, config, per_group, groups, raw_groups, arrived, bad,
-                                             deadline, t0)
+                                             deadline, t0, wire)
         if key is not None and cacheable:
             await state.caches.aset("result", key, body_out)
         return Response(body_out, media_type="application/json", headers={"X-Kawhi-Cache": "miss"})
@@ -497,6 +502,7 @@ async def _reweight(request: Request, state: ServerState, engine: Any) -> Respon
 async def _compute(
     state: ServerState, engine: Any, config: Any, per_group: bool, groups: list[Optional[RolloutGroup]],
     raw_groups: Any, arrived: list[_Arrived], bad: dict[int, ProblemError], deadline: float, t0: float,
+    wire: WireFormat = WireFormat(),
 ) -> tuple[bytes, bool]:
     s = state.settings
     batcher = state.batcher
@@ -586,7 +592,7 @@ async def _compute(
         results=out,
     )
     if tokens > INLINE_SERIALIZE_TOKENS:
-        data = await asyncio.to_thread(response.model_dump_json)
+        data = await asyncio.to_thread(encode_answer, response, wire)
     else:
-        data = response.model_dump_json()
-    return data.encode(), not bad
+        data = encode_answer(response, wire)
+    return data, not bad

@@ -105,6 +105,18 @@ class _ServerSettings(BaseSettings):
     cache_image_bytes: int = Field(512 * MiB, ge=0, description="in-process LRU budget for image bytes")
     cache_result_bytes: int = Field(128 * MiB, ge=0, description="in-process LRU budget for stored responses")
     cache_region_bytes: int = Field(32 * MiB, ge=0, description="in-process LRU budget for region selections")
+    cache_prefix_bytes: int = Field(
+        256 * MiB, ge=0,
+        description="LRU budget, in the model's device memory, for image + prompt prefixes (KV of layers 0..L-2 and "
+        "visual states) kept across requests, so single-response requests of one group share one prefix; 0 = off",
+    )
+    split_attention: Optional[bool] = Field(
+        None, description="responses attend to the one stored copy of their prefix instead of a per-response copy "
+        "of its KV cache (exact); unset = where it measured faster (CPU)",
+    )
+    gzip_min_bytes: int = Field(
+        4096, ge=0, description="gzip answers at least this large when the client accepts gzip; 0 = never"
+    )
     image_ttl_s: int = Field(86400, gt=0, description="how long Redis keeps an image")
     result_ttl_s: int = Field(3600, gt=0, description="how long a response is kept for idempotent retries")
     region_ttl_s: int = Field(86400, gt=0, description="how long Redis keeps a region selection")

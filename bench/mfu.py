@@ -1,0 +1,99 @@
+"""Achieved FLOP rate of the service's forward over this machine's dense matmul rate.
+
+The forward (``Engine.run`` of one group: vision tower + L-1 layers over the prefix once,
+L-1 layers over the G responses continuing it, the final layer's q/k projections, alpha
+and weights) executes ``bench.flops.kawhi_flops`` FLOPs. The machine's dense matmul rate is
+measured in the same process, same dtype, same threads, interleaved with the forward:
+a square n x n matmul (the machine's best case) and one of the forward's own shapes
+(G*T tokens x hidden -> MLP width). Reported: GFLOP/s of each and the ratios. Split
+attention on and off are both timed (the switch's default is whichever is faster here).
+
+    python -m bench.mfu --model bench --group 4 --tokens 512 --repeats 3
+    python -m bench.mfu --model qwen7b --device cuda --dtype bfloat16 --tokens 1024   # GPU profile
+
+Goal (issue 13): forward / dense matmul >= 0.5 on the bench model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.mfu", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="bench", choices=("demo", "bench", "qwen7b"))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--group", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--matmul", type=int, default=2048, help="side of the square matmul")
+    args = parser.parse_args(argv)
+
+    from bench.context import Bench
+    from bench.flops import kawhi_flops
+    from bench.measure import compare
+    from bench.workload import GroupSpec
+    from kawhi.engine.engine import Engine, EngineLimits
+
+    bench = Bench(args.model, device=args.device, dtype=args.dtype, threads=args.threads)
+    ref = bench.reference
+    prepared = bench.prepare(bench.groups(GroupSpec(args.tokens, args.group, (448, 336), 3)))
+    engines = {split: Engine(ref, limits=EngineLimits(prefix_cache_bytes=0, split_attention=split))
+               for split in (True, False)}
+    config = ref.model.config
+    text = config.get_text_config()
+    dtype, device = ref.dtype, ref.device
+    n = args.matmul
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    rows = args.group * args.tokens
+    x = torch.randn(rows, text.hidden_size, dtype=dtype, device=device)
+    w = torch.randn(text.hidden_size, text.intermediate_size, dtype=dtype, device=device)
+
+    def square() -> Any:
+        return a @ b
+
+    def shaped() -> Any:
+        return x @ w
+
+    fns = {"forward_split": lambda: engines[True].run(prepared), "forward_copy": lambda: engines[False].run(prepared),
+           "matmul_square": square, "matmul_shaped": shaped}
+    load_start = os.getloadavg()[0]
+    with torch.inference_mode():
+        times = compare(fns, args.repeats, device=str(device))
+    p = prepared[0]
+    flops = kawhi_flops(config, int(p.prompt.input_ids.numel()), int(p.prompt.visual_positions.numel()),
+                        [len(r.tokens.token_ids) for r in p.responses])
+    rate = {"forward_split": flops, "forward_copy": flops, "matmul_square": 2.0 * n ** 3,
+            "matmul_shaped": 2.0 * rows * text.hidden_size * text.intermediate_size}
+    gflops = {k: rate[k] / times[k]["median_s"] / 1e9 for k in fns}
+    best = "forward_split" if times["forward_split"]["median_s"] <= times["forward_copy"]["median_s"] else "forward_copy"
+    out = {
+        "model": args.model, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(), "group": args.group, "tokens": args.tokens,
+        "prefix_tokens": int(p.prompt.input_ids.numel()), "forward_gflop": round(flops / 1e9, 3),
+        "median_s": {k: round(v["median_s"], 5) for k, v in times.items()},
+        "gflops": {k: round(v, 2) for k, v in gflops.items()},
+        "forward_over_matmul_square": round(gflops[best] / gflops["matmul_square"], 3),
+        "forward_over_matmul_shaped": round(gflops[best] / gflops["matmul_shaped"], 3),
+        "split_over_copy_time": round(times["forward_split"]["median_s"] / times["forward_copy"]["median_s"], 3),
+        "min_s": {k: round(v["min_s"], 5) for k, v in times.items()},
+        "forward_over_matmul_square_min": round((rate[best] / times[best]["min_s"])
+                                                / (rate["matmul_square"] / times["matmul_square"]["min_s"]), 3),
+        "load_avg_1m": [round(load_start, 2), round(os.getloadavg()[0], 2)],
+        "command": "python -m bench.mfu " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
