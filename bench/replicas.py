@@ -82,7 +82,8 @@ def scrape(url: str) -> dict[str, float]:
             out["routing_" + labels.split('"')[1]] = value
         elif name in ("kawhi_cache_hits_total", "kawhi_cache_misses_total") and 'kind="image"' in labels:
             out[name.replace("kawhi_cache_", "image_").replace("_total", "")] = value
-        elif name in ("kawhi_prefix_cache_hits_total", "kawhi_prefix_cache_misses_total"):
+        elif name in ("kawhi_prefix_cache_hits_total", "kawhi_prefix_cache_misses_total",
+                      "kawhi_prefix_cache_coalesced_total"):
             out[name.replace("kawhi_", "").replace("_total", "")] = value
         elif name == "kawhi_requests_total" and 'route="/v1/images"' in labels:
             out["uploads"] = out.get("uploads", 0.0) + value
@@ -189,7 +190,9 @@ def run(servers: list[Server], work: list[dict[str, Any]], *, mode: str = "affin
     ph = sum(r.get("prefix_cache_hits", 0) for r in per_replica.values())
     pm = sum(r.get("prefix_cache_misses", 0) for r in per_replica.values())
     if ph + pm:
-        out["prefix_hit_ratio"] = round(ph / (ph + pm), 4)
+        out["prefix_hit_ratio"] = round(ph / (ph + pm), 4)  # hits / (hits + misses), as the dashboard
+        out["prefixes_computed"] = int(pm)  # = groups when each group's prefix is computed once
+        out["prefix_lookups_coalesced"] = int(sum(r.get("prefix_cache_coalesced", 0) for r in per_replica.values()))
     if victim is not None:
         out["killed"] = victim.url
         out["killed_groups"] = sum(1 for o in owners.values() if o == victim.url)
@@ -209,13 +212,14 @@ def table(results: list[dict[str, Any]]) -> str:
     names = {("affinity", 1): "1 replica", ("affinity", 3): "3 replicas, `Client(replicas=...)`",
              ("random", 3): "3 replicas, random (plain Service)"}
     rows = ["| run | answered | req/s | p50 s | affinity ratio (best) | replicas per group | uploads | "
-            "prefix-cache hit ratio | failovers | recovery s |", "|---|---|---|---|---|---|---|---|---|---|"]
+            "prefixes computed | prefix-cache hit ratio | failovers | recovery s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         name = "3 replicas, one SIGKILLed after 1/3" if "killed" in r else names[(r["mode"], r["replicas"])]
         rows.append(
             f"| {name} | {r['answered']}/{r['requests']} | {r['requests_per_s']} | {r['latency_p50_s']} | "
             f"{r['affinity_ratio']} ({r['best_affinity_ratio']}) | {r['replicas_per_group']} | {r['uploads']} | "
-            f"{r.get('prefix_hit_ratio', 'n/a')} | {r['client']['failovers']} | "
+            f"{r.get('prefixes_computed', 'n/a')} | {r.get('prefix_hit_ratio', 'n/a')} | {r['client']['failovers']} | "
             f"{r.get('recovery_s', '') if 'killed' in r else ''} |")
     return "\n".join(rows)
 

@@ -2,7 +2,9 @@
 sent one sample per request: every group's requests land on one replica, the work spreads
 over the replicas, the affinity ratio equals one replica's, and SIGKILLing a replica mid-run
 loses no request. What each replica saw is read from its own /metrics
-(``kawhi_routing_requests_total``, the image uploads); the harness is bench/replicas.py.
+(``kawhi_routing_requests_total``, the image uploads, ``kawhi_prefix_cache_misses_total``:
+each group's prefix is computed once in all, as on one replica); the harness is
+bench/replicas.py.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ def test_each_group_stays_on_one_replica_and_the_work_spreads(three) -> None:
     assert sum(1 for n in expected.values() if n) >= 2  # 12 keys on one replica of 3: p = 3^-11
     assert out["uploads"] == GROUPS  # each group's image went to its replica only, once
     assert out["client"]["failovers"] == 0
+    # the prefix cache: each group's image + prompt computed once, in all (as on one replica)
+    assert out["prefixes_computed"] == GROUPS
 
 
 def test_killing_a_replica_mid_run_loses_no_request(three) -> None:
@@ -60,8 +64,9 @@ def test_killing_a_replica_mid_run_loses_no_request(three) -> None:
     if out["killed_groups"]:
         assert out["client"]["failovers"] >= 1
         assert out["in_flight_at_kill"] == 0 or out["recovery_s"] > 0
-    # every group, moved or not, is new on exactly one of the survivors
+    # every group, moved or not, is new on exactly one of the survivors, and its prefix computed there once
     assert out["group_starts"] == GROUPS
+    assert out["prefixes_computed"] == GROUPS
 
 
 def test_the_routing_key_reaches_the_server_on_every_request(three) -> None:
