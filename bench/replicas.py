@@ -111,23 +111,28 @@ def replicas(n: int, *, threads: int = 1, model_dir: Optional[Path] = None,
 
 
 def run(servers: list[Server], work: list[dict[str, Any]], *, mode: str = "affinity", in_flight: int = 4,
-        kill_after: Optional[float] = None) -> dict[str, Any]:
+        kill_after: Optional[float] = None, front: Optional[str] = None) -> dict[str, Any]:
     """Send every request of ``work`` (``in_flight`` at a time) and report what happened.
 
     mode: ``affinity`` (one Client over all replicas), ``random`` (each request to a
-    replica drawn by a seeded RNG, one plain Client per replica). ``kill_after``: SIGKILL the replica owning
+    replica drawn by a seeded RNG, one plain Client per replica), ``front`` (one plain
+    Client of the proxy at ``front``, e.g. an NGINX hashing on the routing key header). ``kill_after``: SIGKILL the replica owning
     the most groups once that fraction of the requests has been answered.
     """
     urls = [s.url for s in servers]
     alive = [s for s in servers if s.proc is not None and s.proc.poll() is None]
     before = {s.url: scrape(s.url) for s in alive}
-    owners = {key_of(r): rank(key_of(r), urls)[0] for r in work}
+    owners = {key_of(r): rank(key_of(r), urls)[0] if mode == "affinity" else None for r in work}
     victim: Optional[Server] = None
-    if kill_after is not None:
-        most = Counter(owners.values()).most_common(1)[0][0]
+    if kill_after is not None:  # the replica owning the most groups (behind a proxy: the first)
+        most = Counter(owners.values()).most_common(1)[0][0] or urls[0]
         victim = next(s for s in servers if s.url == most)
     if mode == "affinity":
         clients = [Client(replicas=urls, max_in_flight=in_flight, timeout=120)]
+    elif mode == "front":
+        assert front is not None
+        _check_loopback(front)
+        clients = [Client(front, max_in_flight=in_flight, timeout=120)]
     else:
         clients = [Client(u, max_in_flight=in_flight, timeout=120) for u in urls]
     draw = random.Random(0)
@@ -139,7 +144,7 @@ def run(servers: list[Server], work: list[dict[str, Any]], *, mode: str = "affin
 
     def one(i: int, request: dict[str, Any]) -> None:
         nonlocal done, killed_at
-        client = clients[0] if mode == "affinity" else clients[pick[i]]
+        client = clients[pick[i]] if mode == "random" else clients[0]
         t0 = time.perf_counter()
         result = client.reweight([request])[0]
         t1 = time.perf_counter()
