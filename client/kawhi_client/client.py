@@ -11,10 +11,11 @@ server's limits live in ``kawhi_client.config``, request planning in
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import httpx
 
@@ -30,8 +31,9 @@ from kawhi_client.config import (
     resolve_base_url,
     retry_policy,
 )
-from kawhi_client.core import Call, Core, Job, Sleep, check_action, resume
-from kawhi_client.planning import GroupLike, OptionsLike
+from kawhi_client.actions import Call, Job, Lookup, Sleep, check_action, resume
+from kawhi_client.core import Core
+from kawhi_client.planning import GroupLike, OptionsLike, wire_fields
 from kawhi_client.schema import GroupResult, ReweightResponse
 
 __all__ = ["AsyncClient", "Client", "ClientConfig", "ClientStats", "Limits", "RetryPolicy", "Timeouts",
@@ -56,7 +58,12 @@ class _Base:
         wait_ready: Union[bool, float] = True,
         max_groups_per_request: Optional[int] = None,
         headers: Optional[Mapping[str, str]] = None,
+        encoding_format: str = "float",
+        token_arrays: bool = True,
         verify: Any = True,
+        replicas: Union[str, Sequence[str], None] = None,
+        resolve_every: float = 30.0,
+        shared_image_cache: bool = False,
     ) -> None:
         """Connect to a KAWHI service (nothing is sent until the first call).
 
@@ -75,8 +82,26 @@ class _Base:
                 number of seconds, or False (do not wait).
             max_groups_per_request: cap the groups per request below the server's limit.
             headers: extra HTTP headers on every request.
+            encoding_format: ``"float"`` (JSON numbers) or ``"base64"`` (per-token arrays as
+                little-endian float32, ~4x fewer bytes; decoded to lists transparently).
+            token_arrays: False asks for no per-token arrays (``token_advantages`` and
+                ``token_weights`` are None; the paragraphs carry spans and weights).
             verify: TLS verification, as httpx takes it.
+            replicas: several replicas of the service instead of one ``base_url``: a list
+                of base URLs (or one comma-separated string), or ``dns+http://NAME:PORT``
+                for a headless Service whose addresses are looked up again every
+                ``resolve_every`` seconds. Each group goes to the replica that rendezvous
+                hashing on its routing key picks, with failover (see docs/client.md).
+            resolve_every: seconds between DNS lookups of a ``dns+`` replica name.
+            shared_image_cache: the replicas share one image store (Redis): upload each
+                image once instead of once per replica that uses it.
         """
+        if replicas is not None:
+            from kawhi_client.replicas import ReplicaSet
+
+            probe = ReplicaSet(replicas, resolve_every=resolve_every)  # checks the spec now
+            if base_url is None:
+                base_url = probe.urls[0] if probe.urls else "http://{}:{}".format(probe.dns.host, probe.dns.port)
         config = ClientConfig(
             base_url=resolve_base_url(base_url),
             headers=request_headers(api_key, headers),
@@ -86,6 +111,10 @@ class _Base:
             ready_timeout=ready_timeout(wait_ready),
             max_groups_per_request=max_groups_per_request,
             verify=verify,
+            replicas=replicas,
+            resolve_every=resolve_every,
+            shared_image_cache=shared_image_cache,
+            wire=wire_fields(encoding_format, token_arrays),
         )
         self._core = Core(config)
         self._open(config)
@@ -121,8 +150,23 @@ class _Base:
     def timeouts(self) -> Timeouts:
         return self._core.timeouts
 
+    @property
+    def replicas(self) -> tuple[str, ...]:
+        """The replicas' base URLs (several replicas), or ``(base_url,)``."""
+        rs = self._core.replicas
+        return rs.urls if rs is not None else (self._core.base_url,)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._core.base_url!r}, max_in_flight={self._core.max_in_flight})"
+
+
+def _url(action: Call) -> str:
+    return action.endpoint + action.path if action.endpoint else action.path
+
+
+def _addresses(infos: Iterable[Any]) -> list[str]:
+    """getaddrinfo's answer -> the distinct IP addresses, sorted."""
+    return sorted({info[4][0] for info in infos})
 
 
 class Client(_Base):
@@ -207,9 +251,11 @@ class Client(_Base):
             try:
                 if isinstance(action, Call):
                     value = self._http.request(
-                        action.method, action.path, content=action.content, headers=action.headers,
+                        action.method, _url(action), content=action.content, headers=action.headers,
                         timeout=action.timeout,
                     )
+                elif isinstance(action, Lookup):
+                    value = _addresses(socket.getaddrinfo(action.host, action.port, type=socket.SOCK_STREAM))
                 elif isinstance(action, Sleep):
                     time.sleep(action.seconds)
                 elif in_slot:  # already holding a slot: one after another in it
@@ -308,9 +354,13 @@ class AsyncClient(_Base):
             try:
                 if isinstance(action, Call):
                     value = await self._http.request(
-                        action.method, action.path, content=action.content, headers=action.headers,
+                        action.method, _url(action), content=action.content, headers=action.headers,
                         timeout=action.timeout,
                     )
+                elif isinstance(action, Lookup):
+                    infos = await asyncio.get_running_loop().getaddrinfo(action.host, action.port,
+                                                                         type=socket.SOCK_STREAM)
+                    value = _addresses(infos)
                 elif isinstance(action, Sleep):
                     await asyncio.sleep(action.seconds)
                 elif in_slot:

@@ -196,6 +196,7 @@ class ClientStats:
     image_bytes_uploaded: int = 0
     image_reuploads: int = 0  # uploads repeated because the server had evicted the hash
     splits_on_413: int = 0
+    failovers: int = 0  # attempts sent to the next replica after one failed (several replicas)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **counts: int) -> None:
@@ -259,6 +260,10 @@ class ClientConfig:
     ready_timeout: Optional[float]  # None: do not wait for /readyz
     max_groups_per_request: Optional[int] = None
     verify: Any = True
+    replicas: Any = None  # None: one endpoint (base_url); else a ReplicaSet spec (kawhi_client.replicas)
+    resolve_every: float = 30.0  # seconds between DNS lookups of a dns+http:// replica spec
+    shared_image_cache: bool = False  # the replicas share one image store (Redis): upload an image once
+    wire: bytes = b""  # request fields choosing the answer's array encoding (planning.wire_fields)
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:

@@ -29,6 +29,14 @@ The life of ``reweight(groups)``:
    estimate) splits it in two;
 7. results come back in input order; errors are typed exceptions carrying the
    problem+json, with pointers rewritten to index the caller's list.
+
+With several replicas (``replicas=``, see ``kawhi_client.replicas``) every group has a
+routing key (``kawhi_client.routing``) and an owner, the replica that rendezvous
+hashing ranks first for it among the healthy ones: groups are packed per owner, each
+image is uploaded to the owners that will use it, and each request goes to its
+groups' owner. A connection error, 503 or 429 marks that replica down and the next
+attempt goes at once to the key's next choice (a failover). With one endpoint the
+requests only carry the routing key as a header, for an ingress that hashes on it.
 """
 
 from __future__ import annotations
@@ -38,12 +46,13 @@ import logging
 import random
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Generator, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import httpx
 from pydantic import ValidationError
 
+from kawhi_client.actions import Call, Job, Lookup, Parallel, Sleep, check_action, resume  # noqa: F401 (re-exported)
+from kawhi_client.affinity import ReplicaJobs
 from kawhi_client.config import DEFAULT_READY_TIMEOUT_S, ClientConfig, ClientStats, Limits, parse_retry_after
 from kawhi_client.errors import (
     ImageNotFound,
@@ -59,6 +68,8 @@ from kawhi_client.errors import (
     error_from_response,
 )
 from kawhi_client.images import ImageInputError, LoadedImage, load_image
+from kawhi_client.replicas import ReplicaSet
+from kawhi_client.routing import ROUTING_HEADER, request_routing_key
 from kawhi_client.planning import (
     IMAGE_TOKENS_ESTIMATE,
     GroupLike,
@@ -81,39 +92,11 @@ log = logging.getLogger("kawhi_client")
 
 PROBLEM_IMAGE_NOT_FOUND = "image-not-found"
 
-@dataclass
-class Call:
-    """Send one HTTP request; the driver answers the httpx.Response (body read) or
-    throws the httpx exception into the job."""
-
-    method: str
-    path: str
-    headers: dict[str, str]
-    timeout: httpx.Timeout
-    content: Optional[bytes] = None
-
-
-@dataclass
-class Sleep:
-    seconds: float
-
-
-@dataclass
-class Parallel:
-    """Run these jobs concurrently, each holding one of the ``max_in_flight`` slots for
-    its whole life (retries and waits included); answers their results in order. Inside
-    a job (already holding a slot) the jobs run one after another in that slot."""
-
-    jobs: list[Generator[Any, Any, Any]]
-
-
-Job = Generator[Any, Any, Any]
-
 # httpx errors worth another attempt: the network, a dropped connection, a timeout.
 RETRY_EXCEPTIONS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 
 
-class Core:
+class Core(ReplicaJobs):
     """Everything the two clients share: configuration, caches, counters, and the
     operations as generator jobs (see the module doc)."""
 
@@ -139,24 +122,35 @@ class Core:
         self.stats = ClientStats()
         self.info: Optional[dict[str, Any]] = None
         self.limits: Optional[Limits] = None
-        self._known: dict[str, None] = {}  # sha256 of images the server was sent (insertion-ordered)
+        self.replicas = (
+            ReplicaSet(config.replicas, resolve_every=config.resolve_every) if config.replicas is not None else None
+        )
+        self.shared_images = config.shared_image_cache
+        self.wire = config.wire  # see planning.wire_fields
+        # images the server was sent (insertion-ordered): sha256, or "<replica> <sha256>" per replica
+        self._known: dict[str, None] = {}
         self._known_max = 100_000
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ image hashes
-    def is_known(self, sha: str) -> bool:
-        with self._lock:
-            return sha in self._known
+    def _known_key(self, sha: str, replica: Optional[str]) -> str:
+        if self.replicas is None or self.shared_images or replica is None:
+            return sha
+        return f"{replica} {sha}"
 
-    def remember(self, sha: str) -> None:
+    def is_known(self, sha: str, replica: Optional[str] = None) -> bool:
         with self._lock:
-            self._known[sha] = None
+            return self._known_key(sha, replica) in self._known
+
+    def remember(self, sha: str, replica: Optional[str] = None) -> None:
+        with self._lock:
+            self._known[self._known_key(sha, replica)] = None
             while len(self._known) > self._known_max:
                 del self._known[next(iter(self._known))]
 
-    def forget(self, sha: str) -> None:
+    def forget(self, sha: str, replica: Optional[str] = None) -> None:
         with self._lock:
-            self._known.pop(sha, None)
+            self._known.pop(self._known_key(sha, replica), None)
 
     # ------------------------------------------------------------------ one request, retried
     def exchange(
@@ -168,38 +162,60 @@ class Core:
         content: Optional[bytes] = None,
         content_type: Optional[str] = None,
         request_id: Optional[str] = None,
+        route: Optional[str] = None,
+        where: Optional[dict[str, Any]] = None,
     ) -> Job:
         """Send one request, retrying transient failures; returns the 2xx response
-        or raises the typed error. The same X-Request-ID goes with every attempt."""
+        or raises the typed error. The same X-Request-ID goes with every attempt.
+
+        ``route``: the routing key, sent as a header; with several replicas it also
+        picks the replica of each attempt (failing over as the module doc says).
+        ``where["url"]`` is set to the replica of the latest attempt."""
         rid = request_id or new_request_id()
         headers = {"X-Request-ID": rid}
         if content_type:
             headers["Content-Type"] = content_type
-        call = Call(method, path, headers, timeout, content)
+        if route:
+            headers[ROUTING_HEADER] = route
         start = self.clock()
         attempt = 0
+        failed_replicas: set[str] = set()
         while True:
             attempt += 1
+            endpoint: Optional[str] = None
+            if self.replicas is not None:
+                endpoint = yield from self.choose_replica(route or rid, failed_replicas)
+            if where is not None:
+                where["url"] = endpoint or self.base_url
             self.stats.add(http_requests=1)
             retry_after: Optional[float] = None
             failure: Any
             try:
-                resp = yield call
+                if self.replicas is not None and endpoint is None:
+                    raise httpx.ConnectError(f"no replica of {self.replicas.description} is known yet")
+                resp = yield Call(method, path, headers, timeout, content, endpoint)
             except RETRY_EXCEPTIONS as exc:
                 failure = exc
             except httpx.HTTPError as exc:  # a bad URL, an unsupported scheme ...: retrying cannot help
                 raise KawhiConnectionError(
-                    f"{method} {self.base_url}{path} failed: {type(exc).__name__}: {exc}", request_id=rid,
+                    f"{method} {endpoint or self.base_url}{path} failed: {type(exc).__name__}: {exc}", request_id=rid,
                     attempts=attempt,
                 ) from exc
             else:
                 status = resp.status_code
+                if endpoint is not None and status < 500 and status != 429:
+                    self.replicas.mark_up(endpoint)  # type: ignore[union-attr]
                 if status < 300:
                     return resp
                 if status not in self.retry.statuses:
                     raise self._http_error(resp, rid, attempt, None)
                 failure = resp
                 retry_after = parse_retry_after(resp.headers.get("retry-after"), now=self.wallclock())
+            if endpoint is not None and self._fail_over(failure, endpoint, retry_after, failed_replicas, attempt):
+                self.stats.add(retries=1, failovers=1)
+                log.info("kawhi: %s %s attempt %d failed on %s (%s); trying the next replica [request_id=%s]",
+                         method, path, attempt, endpoint, _describe(failure), rid)
+                continue
             wait = self.retry.delay(attempt, retry_after=retry_after, elapsed=self.clock() - start, rng=self.rng)
             if wait is None:
                 raise self._final_error(failure, method, path, rid, attempt, retry_after, timeout)
@@ -242,6 +258,8 @@ class Core:
 
         Connection errors and 503 (loading) are waited out, honouring Retry-After;
         ``failed`` (the model did not load) or any other status ends the wait at once.
+        With several replicas they are probed in turn until one is ready; the wait ends
+        early only when every replica has answered such a final state.
         """
         limit = self.ready_timeout if timeout is None else timeout
         limit = DEFAULT_READY_TIMEOUT_S if limit is None else float(limit)
@@ -249,12 +267,23 @@ class Core:
         interval = 0.25
         state: Optional[str] = None
         reasons: list[str] = []
+        probes = 0
+        final: dict[str, str] = {}  # replica -> the final state it answered
         while True:
             retry_after: Optional[float] = None
             remaining = limit - (self.clock() - start)
             probe_timeout = httpx.Timeout(max(0.5, min(10.0, remaining)), connect=max(0.5, min(5.0, remaining)))
+            endpoint: Optional[str] = None
+            if self.replicas is not None:
+                yield from self.refresh_replicas()
+                urls = self.replicas.urls
+                endpoint = urls[probes % len(urls)] if urls else None
+                probes += 1
             try:
-                resp = yield Call("GET", "/readyz", {"X-Request-ID": new_request_id()}, probe_timeout)
+                if self.replicas is not None and endpoint is None:
+                    raise httpx.ConnectError(f"no replica of {self.replicas.description} is known yet")
+                resp = yield Call("GET", "/readyz", {"X-Request-ID": new_request_id()}, probe_timeout,
+                                  endpoint=endpoint)
             except RETRY_EXCEPTIONS as exc:  # not up yet: wait it out
                 state, reasons = "unreachable", [f"{type(exc).__name__}: {exc}"]
             except httpx.HTTPError as exc:  # a bad URL, an unsupported scheme ...: waiting cannot help
@@ -270,7 +299,12 @@ class Core:
                 reasons = [str(r) for r in body.get("reasons") or [] if r] or (
                     [str(body.get("detail"))] if body.get("detail") else []
                 )
-                if resp.status_code != 503 or state == "failed":
+                final_state = resp.status_code != 503 or state == "failed"
+                if final_state and endpoint is not None:
+                    final[endpoint] = state
+                    assert self.replicas is not None
+                    final_state = all(u in final for u in self.replicas.urls)
+                if final_state:
                     raise ServerNotReady(
                         f"{self.base_url} is not ready: {state}" + (f" ({'; '.join(reasons)})" if reasons else ""),
                         state=state, reasons=reasons, waited_s=self.clock() - start,
@@ -305,12 +339,16 @@ class Core:
         return info
 
     # ------------------------------------------------------------------ images
-    def upload_job(self, image: LoadedImage, *, reupload: bool = False) -> Job:
-        """``POST /v1/images`` with the bytes exactly as given; returns the sha256."""
+    def upload_job(self, image: LoadedImage, *, reupload: bool = False, route: Optional[str] = None) -> Job:
+        """``POST /v1/images`` with the bytes exactly as given; returns the sha256.
+        ``route``: the routing key of a group that will use the image (the upload goes
+        where that group's requests go)."""
         assert image.data is not None
         timeout = self.timeouts.for_tokens(IMAGE_TOKENS_ESTIMATE)
+        where: dict[str, Any] = {}
         resp = yield from self.exchange(
-            "POST", "/v1/images", timeout=timeout, content=image.data, content_type=image.content_type
+            "POST", "/v1/images", timeout=timeout, content=image.data, content_type=image.content_type,
+            route=route, where=where,
         )
         body = _json_or_none(resp.content)
         sha = body.get("sha256") if isinstance(body, dict) else None
@@ -319,7 +357,7 @@ class Core:
                 f"the server stored the image as {sha!r}, not {image.sha256} (the bytes changed in transit?)",
                 request_id=resp.headers.get("x-request-id"),
             )
-        self.remember(image.sha256)
+        self.remember(image.sha256, where.get("url"))
         self.stats.add(images_uploaded=1, image_bytes_uploaded=len(image.data), image_reuploads=int(reupload))
         return image.sha256
 
@@ -350,23 +388,34 @@ class Core:
         info = yield from self.info_job()  # waits for /readyz first
         limits = self.limits or Limits()
 
-        uploads = [img for sha, img in images.items() if img.data is not None and not self.is_known(sha)]
-        if uploads:
-            yield Parallel([self.upload_job(img) for img in uploads])
-
         todo = [g for g in prepared if g is not None]
-        runs = plan_chunks(
-            [(len(g.json), g.tokens) for g in todo],
-            max_groups=limits.groups_per_request(self.max_in_flight, self.max_groups_per_request),
-            max_bytes=max(1024, limits.max_body_bytes - 1024),
-            max_tokens=limits.max_request_tokens,
-            overhead=body_overhead(opts, per_group_errors),
-        )
+        owners = yield from self.owners(todo)
+
+        uploads: dict[str, Job] = {}  # one upload per image and replica that will use it
+        for owner, mine in owners.items():
+            for g in mine:
+                img = images.get(g.sha256)
+                known_key = self._known_key(g.sha256, owner)
+                if img is not None and img.data is not None and known_key not in uploads \
+                        and not self.is_known(g.sha256, owner):
+                    uploads[known_key] = self.upload_job(img, route=g.route)
+        if uploads:
+            yield Parallel(list(uploads.values()))
+
+        runs: list[list[PreparedGroup]] = []
+        for mine in owners.values():
+            runs += [[mine[p] for p in run] for run in plan_chunks(
+                [(len(g.json), g.tokens) for g in mine],
+                max_groups=limits.groups_per_request(self.max_in_flight, self.max_groups_per_request),
+                max_bytes=max(1024, limits.max_body_bytes - 1024),
+                max_tokens=limits.max_request_tokens,
+                overhead=body_overhead(opts, per_group_errors, self.wire),
+            )]
         prefix = request_id or new_request_id()
         jobs = []
         for k, run in enumerate(runs):
             rid = prefix if len(runs) == 1 else f"{prefix}.{k}"
-            jobs.append(self.chunk_job([todo[p] for p in run], opts, per_group_errors, images, rid, set()))
+            jobs.append(self.chunk_job(run, opts, per_group_errors, images, rid, set()))
         answers = (yield Parallel(jobs)) if jobs else []
         pieces = [piece for answer in answers for piece in answer]
         return merge_responses(len(groups), pieces, failed, info)
@@ -378,30 +427,33 @@ class Core:
         per_group_errors: bool,
         images: Mapping[str, LoadedImage],
         request_id: str,
-        reuploaded: set[str],
+        reuploaded: set[tuple[Optional[str], str]],
         resend_evicted: bool = True,
     ) -> Job:
         """One ``POST /v1/reweight`` for these groups (with the eviction and 413 recoveries);
-        returns ``[(caller indices, ReweightResponse), ...]``."""
+        returns ``[(caller indices, ReweightResponse), ...]``. ``reuploaded`` holds the
+        (replica, sha256) pairs uploaded again already: once each."""
         indices = [g.index for g in chunk]
+        route = request_routing_key([g.route for g in chunk])
+        where: dict[str, Any] = {}
 
         def reuploadable(sha: Optional[str]) -> bool:
             img = images.get(sha or "")
-            return img is not None and img.data is not None and sha not in reuploaded
+            return img is not None and img.data is not None and (where.get("url"), sha) not in reuploaded
 
         def reupload(sha: str) -> Job:
-            reuploaded.add(sha)
-            self.forget(sha)
-            log.info("kawhi: the server no longer holds image %s; uploading it again", sha)
-            yield from self.upload_job(images[sha], reupload=True)
+            reuploaded.add((where.get("url"), sha))
+            self.forget(sha, where.get("url"))
+            log.info("kawhi: %s no longer holds image %s; uploading it again", where.get("url"), sha)
+            yield from self.upload_job(images[sha], reupload=True, route=route)
 
         while True:
-            body = build_body([g.json for g in chunk], opts, per_group_errors)
+            body = build_body([g.json for g in chunk], opts, per_group_errors, self.wire)
             timeout = self.timeouts.for_tokens(sum(g.tokens for g in chunk))
             try:
                 resp = yield from self.exchange(
                     "POST", "/v1/reweight", timeout=timeout, content=body, content_type="application/json",
-                    request_id=request_id,
+                    request_id=request_id, route=route, where=where,
                 )
             except ImageNotFound as err:
                 sha = err.sha256 or sha_at(err.pointer, chunk)
@@ -449,7 +501,7 @@ class Core:
                 and images.get(g.sha256) is not None and images[g.sha256].data is not None
             ]
             for sha in dict.fromkeys(g.sha256 for g in evicted):
-                if sha not in reuploaded:
+                if (where.get("url"), sha) not in reuploaded:
                     yield from reupload(sha)
             if evicted:
                 pieces += yield from self.chunk_job(evicted, opts, per_group_errors, images, request_id + ".r",
@@ -470,15 +522,3 @@ def _describe(failure: Any) -> str:
     return type(failure).__name__
 
 
-def resume(job: Job, value: Any, error: Optional[BaseException]) -> tuple[bool, Any]:
-    """Advance a job: (True, its return value) when it is done, else (False, next action)."""
-    try:
-        action = job.throw(error) if error is not None else job.send(value)
-    except StopIteration as stop:
-        return True, stop.value
-    return False, action
-
-
-def check_action(action: Any) -> None:
-    if not isinstance(action, (Call, Sleep, Parallel)):
-        raise TypeError(f"kawhi_client: a job yielded {action!r}")

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from kawhi_client.errors import InvalidRequest, KawhiHTTPError, ProtocolError, client_problem
 from kawhi_client.images import ImageInputError, LoadedImage, load_image
+from kawhi_client.routing import routing_key
 from kawhi_client.schema import GroupResult, Options, Problem, ReweightResponse, RolloutGroup, Usage
 
 GroupLike = Union[RolloutGroup, Mapping[str, Any]]
@@ -69,19 +70,37 @@ def plan_chunks(
     return chunks
 
 
-def build_body(group_jsons: Sequence[bytes], options_json: Optional[bytes], per_group_errors: bool) -> bytes:
-    """The ``POST /v1/reweight`` body from already-serialised groups."""
+def build_body(group_jsons: Sequence[bytes], options_json: Optional[bytes], per_group_errors: bool,
+               wire: bytes = b"") -> bytes:
+    """The ``POST /v1/reweight`` body from already-serialised groups (``wire``: from ``wire_fields``)."""
     parts = [b'{"groups":[', b",".join(group_jsons), b"]"]
     if options_json is not None:
         parts += [b',"options":', options_json]
     if per_group_errors:
         parts.append(b',"per_group_errors":true')
+    parts.append(wire)
     parts.append(b"}")
     return b"".join(parts)
 
 
-def body_overhead(options_json: Optional[bytes], per_group_errors: bool) -> int:
-    return len(build_body([], options_json, per_group_errors))
+def body_overhead(options_json: Optional[bytes], per_group_errors: bool, wire: bytes = b"") -> int:
+    return len(build_body([], options_json, per_group_errors, wire))
+
+
+def wire_fields(encoding_format: str = "float", token_arrays: bool = True) -> bytes:
+    """The request fields choosing how per-token arrays come back (validated here, not on the server).
+
+    ``encoding_format="base64"``: little-endian float32 in base64 (about 5.3 bytes per value
+    instead of ~19), decoded back to lists by ``ResponseResult``; ``token_arrays=False``: no
+    per-token arrays at all (the paragraphs carry spans and weights)."""
+    if encoding_format not in ("float", "base64"):
+        raise ValueError(f"encoding_format must be 'float' or 'base64', not {encoding_format!r}")
+    parts = [b""]
+    if encoding_format != "float":
+        parts.append(b'"encoding_format":"' + encoding_format.encode() + b'"')
+    if not token_arrays:
+        parts.append(b'"token_arrays":false')
+    return b",".join(parts) if len(parts) > 1 else b""
 
 
 def dumps_json(obj: Any) -> bytes:
@@ -176,6 +195,7 @@ class PreparedGroup:
     sha256: str
     json: bytes
     tokens: int
+    route: str = ""  # the group's routing key (kawhi_client.routing)
 
 
 def prepare_groups(
@@ -226,7 +246,8 @@ def prepare_groups(
             continue
         if img.sha256 not in images or images[img.sha256].data is None:
             images[img.sha256] = img
-        prepared.append(PreparedGroup(i, model.id, img.sha256, dumps_json(wire), estimate_tokens(wire)))
+        route = routing_key(img.sha256, wire.get("prompt"), wire.get("messages"))
+        prepared.append(PreparedGroup(i, model.id, img.sha256, dumps_json(wire), estimate_tokens(wire), route))
     return prepared, failed, images
 
 

@@ -909,6 +909,9 @@ def exported_metrics() -> tuple[set[str], set[str]]:
     from kawhi.server.metrics import Metrics
 
     m = Metrics()
+    from kawhi.models.prefix import PrefixCache
+
+    m.watch_prefix_cache(PrefixCache(max_bytes=1))  # exported once an engine with a prefix cache is loaded
     names: set[str] = set()
     labels: set[str] = set()
     for value in vars(m).values():

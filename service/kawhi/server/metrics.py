@@ -96,6 +96,15 @@ class Metrics:
         self.redis_errors = Counter("kawhi_redis_errors", "failed Redis calls", registry=r)
         self.errors = Counter("kawhi_errors", "problem responses, by problem type", ["type"], registry=r)
         self.engine_ready = Gauge("kawhi_engine_ready", "1 once the reference model is loaded", registry=r)
+        self.routing_requests = Counter(
+            "kawhi_routing_requests", "reweight requests by whether their routing key was seen here before "
+            "(seen, new, none)", ["key"], registry=r,
+        )
+        for seen in ("seen", "new", "none"):
+            self.routing_requests.labels(seen)
+        from kawhi.server.affinity import SeenKeys
+
+        self.routing_keys = SeenKeys()
         self.info = Gauge("kawhi_build_info", "constant 1, labelled with version and model", ["version", "model"],
                           registry=r)
         for kind in ("image", "result", "region"):
@@ -111,3 +120,9 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def observe_routing_key(self, raw: str | None) -> str:
+        """Count one reweight's routing key (HTTP header or gRPC metadata): seen, new or none."""
+        kind = self.routing_keys.observe(raw)
+        self.routing_requests.labels(kind).inc()
+        return kind

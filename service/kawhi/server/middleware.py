@@ -57,6 +57,9 @@ class RequestContextMiddleware:
         started = time.perf_counter()
         status_holder: dict[str, Any] = {"status": 500, "started": False}
         rid_header = (b"x-request-id", rid.encode())
+        routing: Optional[str] = None
+        if scope.get("path") == "/v1/reweight" and scope.get("method") == "POST":
+            routing = metrics.observe_routing_key(headers.get(b"x-kawhi-routing-key", b"").decode("latin-1"))
 
         async def send_wrapper(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -111,6 +114,7 @@ class RequestContextMiddleware:
                     "status": status_holder["status"],
                     "ms": round(elapsed * 1000, 2),
                     "client": (scope.get("client") or ("", 0))[0],
+                    **({"routing": routing} if routing else {}),
                 },
             )
             request_id_var.reset(token)

@@ -1,0 +1,87 @@
+"""The jobs that spread requests over several replicas (a mixin of ``Core``): looking
+a headless Service up again, choosing the replica of each attempt, failing over, and
+grouping a batch by owner. The ranking and health themselves are pure
+(``kawhi_client.replicas``)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Optional
+
+import httpx
+
+from kawhi_client.actions import Job, Lookup
+from kawhi_client.config import RetryPolicy
+from kawhi_client.planning import PreparedGroup
+from kawhi_client.replicas import ReplicaSet
+
+log = logging.getLogger("kawhi_client")
+
+# The failures that send the next attempt to another replica: the replica is not answering.
+# (A read timeout is not one of them: the replica may still be working on it, and a retry
+# there joins that work through the server's idempotency key.)
+FAILOVER_EXCEPTIONS = (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ConnectTimeout)
+FAILOVER_STATUSES = frozenset({429, 503})
+
+
+class ReplicaJobs:
+    """Mixed into ``Core``, which provides these attributes."""
+
+    replicas: Optional[ReplicaSet]
+    retry: RetryPolicy
+    clock: Callable[[], float]
+
+    def refresh_replicas(self) -> Job:
+        """Resolve a headless Service's name again when it is due (no-op otherwise)."""
+        rs = self.replicas
+        if rs is None or rs.dns is None or not rs.lookup_due(self.clock()):
+            return
+        try:
+            addresses = yield Lookup(rs.dns.host, rs.dns.port)
+        except OSError as exc:
+            rs.lookup_failed(self.clock())
+            log.warning("kawhi: could not resolve %s (%s); keeping %d replica(s)", rs.dns.host, exc, len(rs.urls))
+            return
+        joined, left = rs.update(list(addresses), self.clock())
+        if joined or left:
+            log.info("kawhi: replicas of %s: %d (+%d -%d)", rs.dns.host, len(rs.urls), len(joined), len(left))
+
+    def choose_replica(self, key: str, avoid: set[str]) -> Job:
+        """The replica for this attempt: the key's first healthy choice not failed in
+        this exchange, else its first choice not failed, else its first; None if none."""
+        yield from self.refresh_replicas()
+        assert self.replicas is not None
+        now = self.clock()
+        order = self.replicas.order(key, now)
+        for u in order:
+            if u not in avoid and self.replicas.is_up(u, now):
+                return u
+        return next((u for u in order if u not in avoid), order[0] if order else None)
+
+    def _fail_over(
+        self, failure: Any, endpoint: str, retry_after: Optional[float], failed: set[str], attempt: int
+    ) -> bool:
+        """Mark a replica that did not serve the attempt down; True when another healthy
+        replica can take the next attempt at once (no backoff wait)."""
+        assert self.replicas is not None
+        status = failure.status_code if isinstance(failure, httpx.Response) else None
+        if not (isinstance(failure, FAILOVER_EXCEPTIONS) or status in FAILOVER_STATUSES):
+            return False
+        now = self.clock()
+        self.replicas.mark_down(endpoint, now, retry_after)
+        failed.add(endpoint)
+        if attempt >= self.retry.max_attempts:
+            return False
+        return any(u not in failed and self.replicas.is_up(u, now) for u in self.replicas.urls)
+
+    def owners(self, groups: list[PreparedGroup]) -> Job:
+        """The groups by the replica that owns their routing key (in input order within
+        each); with one endpoint, all of them under None."""
+        if self.replicas is None:
+            return {None: groups}
+        yield from self.refresh_replicas()
+        now = self.clock()
+        out: dict[Optional[str], list[PreparedGroup]] = {}
+        for g in groups:
+            out.setdefault(self.replicas.owner(g.route, now), []).append(g)
+        return out
