@@ -38,6 +38,7 @@ _GROUPS = {
     "dtype": "model",
     "host": "network",
     "port": "network",
+    "grpc_port": "network",
     "api_keys": "network",
     "root_path": "network",
 }
@@ -64,9 +65,10 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     parser = subparsers.add_parser(
         "serve",
-        help="run the HTTP service (FastAPI + uvicorn)",
+        help="run the HTTP service (FastAPI + uvicorn), and gRPC beside it with --grpc-port",
         description=(
-            "Serve KAWHI over HTTP. With no arguments: the embedded demo model on 127.0.0.1:8000. "
+            "Serve KAWHI over HTTP (and gRPC with --grpc-port). With no arguments: the embedded demo model on "
+            "127.0.0.1:8000. "
             "Every flag also reads KAWHI_<NAME> from the environment (flag > env > default)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -147,6 +149,10 @@ def serve(settings: Any) -> None:
 
     configure_logging(settings.log_level, settings.log_json)
     app = create_app(settings)
+    if settings.grpc_port is not None:  # gRPC side by side, on the same loop and state
+        from kawhi.grpc.server import attach
+
+        attach(app)
     config = uvicorn.Config(
         app,
         host=settings.host,
