@@ -67,7 +67,7 @@ WORKDIR /src
 RUN python3 -m venv "${VIRTUAL_ENV}"
 
 # torch first and pinned, in its own layer: it is by far the largest and changes
-# least often.  Installed before kawhi so kawhi's `torch>=2.4,<=2.13.0` is
+# least often.  Installed before kawhi so kawhi's `torch>=2.4` is
 # already satisfied and never re-resolved to another build.
 RUN index="${TORCH_INDEX_URL}"; \
     if [ -z "${index}" ] && [ "${VARIANT}" = "cpu" ]; then index="https://download.pytorch.org/whl/cpu"; fi; \

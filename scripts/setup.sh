@@ -18,16 +18,9 @@ log() { printf '[setup] %s\n' "$*"; }
 
 log "python: $("$PYTHON" --version 2>&1) at $(command -v "$PYTHON")"
 
-# 1. torch, pinned and installed on its own, BEFORE the project.
-#    The engine extra only asks for "torch>=2.4,<=2.13.0".  Left to resolve it
-#    alone, pip would pick the default PyPI torch wheel for Linux, which is the
-#    CUDA build and drags in several GB of nvidia-* wheels.  A CPU-only wheel of
-#    2.13.0 (torch-2.13.0+cpu) sits in pip's find-links; "==2.13.0" matches it
-#    (a local version label like +cpu is ignored by ==, and +cpu sorts above the
-#    plain 2.13.0), so pip takes the small CPU wheel.  Once it is installed the
-#    project's torch requirement is already satisfied and nothing else is pulled.
-log "installing torch==2.13.0 (CPU wheel from pip's find-links)"
-"$PYTHON" -m pip install "torch==2.13.0"
+# 1. torch, on its own, BEFORE the project -- and only when there is none
+#    (scripts/install_torch.sh says why).
+PYTHON="$PYTHON" bash scripts/install_torch.sh
 
 # 2. The project itself, editable, with the test dependencies
 #    (dev = server + engine + pytest, hypothesis, ...).

@@ -1,6 +1,6 @@
 """The client's pure parts, without a network: the retry policy (on a fake clock),
 Retry-After parsing, splitting, pointer rewriting, error mapping, image inputs and
-request building. The jobs of ``kawhi_client.client`` are generators that yield what
+request building. The jobs of ``kawhi_client.core`` are generators that yield what
 they need done; ``FakeDriver`` answers them from a script and advances a fake clock
 on every sleep, so the whole retry/wait logic runs here in microseconds.
 
@@ -25,6 +25,7 @@ import httpx
 import pytest
 
 from kawhi_client import (
+    Client,
     GatewayTimeout,
     ImageNotFound,
     InvalidRequest,
@@ -42,12 +43,8 @@ from kawhi_client import (
     Unavailable,
     parse_retry_after,
 )
-from kawhi_client.client import (
-    _Call,
-    _Core,
-    _Parallel,
-    _resume,
-    _Sleep,
+from kawhi_client.core import Call, Core, Parallel, Sleep, resume
+from kawhi_client.planning import (
     build_body,
     estimate_tokens,
     options_json,
@@ -78,14 +75,16 @@ class MinRng:
         return a
 
 
-def make_core(retries: Any = 3, **kw: Any) -> _Core:
+def make_core(retries: Any = 3, **kw: Any) -> Core:
+    """The core of a real Client (its constructor resolves the arguments), with a fixed rng."""
     args: dict[str, Any] = dict(
         base_url="http://kawhi.test", api_key=None, timeout=10.0, timeout_per_token=0.01, connect_timeout=1.0,
         max_in_flight=2, retries=retries, backoff=0.5, wait_ready=False, max_groups_per_request=None, headers=None,
-        rng=MaxRng(),
     )
     args.update(kw)
-    return _Core(**args)
+    client = Client(**args)
+    client.close()  # the jobs run on the FakeDriver, never on this transport
+    return Core(client.config, rng=MaxRng())
 
 
 def response(status: int, body: Any = None, headers: Optional[dict[str, str]] = None) -> httpx.Response:
@@ -105,26 +104,26 @@ def problem(status: int, slug: str = "x", pointer: str = "", **extra: Any) -> di
 
 
 class FakeDriver:
-    """Answers a job's _Call actions from a script (responses, or exceptions to raise);
-    _Sleep advances the fake clock; _Parallel runs the jobs one by one."""
+    """Answers a job's Call actions from a script (responses, or exceptions to raise);
+    Sleep advances the fake clock; Parallel runs the jobs one by one."""
 
-    def __init__(self, core: _Core, script: list[Any]) -> None:
+    def __init__(self, core: Core, script: list[Any]) -> None:
         self.now = 0.0
         core.clock = lambda: self.now
         core.wallclock = lambda: 1_700_000_000.0 + self.now
         self.script = list(script)
-        self.calls: list[_Call] = []
+        self.calls: list[Call] = []
         self.sleeps: list[float] = []
 
     def run(self, job: Any) -> Any:
         value: Any = None
         error: Optional[BaseException] = None
         while True:
-            done, action = _resume(job, value, error)
+            done, action = resume(job, value, error)
             if done:
                 return action
             value, error = None, None
-            if isinstance(action, _Call):
+            if isinstance(action, Call):
                 self.calls.append(action)
                 reply = self.script.pop(0)
                 reply = reply(action) if callable(reply) else reply
@@ -132,15 +131,15 @@ class FakeDriver:
                     error = reply
                 else:
                     value = reply
-            elif isinstance(action, _Sleep):
+            elif isinstance(action, Sleep):
                 self.sleeps.append(action.seconds)
                 self.now += action.seconds
             else:
-                assert isinstance(action, _Parallel)
+                assert isinstance(action, Parallel)
                 value = [self.run(j) for j in action.jobs]
 
 
-def exchange(core: _Core, **kw: Any) -> Any:
+def exchange(core: Core, **kw: Any) -> Any:
     return core.exchange("POST", "/v1/reweight", timeout=core.timeouts.for_tokens(0), content=b"{}", **kw)
 
 
@@ -446,7 +445,7 @@ INFO = {"model": "m", "version": "v", "limits": {"max_groups": 2, "max_body_byte
                                                    "max_request_tokens": 10**6}, "server": {"queue_groups": 100}}
 
 
-def answer(call: _Call, drop: Optional[set[int]] = None) -> httpx.Response:
+def answer(call: Call, drop: Optional[set[int]] = None) -> httpx.Response:
     """A well-formed reweight answer echoing the ids of the groups sent."""
     groups = json.loads(call.content)["groups"]
     results = [{"id": g.get("id"), "responses": [{"advantage": 1.0, "paragraphs": [],
@@ -510,7 +509,7 @@ def test_an_evicted_image_with_per_group_errors_redoes_only_those_groups() -> No
     other = b"\x89PNG\r\n\x1a\n" + b"other"
     core.remember(hashlib.sha256(other).hexdigest())
 
-    def first(call: _Call) -> httpx.Response:
+    def first(call: Call) -> httpx.Response:
         body = json.loads(answer(call).content)
         body["results"][1] = {"id": "b", "error": problem(404, "image-not-found", "/groups/1/image/sha256",
                                                           sha256=PNG_SHA)}
@@ -546,7 +545,7 @@ def test_an_answer_that_breaks_the_contract_is_an_error() -> None:
     core.info, core.limits = INFO, Limits.from_info(INFO)
     core.remember(PNG_SHA)
 
-    def short(call: _Call) -> httpx.Response:
+    def short(call: Call) -> httpx.Response:
         body = json.loads(answer(call).content)
         body["results"] = body["results"][:1]
         return response(200, body)

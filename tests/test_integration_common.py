@@ -1,5 +1,5 @@
-"""The shared layer of the trainer integrations (kawhi_client.integrations.common):
-backends, the failure policy and the Reweighter; plus both real backends side by side."""
+"""The shared layer of the trainer integrations (kawhi_client.integrations: backends, the
+failure policy, inputs and the Reweighter); plus both real backends side by side."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from kawhi_client.integrations import (
     as_backend,
 )
 from kawhi_client.integrations import KawhiTokenizerWarning
-from kawhi_client.integrations.common import image_bytes, insert_image_placeholder, tokenizer_fingerprint, wire_messages
+from kawhi_client.integrations.inputs import image_bytes, insert_image_placeholder, tokenizer_fingerprint, wire_messages
 
 
 class FakeBackend:
@@ -69,7 +69,8 @@ def rollouts() -> list[Rollout]:
 
 def test_importing_the_integrations_imports_no_trainer_and_no_torch() -> None:
     code = ("import sys, kawhi_client, kawhi_client.integrations; "
-            "from kawhi_client.integrations import common, Reweighter, InProcessBackend, HttpBackend; "
+            "from kawhi_client.integrations import common, backends, inputs, policy, reweighter; "
+            "from kawhi_client.integrations import Reweighter, InProcessBackend, HttpBackend; "
             "print(sorted(m for m in ('torch', 'trl', 'verl', 'numpy', 'PIL', 'kawhi', 'transformers') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

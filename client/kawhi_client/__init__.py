@@ -8,15 +8,8 @@ See docs/client.md.
 """
 
 from kawhi_client.arrays import pad_token_advantages, token_advantage_rows
-from kawhi_client.client import (
-    AsyncClient,
-    Client,
-    ClientStats,
-    Limits,
-    RetryPolicy,
-    Timeouts,
-    parse_retry_after,
-)
+from kawhi_client.client import AsyncClient, Client
+from kawhi_client.config import ClientStats, Limits, RetryPolicy, Timeouts, parse_retry_after
 from kawhi_client.errors import (
     GatewayTimeout,
     ImageNotFound,

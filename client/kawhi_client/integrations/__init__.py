@@ -3,10 +3,12 @@
 Importing this package (or ``kawhi_client``) imports neither torch, trl nor verl;
 each trainer module imports its trainer when *it* is imported:
 
-* ``kawhi_client.integrations.common`` — what both share: the backend protocol with its
-  two implementations (``HttpBackend`` over ``kawhi_client.Client``, ``InProcessBackend``
-  over ``kawhi.engine.Engine``), the failure policy (``on_error="raise" | "fallback"``)
-  and ``Reweighter``, which turns a trainer's rollouts into per-token advantages.
+* what both share, one module each: ``backends`` (the backend protocol with its two
+  implementations, ``HttpBackend`` over ``kawhi_client.Client`` and ``InProcessBackend``
+  over ``kawhi.engine.Engine``), ``policy`` (the failure policy, ``on_error="raise" |
+  "fallback"``), ``inputs`` (images, chat messages, tokenizer fingerprints) and
+  ``reweighter`` (``Reweighter``: a trainer's rollouts in, per-token advantages out);
+  ``common`` gathers their names for the trainer modules.
 * ``kawhi_client.integrations.trl`` — ``KawhiGRPOTrainer``, a ``trl.GRPOTrainer`` whose
   loss sees KAWHI's ``[batch, tokens]`` advantages.
 * ``kawhi_client.integrations.verl`` — ``KawhiRewardManager`` (reward stage) and the

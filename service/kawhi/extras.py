@@ -1,0 +1,75 @@
+"""Which install extra brings which module, and the `kawhi` entry point that says so.
+
+`pip install kawhi` is the light client; the engine commands need `kawhi[engine]`
+(torch, transformers ...) and `kawhi serve` needs `kawhi[server]`. A command run in an
+install that lacks its extra ends in one line naming the extra to install, never in a
+ModuleNotFoundError traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+# top-level module -> the extra that installs it (pyproject.toml, [project.optional-dependencies])
+EXTRA_OF_MODULE = {
+    "torch": "engine",
+    "transformers": "engine",
+    "numpy": "engine",
+    "scipy": "engine",
+    "PIL": "engine",
+    "safetensors": "engine",
+    "tokenizers": "engine",
+    "tqdm": "engine",
+    "fastapi": "server",
+    "uvicorn": "server",
+    "starlette": "server",
+    "pydantic_settings": "server",
+    "redis": "server",
+    "prometheus_client": "server",
+}
+
+TORCH_HINT = ("without torch yet, install it first: the CPU wheel from PyTorch's CPU index "
+              "(pip install torch --index-url https://download.pytorch.org/whl/cpu) or your CUDA build")
+
+
+def missing_extra(exc: ImportError) -> Optional[str]:
+    """The extra whose absence caused ``exc``, or None when it is not one of ours."""
+    name = getattr(exc, "name", None) or ""
+    return EXTRA_OF_MODULE.get(name.split(".")[0])
+
+
+def missing_extra_message(exc: ImportError, command: str = "this command") -> Optional[str]:
+    """One line for the user: what is missing and which extra brings it (None: not an extra)."""
+    extra = missing_extra(exc)
+    if extra is None:
+        return None
+    module = (exc.name or "").split(".")[0]
+    line = f"{command} needs the '{extra}' extra ({module} is not installed): pip install 'kawhi[{extra}]'"
+    if extra in ("engine", "server"):  # both bring torch: an unguided pip would pull the CUDA build
+        line += f"; {TORCH_HINT}"
+    return line
+
+
+def _command(argv: Sequence[str]) -> str:
+    words = [a for a in argv if not a.startswith("-")]
+    return f"kawhi {words[0]}" if words else "kawhi"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The `kawhi` console script: the CLI, with a missing extra reported in one line (exit 2)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        from kawhi.cli import main as cli_main
+
+        return cli_main(args)
+    except ModuleNotFoundError as exc:  # not ImportError: a broken install of a present module is not "missing"
+        message = missing_extra_message(exc, _command(args))
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
