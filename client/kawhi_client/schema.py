@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+
+from kawhi_client.options import OPTIONS, SGUF_OPTIONS, OptionSpec
 
 Estimator = Literal["grpo", "drgrpo", "rloo", "given"]
 StdKind = Literal["population", "unbiased"]
@@ -60,24 +62,32 @@ class RolloutGroup(_Strict):
         return self
 
 
-class Options(_Strict):
-    """Per-request options; None means the server's default (see kawhi.engine.config)."""
+def _option_field(spec: OptionSpec) -> tuple[Any, Any]:
+    """A wire field for one option of kawhi_client.options (None = the server's default)."""
+    if spec.kind == "float":
+        bound = {"gt" if spec.exclusive_minimum else "ge": spec.minimum, "le": spec.maximum}
+        return Optional[float], Field(None, description=spec.help, allow_inf_nan=False,
+                                      **{k: v for k, v in bound.items() if v is not None})
+    if spec.kind == "int":
+        return Optional[int], Field(None, description=spec.help, ge=spec.minimum, le=spec.maximum)
+    if spec.kind == "heads":
+        return Optional[Union[Literal["preset", "all"], list[int]]], Field(None, description=spec.help)
+    if spec.registry:  # any registered name; the service checks it against its registry
+        return Optional[str], Field(None, description=f"{spec.help}; built in: {', '.join(spec.choices)}")
+    return Optional[Literal[spec.choices]], Field(None, description=spec.help)  # type: ignore[valid-type]
 
-    estimator: Optional[Estimator] = None
-    std: Optional[StdKind] = None
-    eps: Optional[float] = Field(None, ge=0)
-    temperature: Optional[float] = Field(None, gt=0)
-    smoothing: Optional[float] = Field(None, ge=0, le=1)
-    w_min: Optional[float] = None
-    w_max: Optional[float] = None
-    normalize: Optional[Normalize] = None
-    heads: Optional[Union[Literal["preset", "all"], list[int]]] = None
-    seed: Optional[int] = None
-    regions: Optional[RegionStrategy] = None
-    similarity: Optional[Similarity] = None
-    granularity: Optional[Granularity] = None
-    rope: Optional[RopeMode] = None
-    skip_ratio: Optional[float] = Field(None, ge=0, le=1)
+
+SgufOptions = create_model(  # type: ignore[call-overload]
+    "SgufOptions", __base__=_Strict, __doc__="SGUF thresholds; None means the server's default.",
+    **{o.name: _option_field(o) for o in SGUF_OPTIONS},
+)
+
+Options = create_model(  # type: ignore[call-overload]
+    "Options", __base__=_Strict,
+    __doc__="Per-request options (kawhi_client.options); None means the server's default.",
+    sguf=(Optional[SgufOptions], Field(None, description="SGUF thresholds")),
+    **{o.name: _option_field(o) for o in OPTIONS},
+)
 
 
 class ReweightRequest(_Strict):

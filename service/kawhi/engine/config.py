@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Sequence, Union
+from typing import Any, Literal, Mapping, Optional, Union
+
+from kawhi_client.options import OPTIONS, SGUF_BY_NAME, SGUF_OPTIONS, check_combination, check_option
 
 HeadsSpec = Union[Literal["preset", "all"], tuple[int, ...]]
 
@@ -23,6 +25,13 @@ class SgufParams:
     beta: float = 0.1  # tau = beta * median component energy
     sigma: float = 1.0  # Gaussian smoothing of L before Sobel
     eps: float = 1e-8  # guards the relative distance on flat patches
+
+    def __post_init__(self) -> None:
+        for spec in SGUF_OPTIONS:
+            try:
+                object.__setattr__(self, spec.name, check_option(spec, getattr(self, spec.name)))
+            except ValueError as exc:
+                raise ValueError(f"sguf/{spec.name}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -43,7 +52,7 @@ class MethodConfig:
       so a request is reproducible and different images get different samples.
     """
 
-    estimator: Literal["grpo", "drgrpo", "rloo", "given"] = "grpo"
+    estimator: str = "grpo"  # a name in kawhi.engine.estimators.ADVANTAGE_ESTIMATORS
     std: Literal["population", "unbiased"] = "population"  # paper: population; verl: unbiased
     eps: float = 1e-6
     temperature: float = 0.1
@@ -53,7 +62,7 @@ class MethodConfig:
     normalize: Literal["none", "mean"] = "none"
     heads: HeadsSpec = "preset"
     seed: int = 0
-    regions: Literal["sguf", "all", "random", "inverse"] = "sguf"
+    regions: str = "sguf"  # a name in kawhi.engine.regions.REGION_SELECTORS
     similarity: Literal["query_key", "key_key"] = "query_key"
     granularity: Literal["paragraph", "sentence", "token"] = "paragraph"
     rope: Literal["after", "before"] = "after"
@@ -61,33 +70,40 @@ class MethodConfig:
     sguf: SgufParams = field(default_factory=SgufParams)
 
     def __post_init__(self) -> None:
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not 0.0 <= self.smoothing <= 1.0:
-            raise ValueError(f"smoothing must be in [0, 1], got {self.smoothing}")
-        if not 0.0 <= self.skip_ratio <= 1.0:
-            raise ValueError(f"skip_ratio must be in [0, 1], got {self.skip_ratio}")
-        if not self.eps >= 0:
-            raise ValueError(f"eps must be >= 0, got {self.eps}")
-        if not self.w_min <= self.w_max:
-            raise ValueError(f"w_min ({self.w_min}) must be <= w_max ({self.w_max})")
-        if isinstance(self.heads, list):
-            object.__setattr__(self, "heads", tuple(self.heads))
-        if isinstance(self.heads, tuple) and (
-            not self.heads or any(not isinstance(h, int) or h < 0 for h in self.heads)
-        ):
-            raise ValueError(f"heads must be 'preset', 'all' or non-empty non-negative ints, got {self.heads}")
+        """Every value checked against the one definition (kawhi_client.options);
+        ValueError("<field>: <why>") names the field."""
+        for spec in OPTIONS:
+            try:
+                value = check_option(spec, getattr(self, spec.name), _registered(spec.registry))
+            except ValueError as exc:
+                raise ValueError(f"{spec.name}: {exc}") from None
+            object.__setattr__(self, spec.name, value)
+        if isinstance(self.sguf, Mapping):
+            object.__setattr__(self, "sguf", SgufParams(**self.sguf))
+        check_combination({spec.name: getattr(self, spec.name) for spec in OPTIONS})
 
     def updated(self, options: Mapping[str, Any] | None) -> "MethodConfig":
-        """A copy with every non-None entry of ``options`` applied (validated again)."""
+        """A copy with every non-None entry of ``options`` applied (validated again);
+        ``options["sguf"]`` may hold some SGUF thresholds."""
         if not options:
             return self
-        known = {f.name for f in dataclasses.fields(self)} - {"sguf"}
+        known = {f.name for f in dataclasses.fields(self)}
         unknown = set(options) - known
         if unknown:
-            raise ValueError(f"unknown option(s): {sorted(unknown)}")
+            raise ValueError(f"options: unknown option(s): {sorted(unknown)}")
         changes = {k: v for k, v in options.items() if v is not None}
-        if isinstance(changes.get("heads"), Sequence) and not isinstance(changes["heads"], str):
+        if "sguf" in changes:
+            sguf = changes["sguf"]
+            if isinstance(sguf, SgufParams):
+                pass
+            elif isinstance(sguf, Mapping):
+                unknown = set(sguf) - set(SGUF_BY_NAME)
+                if unknown:
+                    raise ValueError(f"sguf: unknown SGUF setting(s): {sorted(unknown)}")
+                changes["sguf"] = dataclasses.replace(self.sguf, **{k: v for k, v in sguf.items() if v is not None})
+            else:
+                raise ValueError("sguf: must be an object of SGUF thresholds")
+        if isinstance(changes.get("heads"), list):
             changes["heads"] = tuple(changes["heads"])
         return dataclasses.replace(self, **changes)
 
@@ -97,3 +113,16 @@ class MethodConfig:
         if isinstance(self.heads, tuple):
             out["heads"] = list(self.heads)
         return out
+
+
+def _registered(registry: Optional[str]) -> Optional[tuple[str, ...]]:
+    """The names a registry option accepts now (registries can grow at run time)."""
+    if registry == "estimators":
+        from kawhi.engine.estimators import ADVANTAGE_ESTIMATORS
+
+        return tuple(ADVANTAGE_ESTIMATORS)
+    if registry == "regions":
+        from kawhi.engine.regions import REGION_SELECTORS
+
+        return tuple(REGION_SELECTORS)
+    return None

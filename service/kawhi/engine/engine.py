@@ -23,14 +23,13 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import ValidationError
 
 from kawhi import __version__
 from kawhi.engine.alignment import alignment_scores, repeat_kv
 from kawhi.engine.config import MethodConfig
-from kawhi.engine.errors import GroupError, OptionsError, group_error_from_validation
+from kawhi.engine.errors import GroupError, OptionsError
 from kawhi.engine.estimators import InvalidRewardError, group_advantages
-from kawhi.engine.images import ImageLimits, decode_base64, decode_image, sha256_hex
+from kawhi.engine.images import ImageLimits, decode_base64
 from kawhi.engine.regions import RegionSelection, select_regions
 from kawhi.engine.segments import Segment, segment_tokens, token_segment_index
 from kawhi.engine.weights import normalize_weights, paragraph_weights, segment_means, token_weights
@@ -144,15 +143,17 @@ class Engine:
 
     # ------------------------------------------------------------------ options
     def resolve_options(self, options: Options | Mapping[str, Any] | None) -> MethodConfig:
-        """Request options over the engine defaults. Raises OptionsError naming the field."""
+        """Request options over the engine defaults. Raises OptionsError naming the field
+        (``heads``, ``sguf/beta``; ``options`` for an unknown name)."""
         if isinstance(options, Options):
             options = options.model_dump(exclude_none=True)
         try:
             config = self.defaults.updated(options)
         except (TypeError, ValueError) as exc:
-            message = str(exc)
-            fields = [f.name for f in dataclasses.fields(MethodConfig) if f.name in message]
-            raise OptionsError(fields[0] if fields else "options", message) from None
+            field_name, _, detail = str(exc).partition(": ")
+            if not detail or " " in field_name:
+                field_name, detail = "options", str(exc)
+            raise OptionsError(field_name, detail) from None
         self.resolve_heads(config)
         return config
 
@@ -215,14 +216,14 @@ class Engine:
         heads = self.resolve_heads(config)
         if len(group.responses) > self.limits.max_responses:
             raise GroupError("/responses", f"{len(group.responses)} responses; the limit is "
-                             f"{self.limits.max_responses}", status=413, title="Group too large")
+                             f"{self.limits.max_responses}", kind="too-large")
         advantages = self._advantages(group, config)
         resized, grid = self.model.resize_image(image)
         regions = self._regions(resized, grid, config, image_sha256, region_cache)
         try:
             prompt = self.model.encode_prompt(resized, prompt=group.prompt, messages=group.messages)
         except Exception as exc:  # a template or message-shape problem in the caller's messages
-            raise GroupError("/messages" if group.messages is not None else "/prompt", str(exc)) from None
+            raise GroupError("/messages" if group.messages is not None else "/prompt", _caller_text(exc)) from None
 
         responses = []
         total = int(prompt.input_ids.numel())
@@ -235,7 +236,7 @@ class Engine:
         if total > self.limits.max_group_tokens or total > self.model.max_positions:
             limit = min(self.limits.max_group_tokens, self.model.max_positions)
             raise GroupError("/responses", f"the group holds {total} tokens (prompt and image included); "
-                             f"the limit is {limit}", status=413, title="Group too large")
+                             f"the limit is {limit}", kind="too-large")
         return PreparedGroup(index, group.id, config, heads, prompt, regions, responses)
 
     def _advantages(self, group: RolloutGroup, config: MethodConfig) -> np.ndarray:
@@ -267,7 +268,7 @@ class Engine:
             ids = response.token_ids
             if len(ids) > limit:
                 raise GroupError(f"/responses/{i}/token_ids", f"{len(ids)} tokens; the limit is {limit}",
-                                 status=413, title="Response too long")
+                                 kind="too-large")
             for j, token in enumerate(ids):
                 if not 0 <= token < self.model.vocab_size:
                     raise GroupError(f"/responses/{i}/token_ids/{j}",
@@ -279,11 +280,11 @@ class Engine:
         # Characters bound tokens from above; refuse absurd texts before tokenising them.
         if len(response.text) > limit * 64:
             raise GroupError(f"/responses/{i}/text", f"{len(response.text)} characters is far beyond "
-                             f"{limit} tokens", status=413, title="Response too long")
+                             f"{limit} tokens", kind="too-large")
         tokens = self.model.tokenize(response.text)
         if len(tokens.token_ids) > limit:
             raise GroupError(f"/responses/{i}/text", f"{len(tokens.token_ids)} tokens; the limit is {limit}",
-                             status=413, title="Response too long")
+                             kind="too-large")
         return tokens
 
     def _regions(self, resized: Image.Image, grid: tuple[int, int], config: MethodConfig, image_sha256: str,
@@ -390,29 +391,15 @@ class Engine:
     ) -> list[GroupResult]:
         """Prepare and run ``groups`` in-process; a bad group yields a result with ``error``.
 
-        load_image resolves an ImageRef to bytes; the default accepts ``data`` and
-        ``path`` (a trainer's own files), not ``sha256``.
+        The same pipeline as the server and the CLI (kawhi.pipeline): the same bad
+        group gets the same error type and pointer (relative to the group here). Images
+        come as ``data`` or a local ``path``; load_image resolves a ``sha256`` reference.
+        Invalid options raise OptionsError (a KawhiError at ``/options/<name>``).
         """
-        config = self.resolve_options(options)
-        load_image = load_image or load_image_bytes
-        prepared, results = [], {}
-        for index, raw in enumerate(groups):
-            try:
-                group = raw if isinstance(raw, RolloutGroup) else RolloutGroup.model_validate(raw)
-                data = load_image(group.image)
-                image = decode_image(data, self.limits.image)
-                prepared.append(self.prepare(group, config, image, image_sha256=sha256_hex(data), index=index))
-            except ValidationError as exc:
-                error = group_error_from_validation(exc)
-                results[index] = GroupResult(id=_group_id(raw), error=Problem(**error.to_problem()))
-            except GroupError as exc:
-                results[index] = GroupResult(id=_group_id(raw), error=Problem(**exc.to_problem()))
-            except ValueError as exc:  # anything else the caller's data tripped: still only this group
-                results[index] = GroupResult(id=_group_id(raw), error=Problem(
-                    title="Invalid rollout group", status=422, detail=str(exc), pointer=""))
-        for group, result in zip(prepared, self.run(prepared)):
-            results[group.index] = result
-        return [results[i] for i in range(len(groups))]
+        from kawhi.pipeline import Pipeline
+
+        pipeline = Pipeline(self)
+        return pipeline.reweight(pipeline.parse_groups(groups, options), load_image=load_image).results
 
 
 def load_image_bytes(ref: ImageRef, base_dir: Path | None = None) -> bytes:
@@ -426,15 +413,15 @@ def load_image_bytes(ref: ImageRef, base_dir: Path | None = None) -> bytes:
         try:
             return path.read_bytes()
         except OSError as exc:
-            raise GroupError("/image/path", f"cannot read {path}: {exc.strerror}", status=404,
-                             title="Image not found") from None
+            raise GroupError("/image/path", f"cannot read {ref.path}: {exc.strerror}",
+                             kind="image-not-found") from None
     raise GroupError("/image/sha256", f"unknown image {ref.sha256}: in-process use needs the bytes or a path",
-                     status=404, title="Image not found")
+                     kind="image-not-found")
 
 
-def _group_id(raw: Any) -> Optional[str]:
-    if isinstance(raw, RolloutGroup):
-        return raw.id
-    if isinstance(raw, Mapping) and isinstance(raw.get("id"), str):
-        return raw["id"]
-    return None
+def _caller_text(exc: Exception) -> str:
+    """An exception's message for the caller: no reprs, addresses or class names."""
+    import re
+
+    text = re.sub(r"<[^<>]*\bat 0x[0-9a-fA-F]+>|0x[0-9a-fA-F]{6,}", "<object>", str(exc))
+    return text[:300] or "the messages could not be rendered with the model's chat template"

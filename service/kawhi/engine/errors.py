@@ -5,51 +5,29 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping, Sequence
 
+from kawhi.errors import KawhiError, escape_token, pointer, slug_for_status  # noqa: F401 (re-exported)
 
-class GroupError(Exception):
-    """One rollout group cannot be processed.
+
+class GroupError(KawhiError):
+    """One rollout group cannot be processed (a :class:`kawhi.errors.KawhiError`).
 
     ``pointer`` is a JSON pointer relative to the group (e.g. ``/responses/1/reward``);
     front ends prefix it with the group's place in the request (``/groups/3``).
-    ``status`` is the HTTP-style status: 422 for invalid content, 413 for size limits,
-    404 for an unknown image hash.
+    ``kind`` is a slug of the catalogue (kawhi/errors.py); the older ``status=`` form
+    (413 size, 404 unknown image, 422 content) maps onto it.
     """
 
-    def __init__(self, pointer: str, detail: str, *, status: int = 422, title: str = "Invalid rollout group") -> None:
-        super().__init__(f"{pointer}: {detail}")
-        self.pointer = pointer
-        self.detail = detail
-        self.status = status
-        self.title = title
-
-    def to_problem(self, prefix: str = "") -> dict:
-        """RFC 9457 problem details for this error, pointer prefixed with ``prefix``."""
-        return {
-            "type": f"https://kawhi.dev/problems/{self.title.lower().replace(' ', '-')}",
-            "title": self.title,
-            "status": self.status,
-            "detail": self.detail,
-            "pointer": prefix + self.pointer,
-        }
+    def __init__(self, pointer: str, detail: str, *, kind: str | None = None, status: int | None = None,
+                 title: str | None = None, **extra: Any) -> None:
+        super().__init__(kind or slug_for_status(status or 422), detail, pointer, **extra)
 
 
-class OptionsError(ValueError):
-    """An option is invalid; ``field`` names it (e.g. ``heads``)."""
+class OptionsError(KawhiError, ValueError):
+    """An option is invalid; ``field`` names it (e.g. ``heads``), the pointer is ``/options/<field>``."""
 
     def __init__(self, field: str, detail: str) -> None:
-        super().__init__(f"{field}: {detail}")
+        super().__init__("validation", detail, "/options" if field == "options" else pointer("options", field))
         self.field = field
-        self.detail = detail
-
-
-def escape_token(token: Any) -> str:
-    """One JSON-pointer reference token (RFC 6901: ``~`` -> ``~0``, ``/`` -> ``~1``)."""
-    return str(token).replace("~", "~0").replace("/", "~1")
-
-
-def pointer(*tokens: Any) -> str:
-    """pointer('groups', 3, 'image') -> '/groups/3/image'."""
-    return "".join("/" + escape_token(t) for t in tokens)
 
 
 # pydantic puts the name of a union member or a validator in a loc for errors inside
@@ -78,8 +56,8 @@ def group_error_from_validation(exc: Any) -> GroupError:
     """A pydantic ValidationError on one group -> GroupError at its first error's location."""
     errors = exc.errors()
     if not errors:
-        return GroupError("", "invalid rollout group")
+        return GroupError("", "invalid rollout group", kind="validation")
     detail = validation_message(errors[0])
     if len(errors) > 1:
         detail += f" (and {len(errors) - 1} more error(s))"
-    return GroupError(loc_to_pointer(errors[0].get("loc", ())), detail)
+    return GroupError(loc_to_pointer(errors[0].get("loc", ())), detail, kind="validation")

@@ -14,6 +14,9 @@ Estimators (``ADVANTAGE_ESTIMATORS``; add more with ``register_advantage_estimat
 
 Rules, the same for every estimator:
 
+* The mean and std are computed on rewards centred and scaled by max |R|, so huge
+  but finite rewards (1e300) give the same advantages as small ones; a result that
+  still overflows (drgrpo/rloo of rewards near 1e308) raises ``InvalidRewardError``.
 * A NaN/inf (or non-numeric, or None) reward or given advantage raises
   ``InvalidRewardError`` with ``.index`` = the response's index and ``.field`` =
   ``"reward"`` or ``"advantage"``.
@@ -107,14 +110,24 @@ def _no_signal(rewards: np.ndarray) -> bool:
     return rewards.size <= 1 or bool(np.all(rewards == rewards[0]))
 
 
+def _centred(r: np.ndarray) -> tuple[np.ndarray, float]:
+    """(R - mean) / s and the scale s = max |R|: centre, then scale, in a range where
+    neither the mean nor the squares of the std can overflow (rewards near 1e308) or
+    underflow (below 1e-154)."""
+    scale = float(np.max(np.abs(r)))
+    scaled = r / scale
+    return scaled - scaled.mean(), scale
+
+
 @register_advantage_estimator("grpo")
 def grpo_advantages(rewards, *, given=None, eps: float = 1e-6, std: str = "population") -> np.ndarray:
     """A_g = (R_g - mean) / (std + eps); (G,) -> (G,)."""
     r = _require_rewards(rewards, "grpo")
     if _no_signal(r):
         return np.zeros_like(r)
-    sigma = r.std(ddof=0 if std == "population" else 1)
-    return (r - r.mean()) / (sigma + eps)
+    d, scale = _centred(r)
+    sigma = float(np.sqrt(np.sum(d * d) / (d.size - (0 if std == "population" else 1))))
+    return d / (sigma + eps / scale)  # = (R - mean) / (std + eps), all in units of the scale
 
 
 @register_advantage_estimator("drgrpo")
@@ -123,7 +136,9 @@ def drgrpo_advantages(rewards, *, given=None, eps: float = 1e-6, std: str = "pop
     r = _require_rewards(rewards, "drgrpo")
     if _no_signal(r):
         return np.zeros_like(r)
-    return r - r.mean()
+    d, scale = _centred(r)
+    with np.errstate(over="ignore"):
+        return d * scale  # may overflow for rewards near the float range: the caller refuses that
 
 
 @register_advantage_estimator("rloo")
@@ -133,7 +148,9 @@ def rloo_advantages(rewards, *, given=None, eps: float = 1e-6, std: str = "popul
     if _no_signal(r):
         return np.zeros_like(r)
     g = r.size
-    return g / (g - 1) * (r - r.mean())
+    d, scale = _centred(r)
+    with np.errstate(over="ignore"):
+        return d * (g / (g - 1)) * scale
 
 
 @register_advantage_estimator("given")
@@ -171,4 +188,10 @@ def group_advantages(
     a = None if given is None else _as_finite(given, "advantage")
     if r is not None and a is not None and r.size != a.size:
         raise ValueError(f"{r.size} rewards but {a.size} given advantages")
-    return np.asarray(fn(r, given=a, eps=float(eps), std=std), dtype=np.float64)
+    out = np.asarray(fn(r, given=a, eps=float(eps), std=std), dtype=np.float64)
+    if out.size and not np.all(np.isfinite(out)):
+        source = r if r is not None else a
+        worst = int(np.argmax(np.abs(source))) if source is not None else None
+        raise InvalidRewardError(f"the group's advantages overflow a 64-bit float ({estimator}); scale its "
+                                 "rewards down", index=worst, field="reward" if r is not None else "advantage")
+    return out

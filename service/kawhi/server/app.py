@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Optional
 
@@ -30,178 +28,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from kawhi import __version__
-from kawhi.server.batcher import Batcher
-from kawhi.server.cache import Caches
-from kawhi.server.metrics import Metrics
+from kawhi.errors import TYPE_BASE, KawhiError
+from kawhi.pipeline.parse import validation_error
 from kawhi.server.middleware import RequestContextMiddleware, _BodyTooLarge
-from kawhi.server.problems import (
-    TYPE_BASE,
-    ProblemError,
-    problem_response,
-    validation_problem,
-)
+from kawhi.server.problems import problem_response
 from kawhi.server.settings import Settings
+from kawhi.server.state import ServerState, engine_limits, get_state, load_engine  # noqa: F401 (re-exported)
 
 log = logging.getLogger("kawhi.server")
-
-
-def engine_limits(settings: Any) -> Any:
-    """The engine's limits (kawhi.engine.engine.EngineLimits) that the settings describe."""
-    from kawhi.engine.engine import EngineLimits
-    from kawhi.engine.images import ImageLimits
-
-    s = settings
-    image = ImageLimits(max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels, min_side=s.min_image_side)
-    return EngineLimits(
-        max_responses=s.max_responses_per_group,
-        max_response_tokens=s.max_tokens_per_response,
-        max_group_tokens=s.batch_tokens,
-        max_forward_tokens=s.batch_tokens,
-        image=image,
-    )
-
-
-def load_engine(settings: Any) -> Any:
-    """The engine the settings describe (model, device, dtype, limits, method defaults).
-
-    Imports torch and loads weights: call it off the event loop.
-    """
-    from kawhi.engine.engine import Engine
-
-    s = settings
-    threads = s.resolved_torch_threads()
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    return Engine.load(
-        s.model, device=s.device, dtype=s.dtype, defaults=s.method_config(), limits=engine_limits(s)
-    )
-
-
-class ServerState:
-    """Everything the routes share. One per app."""
-
-    def __init__(self, settings: Any, engine: Any = None) -> None:
-        self.settings = settings
-        self.metrics = Metrics()
-        self.api_keys = settings.api_key_list()
-        self.caches = Caches(
-            self.metrics,
-            redis_url=settings.redis_url,
-            redis_timeout_s=settings.redis_timeout_s,
-            redis_retry_s=settings.redis_retry_s,
-            max_bytes={
-                "image": settings.cache_image_bytes,
-                "result": settings.cache_result_bytes,
-                "region": settings.cache_region_bytes,
-            },
-            ttl_s={"image": settings.image_ttl_s, "result": settings.result_ttl_s, "region": settings.region_ttl_s},
-        )
-        self.region_cache = self.caches.region_cache()
-        self.engine: Any = None
-        self.batcher: Optional[Batcher] = None
-        self.phase = "loading"  # loading | ready | failed | draining | stopped
-        self.load_error: Optional[str] = None
-        self.draining = False
-        self.prepare_pool = ThreadPoolExecutor(settings.prepare_threads, thread_name_prefix="kawhi-prepare")
-        self.inflight: dict[str, asyncio.Future] = {}  # idempotency key -> response bytes being computed
-        self.active = 0  # /v1 requests being served (what a drain waits for)
-        self._active_lock = threading.Lock()
-        self._given_engine = engine
-        self.started_at = time.time()
-        self.image_limits: Any = None
-
-    # ------------------------------------------------------------------ engine
-    def build_limits(self) -> None:
-        from kawhi.engine.images import ImageLimits  # light (PIL): /v1/images works while the model loads
-
-        s = self.settings
-        self.image_limits = ImageLimits(
-            max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels, min_side=s.min_image_side
-        )
-
-    def load_engine(self) -> Any:
-        return load_engine(self.settings)
-
-    def engine_ready(self, engine: Any) -> None:
-        s = self.settings
-        self.engine = engine
-        self.batcher = Batcher(
-            engine,
-            self.metrics,
-            batch_tokens=s.batch_tokens,
-            max_wait_s=s.batch_wait_ms / 1000.0,
-            capacity=s.queue_groups,
-            thread_init=self._init_forward_thread,
-        )
-        self.batcher.start()
-        if not self.draining:
-            self.phase = "ready"
-        self.metrics.engine_ready.set(1)
-        self.metrics.info.labels(__version__, engine.model_name).set(1)
-        log.info("engine ready", extra={"model": engine.model_name, "is_demo": engine.is_demo})
-
-    def _init_forward_thread(self) -> None:
-        n = self.settings.resolved_torch_threads()
-        if n:
-            import torch
-
-            torch.set_num_threads(n)
-
-    def require_engine(self) -> Any:
-        """The engine, or the 503 that says why there is none yet."""
-        if self.draining:
-            raise ProblemError(
-                503, "draining", "the server is shutting down; retry on another replica", "",
-                headers={"Retry-After": "5"},
-            )
-        if self.engine is None:
-            if self.phase == "failed":
-                raise ProblemError(503, "unavailable", f"the model failed to load: {self.load_error}", "")
-            raise ProblemError(503, "loading", "the reference model is loading", "", headers={"Retry-After": "2"})
-        return self.engine
-
-    # ------------------------------------------------------------------ drain
-    def begin_drain(self) -> None:
-        if not self.draining:
-            self.draining = True
-            self.phase = "draining"
-            log.info("draining: refusing new work, finishing in-flight requests", extra={"in_flight": self.active})
-
-    def enter(self) -> None:
-        with self._active_lock:
-            self.active += 1
-
-    def leave(self) -> None:
-        with self._active_lock:
-            self.active -= 1
-
-    def idle(self) -> bool:
-        return self.active == 0 and (self.batcher is None or not self.batcher.busy)
-
-    # ------------------------------------------------------------------ errors
-    def count_error(self, err: ProblemError) -> None:
-        self.metrics.errors.labels(err.slug).inc()
-
-    def readiness(self) -> tuple[str, list[str]]:
-        reasons: list[str] = []
-        if self.phase == "ready":
-            degraded = self.caches.degraded
-            if degraded:
-                return "degraded", [degraded]
-            return "ready", reasons
-        if self.phase == "failed" and self.load_error:
-            reasons.append(f"model failed to load: {self.load_error}")
-        if self.phase == "loading":
-            reasons.append("the reference model is loading")
-        if self.phase == "draining":
-            reasons.append("shutting down; in-flight work is finishing")
-        return self.phase, reasons
-
-
-def get_state(request: Request) -> ServerState:
-    return request.app.state.kawhi
 
 
 # ---------------------------------------------------------------------- lifespan
@@ -212,6 +46,7 @@ def _make_lifespan(state: ServerState):
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("settings", extra={"settings": state.settings.redacted()})
         state.build_limits()
+        state.loop = asyncio.get_running_loop()
         await state.caches.start()
         loader: Optional[asyncio.Task] = None
         if state._given_engine is not None:
@@ -224,7 +59,7 @@ def _make_lifespan(state: ServerState):
                     engine = await asyncio.to_thread(state.load_engine)
                 except Exception as exc:  # keep serving /healthz and /readyz with the reason
                     state.phase = "failed"
-                    state.load_error = f"{type(exc).__name__}: {exc}"
+                    state.load_error = str(exc)[:300]
                     log.exception("model failed to load")
                     return
                 log.info("model loaded", extra={"seconds": round(time.perf_counter() - t0, 3)})
@@ -238,7 +73,7 @@ def _make_lifespan(state: ServerState):
             if loader is not None and not loader.done():
                 loader.cancel()
             if state.batcher is not None:
-                await asyncio.to_thread(state.batcher.stop, state.settings.drain_timeout_s)
+                await asyncio.to_thread(state.batcher.stop, state.drain_left())
             state.prepare_pool.shutdown(wait=False, cancel_futures=True)
             await state.caches.stop()
             state.phase = "stopped"
@@ -251,13 +86,13 @@ def _make_lifespan(state: ServerState):
 
 
 def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
-    def respond(request: Request, err: ProblemError) -> Response:
+    def respond(request: Request, err: KawhiError) -> Response:
         state.count_error(err)
         rid = getattr(request.state, "request_id", None)
         return problem_response(err, rid)
 
-    @app.exception_handler(ProblemError)
-    async def _problem(request: Request, exc: ProblemError) -> Response:
+    @app.exception_handler(KawhiError)
+    async def _problem(request: Request, exc: KawhiError) -> Response:
         return respond(request, exc)
 
     @app.exception_handler(RequestValidationError)
@@ -270,28 +105,29 @@ def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
                 loc = loc[1:]
             e["loc"] = loc
             errors.append(e)
-        return respond(request, validation_problem(errors))
+        return respond(request, validation_error(errors))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         slug = {404: "not-found", 405: "method-not-allowed", 413: "too-large", 415: "unsupported-media-type"}.get(
-            exc.status_code, "http-error"
+            exc.status_code, "bad-request"
         )
         detail = exc.detail if isinstance(exc.detail, str) else ""
         if exc.status_code == 404:
             detail = f"no route {request.method} {request.url.path}"
-        err = ProblemError(exc.status_code, slug, detail, "", headers=dict(exc.headers or {}))
+        err = KawhiError(slug if exc.status_code in (404, 405, 413, 415) else "bad-request", detail,
+                         headers=dict(exc.headers or {}))
         return respond(request, err)
 
     @app.exception_handler(_BodyTooLarge)
     async def _too_large(request: Request, exc: _BodyTooLarge) -> Response:
         limit = state.settings.max_body_bytes
-        return respond(request, ProblemError(413, "too-large", f"request body exceeds {limit} bytes", ""))
+        return respond(request, KawhiError("too-large", f"request body exceeds {limit} bytes"))
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> Response:
         log.error("unhandled error", exc_info=(type(exc), exc, exc.__traceback__))
-        return respond(request, ProblemError(500, "internal", "an unexpected error occurred; it has been logged", ""))
+        return respond(request, KawhiError("internal", "an unexpected error occurred; it has been logged"))
 
 
 # ---------------------------------------------------------------------- OpenAPI

@@ -11,7 +11,7 @@ from typing import Sequence
 
 from starlette.requests import Request
 
-from kawhi.server.problems import ProblemError
+from kawhi.errors import KawhiError
 
 
 def _presented_key(request: Request) -> bytes:
@@ -30,8 +30,8 @@ def key_is_valid(presented: bytes, keys: Sequence[bytes]) -> bool:
     return ok and bool(presented)
 
 
-def unauthorized() -> ProblemError:
-    return ProblemError(401, "unauthorized", "", "", headers={"WWW-Authenticate": "Bearer"})
+def unauthorized() -> KawhiError:
+    return KawhiError("unauthorized", "", headers={"WWW-Authenticate": "Bearer"})
 
 
 async def require_api_key(request: Request) -> None:

@@ -56,8 +56,11 @@ class Ticket:
         """Give back n slots (all remaining by default)."""
         self._batcher._release(self, self.held if n is None else n)
 
-    def cancel(self) -> None:
-        """The request gave up (timeout, disconnect): queued groups are skipped, slots freed."""
+    def cancel(self, reason: str = "error") -> None:
+        """The request gave up (``timeout``, ``client-closed``, ``error``): its groups not yet in a
+        forward are dropped (counted in ``kawhi_queue_dropped_total{reason}``), their slots freed."""
+        if not self.cancelled and self.held:
+            self._batcher.metrics.queue_dropped.labels(reason).inc(self.held)
         self.cancelled = True
         self.release()
 

@@ -124,16 +124,47 @@ class DrainingServer:
                 threading.Thread(target=self._drain, name="kawhi-drain", daemon=True).start()
 
             def _drain(self) -> None:
-                deadline = time.monotonic() + state.settings.drain_timeout_s
-                while time.monotonic() < deadline and not state.idle():
-                    time.sleep(0.05)
+                # One deadline for the whole shutdown (drain_timeout_s): in-flight requests
+                # finish, or answer 503 + Retry-After shortly before it; what uvicorn and the
+                # lifespan wait for afterwards is bounded by what is left of it.
+                answer_by = state.drain_left() - min(1.0, 0.2 * state.settings.drain_timeout_s)
+                until = time.monotonic() + max(0.0, answer_by)
+                while time.monotonic() < until and not state.idle():
+                    time.sleep(0.02)
                 if not state.idle():
-                    log.warning("drain timeout: stopping with work in flight", extra={"in_flight": state.active})
+                    log.warning("drain deadline: answering 503 to work in flight", extra={"in_flight": state.active})
+                    state.expire_drain()
+                    while state.drain_left() > 0 and state.active:
+                        time.sleep(0.02)
                 else:
                     log.info("drained")
+                self.config.timeout_graceful_shutdown = max(0.0, state.drain_left())
                 self.should_exit = True
 
         return _Server(config)
+
+
+def header_timeout_protocol(timeout_s: float) -> Any:
+    """uvicorn's h11 protocol, closing a connection whose first request headers take longer
+    than ``timeout_s`` (a slow-loris client); later requests are bounded by keep-alive."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._kawhi_header_timer = self.loop.call_later(timeout_s, self._kawhi_header_timeout)
+
+        def _kawhi_header_timeout(self) -> None:
+            if self.cycle is None and not self.transport.is_closing():
+                log.info("closing a connection whose request headers did not arrive in time",
+                         extra={"timeout_s": timeout_s})
+                self.transport.close()
+
+        def connection_lost(self, exc: Any) -> None:
+            self._kawhi_header_timer.cancel()
+            super().connection_lost(exc)
+
+    return HeaderTimeoutProtocol
 
 
 def _exit_zero(signum: int, frame: Any) -> None:  # the signal uvicorn re-raises after a clean drain
@@ -160,8 +191,9 @@ def serve(settings: Any) -> None:
         log_config=None,
         access_log=False,
         lifespan="on",
-        # the drain above already waited for in-flight work; this bounds what is left after it
-        timeout_graceful_shutdown=5,
+        # replaced by what is left of the drain deadline when the drain ends (DrainingServer)
+        timeout_graceful_shutdown=settings.drain_timeout_s,
+        http=header_timeout_protocol(settings.header_timeout_s),
         server_header=False,
         proxy_headers=False,
     )
@@ -178,7 +210,12 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
     except ValidationError as exc:
-        print(f"kawhi serve: invalid settings:\n{exc}", file=sys.stderr)
+        first = exc.errors()[0]
+        name = "--" + "-".join(str(p) for p in first.get("loc", ()) if isinstance(p, str)).replace("_", "-")
+        print(f"kawhi serve: invalid setting {name}: {first.get('msg', 'invalid value')}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # a method default outside its range (w_min > w_max ...)
+        print(f"kawhi serve: invalid settings: {exc}", file=sys.stderr)
         return 2
     serve(settings)
     return 0

@@ -63,6 +63,10 @@ class Metrics:
             registry=r,
         )
         self.groups = Counter("kawhi_groups", "rollout groups reweighted", registry=r)
+        self.queue_dropped = Counter(
+            "kawhi_queue_dropped", "admitted groups dropped before their forward, by reason "
+            "(client-closed, timeout, error)", ["reason"], registry=r,
+        )
         self.cache_hits = Counter("kawhi_cache_hits", "cache hits, by kind", ["kind"], registry=r)
         self.cache_misses = Counter("kawhi_cache_misses", "cache misses, by kind", ["kind"], registry=r)
         self.redis_degraded = Gauge(

@@ -11,7 +11,8 @@ import time
 from typing import Any, Callable, Optional
 
 from kawhi.server.logs import accept_request_id, request_id_var
-from kawhi.server.problems import ProblemError, problem_response
+from kawhi.errors import KawhiError
+from kawhi.server.problems import problem_response
 
 log = logging.getLogger("kawhi.server.access")
 
@@ -117,7 +118,7 @@ class RequestContextMiddleware:
     async def _too_large(self, send: Callable, rid: str, declared: Optional[int]) -> None:
         limit = self.state.settings.max_body_bytes
         size = f"{declared} bytes" if declared is not None else "more"
-        err = ProblemError(413, "too-large", f"request body is {size}; the limit is {limit} bytes", "")
+        err = KawhiError("too-large", f"request body is {size}; the limit is {limit} bytes")
         self.state.count_error(err)
         response = problem_response(err, rid)
         await response({"type": "http"}, _empty_receive, send)

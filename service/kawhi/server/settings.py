@@ -44,7 +44,8 @@ class _ServerSettings(BaseSettings):
         None, description="reference model: a local checkpoint folder (loaded offline); unset = the embedded tiny demo model"
     )
     device: str = Field("cpu", description="torch device of the reference model (cpu, cuda, cuda:1 ...)")
-    dtype: str = Field("auto", description="torch dtype of the reference model (auto, float32, bfloat16, float16)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="torch dtype of the reference model")
 
     # --- network -----------------------------------------------------------------
     host: str = Field("127.0.0.1", description="interface to bind")
@@ -87,7 +88,14 @@ class _ServerSettings(BaseSettings):
     )
     request_timeout_s: float = Field(120.0, gt=0, description="per-request deadline; exceeded -> 504")
     drain_timeout_s: float = Field(
-        60.0, ge=0, description="on SIGTERM, how long in-flight requests may take to finish before exit"
+        60.0, ge=0, description="on SIGTERM, the whole shutdown: in-flight requests finish or answer 503 + "
+        "Retry-After within it, then the process exits"
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a connection whose request headers are not complete within this is closed"
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="a request body not received within this is answered 408"
     )
     prepare_threads: int = Field(
         1, ge=1, description="threads that decode images and tokenize (the forward has its own thread)"
