@@ -329,7 +329,7 @@ def test_reflection_lists_the_services(server: GrpcServerThread) -> None:
 def test_health_follows_loading_and_draining(monkeypatch: pytest.MonkeyPatch) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from kawhi.server.app import ServerState
+    from kawhi.server.state import ServerState
 
     gate = threading.Event()
     real_load = ServerState.load_engine

@@ -77,9 +77,11 @@ def _pack(message: Any) -> any_pb2.Any:
     return out
 
 
-def status_for(problem: Problem, retry_after: Optional[float] = None) -> status_pb2.Status:
-    """The google.rpc.Status of a problem (see the module doc)."""
-    code = code_for(problem.status)
+def status_for(problem: Problem, retry_after: Optional[float] = None,
+               code: Optional[grpc.StatusCode] = None) -> status_pb2.Status:
+    """The google.rpc.Status of a problem (see the module doc); ``code`` overrides the code
+    of its HTTP status (the server passes its error catalogue's)."""
+    code = code if code is not None else code_for(problem.status)
     body = problem.model_dump(mode="json")
     slug = problem.type.rsplit("/", 1)[-1] if problem.type.startswith(TYPE_BASE) else problem.type
     info = error_details_pb2.ErrorInfo(

@@ -14,7 +14,7 @@ from typing import Any, AsyncIterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kawhi.server.app import ServerState
+from kawhi.server.state import ServerState
 
 SERVICES = ("", "kawhi.v1.Kawhi")
 WATCH_POLL_S = 0.1

@@ -1,7 +1,9 @@
-"""The calls the gRPC servicer makes into the request pipeline (one place to switch).
+"""The calls the gRPC servicer makes into the request pipeline (the one place to switch).
 
-Each takes the wire object an HTTP body parses to and answers what the HTTP route
-answers, raising the same ``ProblemError``s.
+Each takes the wire object an HTTP body parses to and does what the HTTP route does,
+with the same steps (kawhi.pipeline: parse -> admit -> prepare -> run -> assemble,
+through ``kawhi.server.reweight``'s idempotency key, admission and batcher) and the
+same ``KawhiError``s.
 """
 
 from __future__ import annotations
@@ -13,25 +15,69 @@ from typing import Any, Optional
 
 from kawhi_client.schema import ReweightResponse
 
-from kawhi.server.app import ServerState
-from kawhi.server.problems import ProblemError
+from kawhi.errors import KawhiError
+from kawhi.server import reweight as http_reweight
+from kawhi.server.state import ServerState
+
+# Documents with more groups than this are parsed and admitted in a worker thread.
+INLINE_PARSE_GROUPS = 8
 
 
-async def reweight(state: ServerState, body: dict[str, Any], timeout_s: Optional[float]) -> ReweightResponse:
-    """``POST /v1/reweight`` for a body object; ``timeout_s`` (the caller's deadline) tightens
-    the server's own per-request deadline."""
-    from kawhi.server import routes
+def _parse_and_admit(state: ServerState, pipeline: Any, doc: dict[str, Any]) -> Any:
+    parsed = pipeline.parse_document(doc)
+    return pipeline.admit(parsed, queue_capacity=state.settings.queue_groups, allow_paths=False)
 
-    engine = state.require_engine()
-    t0 = time.perf_counter()
-    limit = state.settings.request_timeout_s if timeout_s is None else min(timeout_s, state.settings.request_timeout_s)
+
+async def reweight(state: ServerState, doc: dict[str, Any], timeout_s: Optional[float]) -> ReweightResponse:
+    """``POST /v1/reweight`` for a request document; ``timeout_s`` (the caller's deadline)
+    tightens the server's own per-request deadline. Cancelling the await drops the
+    request's queued groups (the batcher ticket is cancelled)."""
+    pipeline = state.pipeline()  # 503 while loading or draining
+    started = time.perf_counter()
+    s = state.settings
+    limit = s.request_timeout_s if timeout_s is None else min(timeout_s, s.request_timeout_s)
     deadline = time.monotonic() + limit
-    raw = json.dumps(body, allow_nan=True, separators=(",", ":")).encode()
-    parsed = await asyncio.to_thread(routes._parse_and_check, state, engine, raw)
-    groups, raw_groups, config, per_group, arrived, bad, _key = parsed
-    data, _cacheable = await routes._compute(
-        state, engine, config, per_group, groups, raw_groups, arrived, bad, deadline, t0
-    )
+    if len(doc.get("groups") or ()) > INLINE_PARSE_GROUPS:
+        admission = await asyncio.to_thread(_parse_and_admit, state, pipeline, doc)
+    else:
+        admission = _parse_and_admit(state, pipeline, doc)
+    key = http_reweight.idempotency_key(pipeline, admission) if not admission.errors else None
+
+    # idempotency, as reweight.handle: a stored answer, or the answer of the same request in flight
+    owner: Optional[asyncio.Future] = None
+    if key is not None:
+        while True:
+            stored = await state.caches.aget("result", key)
+            if stored is not None:
+                return await _parsed(stored)
+            running = state.inflight.get(key)
+            if running is None:
+                owner = asyncio.get_running_loop().create_future()
+                state.inflight[key] = owner
+                break
+            try:
+                done = await asyncio.wait_for(asyncio.shield(running), timeout=max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise KawhiError("timeout", f"no answer within {limit:g} s") from None
+            if done is not None:
+                return await _parsed(done)
+
+    out: Optional[bytes] = None
+    try:
+        out, cacheable = await http_reweight._compute(state, pipeline, admission, deadline, started)
+        if key is not None and cacheable:
+            await state.caches.aset("result", key, out)
+        return await _parsed(out)
+    finally:
+        if owner is not None:
+            state.inflight.pop(key, None)  # type: ignore[arg-type]
+            if not owner.done():
+                owner.set_result(out)
+
+
+async def _parsed(data: bytes) -> ReweightResponse:
+    if len(data) > 1024 * 1024:
+        return await asyncio.to_thread(ReweightResponse.model_validate_json, data)
     return ReweightResponse.model_validate_json(data)
 
 
@@ -45,22 +91,14 @@ async def info(state: ServerState) -> dict[str, Any]:
 
 async def store_image(state: ServerState, data: bytes) -> dict[str, Any]:
     """``POST /v1/images`` with raw bytes: {sha256, bytes, width, height}."""
-    from kawhi.engine.errors import GroupError
     from kawhi.engine.images import decode_image, sha256_hex
-    from kawhi.server.problems import from_group_error
 
     if state.draining:
         state.require_engine()  # raises the draining 503
     if not data:
-        raise ProblemError(422, "invalid-image", "the body holds no image bytes", "")
-    limit = state.settings.max_image_bytes
-    if len(data) > limit:
-        raise ProblemError(413, "too-large", f"image is {len(data)} bytes; the limit is {limit}", "")
+        raise KawhiError("invalid-image", "the body holds no image bytes", "")
     loop = asyncio.get_running_loop()
-    try:
-        image = await loop.run_in_executor(state.prepare_pool, decode_image, data, state.image_limits, "")
-    except GroupError as exc:
-        raise from_group_error(exc, "") from None
+    image = await loop.run_in_executor(state.prepare_pool, decode_image, data, state.image_limits, "")
     sha = sha256_hex(data)
     await state.caches.aset("image", sha, data)
     return {"sha256": sha, "bytes": len(data), "width": image.width, "height": image.height}

@@ -25,7 +25,7 @@ from kawhi_client.grpc._proto import kawhi_pb2_grpc as pb_grpc
 
 from kawhi.grpc.health import HealthServicer
 from kawhi.grpc.servicer import KawhiServicer
-from kawhi.server.app import ServerState
+from kawhi.server.state import ServerState
 
 log = logging.getLogger("kawhi.server.grpc")
 

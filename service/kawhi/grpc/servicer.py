@@ -3,7 +3,7 @@
 Every call goes through ``_Rpc``: the bearer key from the ``authorization`` metadata
 (compared in constant time, as over HTTP), the request id (``x-request-id``), the
 in-flight count a drain waits for, the metrics (``frontend="grpc"``), and the error
-mapping — a ``ProblemError`` becomes the rich status of
+mapping — a ``KawhiError`` becomes the rich status of
 ``kawhi_client.grpc.status.status_for``; anything unexpected is logged and answered
 INTERNAL with no detail of it. A cancelled call (the client went away or its deadline
 passed) cancels the pipeline's await, which drops its queued groups.
@@ -23,13 +23,13 @@ from kawhi_client.grpc import convert
 from kawhi_client.grpc._proto import kawhi_pb2 as pb
 from kawhi_client.grpc._proto import kawhi_pb2_grpc as pb_grpc
 from kawhi_client.grpc.status import status_for
-from kawhi_client.schema import GroupResult, Usage
+from kawhi_client.schema import GroupResult, Problem, Usage
 
+from kawhi.errors import KawhiError
 from kawhi.grpc import pipeline
-from kawhi.server.app import ServerState
 from kawhi.server.auth import key_is_valid, unauthorized
 from kawhi.server.logs import accept_request_id, request_id_var
-from kawhi.server.problems import ProblemError
+from kawhi.server.state import ServerState
 
 log = logging.getLogger("kawhi.server.grpc")
 
@@ -43,7 +43,7 @@ def _metadata(context: grpc.aio.ServicerContext, name: str) -> str:
     return ""
 
 
-def _retry_after(err: ProblemError) -> Optional[float]:
+def _retry_after(err: KawhiError) -> Optional[float]:
     value = err.headers.get("Retry-After")
     try:
         return float(value) if value is not None else None
@@ -78,13 +78,13 @@ class _Rpc:
         try:
             if exc is None:
                 return False
-            if isinstance(exc, ProblemError):
+            if isinstance(exc, KawhiError):
                 await self._abort(exc)
             elif isinstance(exc, asyncio.CancelledError):
                 self.code = grpc.StatusCode.CANCELLED
             elif isinstance(exc, Exception) and not isinstance(exc, grpc.aio.AbortError):
                 log.error("unhandled error", exc_info=(exc_type, exc, tb))
-                await self._abort(ProblemError(500, "internal", "an unexpected error occurred; it has been logged", ""))
+                await self._abort(KawhiError("internal", "an unexpected error occurred; it has been logged"))
             return False
         finally:
             self.state.leave()
@@ -94,12 +94,11 @@ class _Rpc:
             self.state.metrics.request_duration.labels(*labels).observe(time.perf_counter() - self.started)
             request_id_var.reset(self.token)
 
-    async def _abort(self, err: ProblemError) -> None:
+    async def _abort(self, err: KawhiError) -> None:
         self.state.count_error(err)
-        problem = err.problem()
-        extra = problem.model_extra if problem.model_extra is not None else {}
-        extra["request_id"] = self.rid
-        status = rpc_status.to_status(status_for(problem, _retry_after(err)))
+        problem = Problem.model_validate({**err.to_problem(), "request_id": self.rid})
+        code = getattr(grpc.StatusCode, err.grpc_code)  # the catalogue's code for this kind
+        status = rpc_status.to_status(status_for(problem, _retry_after(err), code))
         self.code = status.code
         metadata = tuple(status.trailing_metadata) + (("x-request-id", self.rid),)
         await self.context.abort(status.code, status.details, metadata)
@@ -193,14 +192,14 @@ class KawhiServicer(pb_grpc.KawhiServicer):
             answer = await pipeline.reweight(self.state, body, _timeout(context))
             result = answer.results[0]
             model, version, usage = answer.model, answer.version, answer.usage
-        except ProblemError as err:
+        except KawhiError as err:
             self.state.count_error(err)
             gid = wire.get("id") if isinstance(wire.get("id"), str) else None
-            result = GroupResult(id=gid, error=err.problem())
+            result = GroupResult(id=gid, error=Problem.model_validate(err.to_problem()))
         except Exception:
             log.exception("stream group failed")
-            err = ProblemError(500, "internal", "this group failed unexpectedly; it has been logged", f"/groups/{j}")
-            result = GroupResult(id=group.id if group.HasField("id") else None, error=err.problem())
+            err = KawhiError("internal", "this group failed unexpectedly; it has been logged", "/groups/0")
+            result = GroupResult(id=group.id if group.HasField("id") else None, error=Problem.model_validate(err.to_problem()))
         if result.error is not None:
             result.error = _into_message(result.error, j)
         msg = pb.ReweightStreamResult(
@@ -219,7 +218,7 @@ class KawhiServicer(pb_grpc.KawhiServicer):
             async for chunk in chunks:
                 size += len(chunk.data)
                 if size > limit:  # stop reading: never hold more than the limit
-                    raise ProblemError(413, "too-large", f"image is over {limit} bytes; the limit is {limit}", "")
+                    raise KawhiError("too-large", f"image is over {limit} bytes; the limit is {limit}")
                 parts.append(chunk.data)
             stored = await pipeline.store_image(self.state, b"".join(parts))
             return pb.ImageInfo(**stored)
