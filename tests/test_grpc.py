@@ -411,3 +411,17 @@ def test_a_batch_larger_than_4_mib_and_the_http_body_limit() -> None:
                 g._call(g._stub.Reweight, bigger, 60)
             with pytest.raises(InvalidRequest):
                 g.reweight([dict(small_group(41), responses=[{"text": "x", "token_ids": [2**40]}])])
+
+
+def test_a_call_still_running_at_the_drain_deadline_is_unavailable_and_dropped() -> None:
+    with GrpcServerThread() as s:
+        s.wait_ready()
+        future = s.stub().Reweight.future(convert.request_to_message(_heavy(3)), timeout=120)
+        time.sleep(0.3)
+        s.state.begin_drain()
+        s.state.expire_drain()  # what the SIGTERM handler does when drain_timeout_s is nearly spent
+        with pytest.raises(grpc.RpcError) as info:
+            future.result()
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert problem_of(info.value).type.endswith("/draining") and retry_after(info.value) >= 1
+        _settled(s)

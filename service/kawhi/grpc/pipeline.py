@@ -64,7 +64,8 @@ async def reweight(state: ServerState, doc: dict[str, Any], timeout_s: Optional[
 
     out: Optional[bytes] = None
     try:
-        out, cacheable = await http_reweight._compute(state, pipeline, admission, deadline, started)
+        out, cacheable = await _unless_drain_expires(
+            state, http_reweight._compute(state, pipeline, admission, deadline, started))
         if key is not None and cacheable:
             await state.caches.aset("result", key, out)
         return await _parsed(out)
@@ -73,6 +74,29 @@ async def reweight(state: ServerState, doc: dict[str, Any], timeout_s: Optional[
             state.inflight.pop(key, None)  # type: ignore[arg-type]
             if not owner.done():
                 owner.set_result(out)
+
+
+async def _unless_drain_expires(state: ServerState, work: Any) -> Any:
+    """``work``, unless the drain deadline comes first: then its queued groups are dropped and
+    the caller gets the draining 503 (UNAVAILABLE + RetryInfo), as over HTTP."""
+    task = asyncio.ensure_future(work)
+    expired = asyncio.ensure_future(state.drain_expired.wait())
+    try:
+        await asyncio.wait({task, expired}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the caller went away: the work's cancellation drops its groups
+        task.cancel()
+        raise
+    finally:
+        expired.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except BaseException:  # the cancellation (or what the work raised meanwhile) ends here
+        pass
+    raise KawhiError("draining", "the server is shutting down and this request could not finish in time; "
+                     "retry on another replica", headers={"Retry-After": "1"})
 
 
 async def _parsed(data: bytes) -> ReweightResponse:
