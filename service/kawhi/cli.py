@@ -1,157 +1,271 @@
-"""The `kawhi` command: `kawhi reweight` (batch JSONL) and `kawhi serve` (HTTP)."""
+"""The `kawhi` command: `kawhi reweight` (batch JSONL), `kawhi info` and `kawhi serve` (HTTP).
+
+`kawhi reweight` runs the same request pipeline as the server (kawhi.pipeline): one
+output line per input line, a bad line becomes an error record with the same type and
+pointer the server would give. A user's mistake (missing file, not a model folder, a
+hub id not in the local cache, no such device, a bad flag) is one line on stderr that
+names the fix, exit status 2, no traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import contextlib
 import json
 import logging
 import sys
 import time
-import typing
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence, TextIO
 
 from kawhi import __version__
+from kawhi_client.options import OPTIONS, SGUF_OPTIONS, OptionSpec
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+class UserError(Exception):
+    """A mistake of the user's, reported as one line with exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line, not usage + error
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+# ---------------------------------------------------------------------- options, from their one definition
+
+
+def _flag(spec: OptionSpec, prefix: str = "") -> str:
+    return "--" + (prefix + spec.name).replace("_", "-")
+
+
+def _add_option(group: Any, spec: OptionSpec, dest: str, prefix: str = "") -> None:
+    help_text = f"{spec.help} (default: {spec.default}"
+    if spec.kind in ("float", "int"):
+        help_text += f"; range {spec.range_text()}"
+    help_text += ")"
+    if spec.kind == "float":
+        group.add_argument(_flag(spec, prefix), dest=dest, type=float, default=None, help=help_text)
+    elif spec.kind == "int":
+        group.add_argument(_flag(spec, prefix), dest=dest, type=int, default=None, help=help_text)
+    elif spec.kind == "heads":
+        group.add_argument(_flag(spec, prefix), dest=dest, default=None,
+                           help="'preset', 'all' or comma-separated head indices (default: preset)")
+    elif spec.registry:  # registered names are checked by the pipeline, so plug-ins are reachable
+        group.add_argument(_flag(spec, prefix), dest=dest, default=None,
+                           help=f"{help_text}; built in: {', '.join(spec.choices)}")
+    else:
+        group.add_argument(_flag(spec, prefix), dest=dest, default=None, choices=spec.choices, help=help_text)
 
 
 def add_method_options(parser: argparse.ArgumentParser) -> None:
-    """One flag per MethodConfig field (--temperature, --regions, ...), default None = keep."""
-    from kawhi.engine.config import MethodConfig
-
-    group = parser.add_argument_group("method options (defaults: see kawhi.engine.config.MethodConfig)")
-    for f in dataclasses.fields(MethodConfig):
-        if f.name == "sguf":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        if f.name == "heads":
-            group.add_argument(flag, default=None, help="'preset', 'all' or comma-separated head indices "
-                               f"(default: {default})")
-        elif isinstance(default, str):
-            group.add_argument(flag, default=None, choices=_literal_choices(f.name),
-                               help=f"(default: {default})")
-        else:
-            group.add_argument(flag, type=type(default), default=None, help=f"(default: {default})")
-
-
-def _literal_choices(name: str) -> list[str] | None:
-    """The allowed values of a string option, from the wire schema (one definition)."""
-    from kawhi_client.schema import Options
-
-    annotation = Options.model_fields[name].annotation
-    for arg in typing.get_args(annotation):
-        if typing.get_origin(arg) is typing.Literal:
-            return list(typing.get_args(arg))
-    return None
+    """One flag per option (--temperature, --regions, --sguf-beta ...), default None = keep."""
+    group = parser.add_argument_group("method options (kawhi_client/options.py)")
+    for spec in OPTIONS:
+        _add_option(group, spec, spec.name)
+    for spec in SGUF_OPTIONS:
+        _add_option(group, spec, "sguf_" + spec.name, prefix="sguf_")
 
 
 def method_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The method flags the user set, as an options mapping."""
-    from kawhi.engine.config import MethodConfig
-
-    options = {}
-    for f in dataclasses.fields(MethodConfig):
-        value = getattr(args, f.name, None)
+    """The method flags the user set, as a wire options mapping."""
+    options: dict[str, Any] = {}
+    for spec in OPTIONS:
+        value = getattr(args, spec.name, None)
         if value is None:
             continue
-        if f.name == "heads" and value not in ("preset", "all"):
-            value = [int(h) for h in str(value).split(",") if h.strip()]
-        options[f.name] = value
+        if spec.kind == "heads" and value not in ("preset", "all"):
+            try:
+                value = [int(h) for h in str(value).split(",") if h.strip()]
+            except ValueError:
+                raise UserError("--heads must be 'preset', 'all' or comma-separated integers") from None
+        options[spec.name] = value
+    sguf = {s.name: getattr(args, "sguf_" + s.name) for s in SGUF_OPTIONS
+            if getattr(args, "sguf_" + s.name, None) is not None}
+    if sguf:
+        options["sguf"] = sguf
     return options
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[int, str]]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                yield number, line
+def _option_flag(pointer: str) -> str:
+    """/options/sguf/beta -> --sguf-beta."""
+    parts = [p for p in pointer.split("/")[2:] if p]
+    return "--" + "-".join(parts).replace("_", "-") if parts else "an option"
 
 
-def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+# ---------------------------------------------------------------------- engine
 
 
-def cmd_reweight(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-    from tqdm import tqdm
-
-    from kawhi.engine.engine import Engine, GroupError, OptionsError, load_image_bytes
-    from kawhi.engine.errors import group_error_from_validation
-    from kawhi.engine.images import decode_image, sha256_hex
-    from kawhi_client.schema import RolloutGroup
-
-    engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
+def load_engine(args: argparse.Namespace) -> Any:
+    """The engine of --model/--device/--dtype; UserError for every mistake a user can make."""
+    try:
+        from kawhi.engine.engine import Engine
+        from kawhi.models.locate import DeviceUnavailable, ModelNotFound
+    except ImportError as exc:
+        raise UserError(f"this command needs the engine: pip install 'kawhi[engine]' (missing: {exc.name})") from None
+    try:
+        engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
+    except (ModelNotFound, DeviceUnavailable) as exc:
+        raise UserError(str(exc)) from None
+    except (OSError, ValueError) as exc:  # a folder that looks like a model but does not load
+        raise UserError(f"cannot load the model {args.model}: {str(exc).splitlines()[0][:200]}") from None
     if engine.is_demo:
         print("kawhi: using the embedded DEMO model (random weights): results are for plumbing, "
               "not for training. Pass --model PATH for real use.", file=sys.stderr)
+    return engine
+
+
+# ---------------------------------------------------------------------- reweight
+
+
+def _read_lines(source: str) -> tuple[list[tuple[int, str]], Path]:
+    """(line number, text) of the non-blank input lines, and the folder image paths are relative to."""
+    if source == "-":
+        return [(n, line) for n, line in enumerate(sys.stdin, start=1) if line.strip()], Path.cwd()
+    path = Path(source)
     try:
-        config = engine.resolve_options(method_options_from_args(args))
-    except OptionsError as exc:
-        print(f"kawhi: invalid option --{exc.field.replace('_', '-')}: {exc.detail}", file=sys.stderr)
-        return 2
-    base_dir = args.input.resolve().parent
-    lines = list(_read_jsonl(args.input))
+        with path.open(encoding="utf-8") as handle:
+            return [(n, line) for n, line in enumerate(handle, start=1) if line.strip()], path.resolve().parent
+    except FileNotFoundError:
+        raise UserError(f"input file {source} does not exist (use - to read standard input)") from None
+    except IsADirectoryError:
+        raise UserError(f"input {source} is a folder; pass a JSONL file (one rollout group per line)") from None
+    except UnicodeDecodeError:
+        raise UserError(f"input file {source} is not UTF-8 text") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {source}: {exc.strerror}") from None
+
+
+@contextlib.contextmanager
+def _output(target: str) -> Iterator[TextIO]:
+    if target == "-":
+        yield sys.stdout
+        sys.stdout.flush()
+        return
+    try:
+        handle = open(target, "w", encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot write {target}: {exc.strerror}") from None
+    with handle:
+        yield handle
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), max(1, size)):
+        yield items[start : start + size]
+
+
+def reweight_lines(pipeline: Any, lines: Sequence[tuple[int, str]], options: dict[str, Any], base_dir: Path,
+                   batch_groups: int, progress: Any = None) -> dict[int, dict[str, Any]]:
+    """One record per input line: a GroupResult, or ``{"id", "line", "error"}``."""
+    from kawhi.errors import KawhiError
+    from kawhi.pipeline.parse import loads_checked
+
     records: dict[int, dict[str, Any]] = {}
-    started = time.perf_counter()
-    ok = 0
-    with tqdm(total=len(lines), unit="group", disable=args.quiet, file=sys.stderr) as progress:
-        for chunk in _chunks(lines, args.batch_groups):
-            prepared = []
-            for number, line in chunk:
-                group_id = None
-                try:
-                    raw = json.loads(line)
-                    group_id = raw.get("id") if isinstance(raw, dict) else None
-                    group = RolloutGroup.model_validate(raw)
-                    data = load_image_bytes(group.image, base_dir)
-                    image = decode_image(data, engine.limits.image)
-                    prepared.append(engine.prepare(group, config, image, image_sha256=sha256_hex(data), index=number))
-                except GroupError as exc:
-                    records[number] = _error_record(number, group_id, exc)
-                except ValidationError as exc:
-                    records[number] = _error_record(number, group_id, group_error_from_validation(exc))
-                except json.JSONDecodeError as exc:
-                    records[number] = _error_record(number, group_id, GroupError("", f"not JSON: {exc}",
-                                                                                 title="Invalid line"))
-            for group, result in zip(prepared, engine.run(prepared)):
-                records[group.index] = result.model_dump(exclude_none=True)
+    for chunk in _chunks(lines, batch_groups):
+        numbers, docs = [], []
+        for number, line in chunk:
+            try:
+                docs.append(loads_checked(line))
+                numbers.append(number)
+            except KawhiError as exc:
+                records[number] = {"id": None, "line": number, "error": exc.to_problem()}
+        parsed = pipeline.parse_groups(docs, options)
+        try:
+            results = pipeline.reweight(parsed, allow_paths=True, base_dir=base_dir).results
+        except KawhiError as exc:  # a chunk-level limit (tokens of all its groups): every line of it fails
+            results = [None] * len(numbers)
+            for number in numbers:
+                records[number] = {"id": None, "line": number, "error": exc.to_problem()}
+            numbers = []
+        for number, result in zip(numbers, results):
+            record = result.model_dump(exclude_none=True)
+            if result.error is not None:
+                record = {"id": result.id, "line": number, "error": record["error"]}
+            records[number] = record
+        if progress is not None:
             progress.update(len(chunk))
+    return records
+
+
+def cmd_reweight(args: argparse.Namespace) -> int:
+    from kawhi.errors import KawhiError
+
+    from kawhi.pipeline.parse import parse_options
+
+    options = method_options_from_args(args)
+    try:
+        parse_options(options)  # the wire schema's checks, before the model loads
+    except KawhiError as exc:
+        raise UserError(f"invalid option {_option_flag(exc.pointer)}: {exc.detail}") from None
+    lines, base_dir = _read_lines(args.input)  # before the model loads: a wrong path fails at once
+    engine = load_engine(args)
+    from kawhi.pipeline import Pipeline
+
+    pipeline = Pipeline(engine)
+    try:
+        config = pipeline.resolve_options(pipeline.parse_groups([], options).options)
+    except KawhiError as exc:
+        raise UserError(f"invalid option {_option_flag(exc.pointer)}: {exc.detail}") from None
+    provenance = {"model": engine.model_name, "version": __version__, "options": config.to_dict()}
+    started = time.perf_counter()
+    try:
+        from tqdm import tqdm
+    except ImportError:  # progress is optional
+        tqdm = None
+    quiet = args.quiet or tqdm is None
+    with contextlib.ExitStack() as stack:
+        bar = None if quiet else stack.enter_context(tqdm(total=len(lines), unit="group", file=sys.stderr))
+        records = reweight_lines(pipeline, lines, options, base_dir, args.batch_groups, bar)
     elapsed = time.perf_counter() - started
-    with args.output.open("w", encoding="utf-8") as out:
+    ok = 0
+    with _output(args.output) as out:
         for number, _ in lines:
             record = records[number]
-            if "error" not in record:
-                ok += 1
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
-    failed = len(lines) - ok
-    print(f"kawhi: {ok} group(s) reweighted, {failed} failed, {elapsed:.2f} s "
+            ok += "error" not in record
+            record["kawhi"] = provenance  # which model, version and options produced this line
+            out.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
+    print(f"kawhi: {ok} group(s) reweighted, {len(lines) - ok} failed, {elapsed:.2f} s "
           f"({elapsed / max(len(lines), 1) * 1000:.0f} ms/group) -> {args.output}", file=sys.stderr)
     return 0 if ok > 0 else 1
 
 
-def _error_record(number: int, group_id: Any, error: Any) -> dict[str, Any]:
-    """The output line for input line ``number`` that could not be processed."""
-    return {"id": group_id, "line": number, "error": error.to_problem()}
+def cmd_info(args: argparse.Namespace) -> int:
+    engine = load_engine(args)
+    print(json.dumps(engine.info(), indent=2, default=str))
+    return 0
+
+
+# ---------------------------------------------------------------------- parser
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="local model folder or a hub id in the local Hugging Face cache (default: the demo model)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default: cpu)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kawhi", description="KAWHI reward shaping for RL of VLMs.")
+    parser = _Parser(prog="kawhi", description="KAWHI reward shaping for RL of VLMs.")
     parser.add_argument("--version", action="version", version=f"kawhi {__version__}")
-    parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--log-level", default="warning", type=str.lower, choices=LOG_LEVELS,
+                        help="logging level (default: warning)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    rw = sub.add_parser("reweight", help="reweight rollout groups from a JSONL file (one API.md group per line)")
-    rw.add_argument("input", type=Path, help="input JSONL; image paths are relative to its folder")
-    rw.add_argument("-o", "--output", type=Path, required=True, help="output JSONL, one result per input line")
-    rw.add_argument("--model", default=None, help="local model folder (default: the embedded demo model)")
-    rw.add_argument("--device", default="cpu")
-    rw.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    rw = sub.add_parser("reweight", help="reweight rollout groups from JSONL (one rollout group per line)")
+    rw.add_argument("input", help="input JSONL, or - for standard input; image paths are relative to its folder")
+    rw.add_argument("-o", "--output", required=True, help="output JSONL (one result per input line), or - for stdout")
+    _add_model_flags(rw)
     rw.add_argument("--batch-groups", type=int, default=8, help="groups prepared and run together")
     rw.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_method_options(rw)
     rw.set_defaults(func=cmd_reweight)
+
+    info = sub.add_parser("info", help="print the model, heads, defaults and limits as JSON")
+    _add_model_flags(info)
+    info.set_defaults(func=cmd_info)
 
     try:
         from kawhi.server.main import add_serve_parser
@@ -164,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _missing_server(exc: ImportError) -> int:
-    print(f"kawhi serve needs the server extra: pip install 'kawhi[server]' ({exc})", file=sys.stderr)
+    print(f"kawhi serve needs the server extra: pip install 'kawhi[server]' (missing: {exc.name})", file=sys.stderr)
     return 2
 
 
@@ -172,7 +286,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"kawhi {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kawhi: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

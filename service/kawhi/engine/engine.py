@@ -131,14 +131,20 @@ class Engine:
         defaults: MethodConfig | None = None,
         limits: EngineLimits | None = None,
     ) -> "Engine":
-        """Load a local model folder, or the embedded demo model when ``model`` is None."""
+        """Load a local model folder or a hub id already in the local Hugging Face cache
+        (never downloaded), or the embedded demo model when ``model`` is None."""
+        from kawhi.models.locate import check_device, locate_model
+
+        check_device(device)  # ModelNotFound / DeviceUnavailable: a message for the user
         if model is None:
             reference = QwenVLReference.from_pretrained(DEMO_MODEL_DIR, device=device, dtype="float32",
                                                         name=DEMO_MODEL_NAME)
             log.warning("serving the embedded DEMO model (random weights): its advantages are for plumbing, "
                         "not for training; pass --model /path/to/Qwen2.5-VL-7B-Instruct for real use")
             return cls(reference, defaults, limits=limits, is_demo=True, model_name=DEMO_MODEL_NAME)
-        reference = QwenVLReference.from_pretrained(model, device=device, dtype=dtype)
+        folder = locate_model(model)
+        hub_id = None if Path(model).expanduser().is_dir() else str(model)  # a cached hub id keeps its id
+        reference = QwenVLReference.from_pretrained(folder, device=device, dtype=dtype, name=hub_id)
         return cls(reference, defaults, limits=limits)
 
     # ------------------------------------------------------------------ options

@@ -36,13 +36,16 @@ class _Bad:
         self.why = why
 
 
+NOT_FINITE = "the number is not finite (NaN, Infinity or beyond the 64-bit float range); send a finite number"
+
+
 def _float(text: str) -> Any:
     value = float(text)
-    return value if math.isfinite(value) else _Bad(f"the number {text[:40]} overflows a 64-bit float")
+    return value if math.isfinite(value) else _Bad(NOT_FINITE)
 
 
 def _constant(name: str) -> Any:
-    return _Bad(f"{name} is not a JSON number; send a finite number")
+    return _Bad(NOT_FINITE)
 
 
 def parse_json(body: bytes, content_type: Optional[str] = "application/json") -> Any:
@@ -70,6 +73,8 @@ def loads_checked(text: str) -> Any:
     except json.JSONDecodeError as exc:
         raise KawhiError("malformed-json", f"the body is not valid JSON: {exc.msg} at line {exc.lineno} "
                          f"column {exc.colno}") from None
+    except ValueError:  # an integer literal of more digits than Python converts (4300)
+        raise KawhiError("malformed-json", "the body holds a number with too many digits") from None
     return doc
 
 
@@ -87,7 +92,7 @@ def check_values(doc: Any, prefix: Sequence[Any] = (), *, depth: int = 0) -> Non
                                  "a character; send valid Unicode", pointer(*path))
         elif isinstance(value, float):
             if not math.isfinite(value):
-                raise KawhiError("validation", "the number is not finite; send a finite number", pointer(*path))
+                raise KawhiError("validation", NOT_FINITE, pointer(*path))
         elif isinstance(value, _Bad):
             raise KawhiError("validation", value.why, pointer(*path))
         elif isinstance(value, (dict, list)):
@@ -180,6 +185,7 @@ def parse_request(doc: Any) -> ParsedRequest:
     """A wire request document (``{"groups": [...], "options": ..., "per_group_errors": ...}``)."""
     if not isinstance(doc, dict):
         raise KawhiError("validation", "the request must be a JSON object with 'groups'", "")
+    check_values({k: v for k, v in doc.items() if k != "groups"})
     unknown = sorted(set(doc) - {"groups", "options", "per_group_errors"})
     if unknown:
         raise KawhiError("validation", "unknown member (extra inputs are not permitted)", pointer(unknown[0]))
@@ -191,7 +197,6 @@ def parse_request(doc: Any) -> ParsedRequest:
         raise KawhiError("validation", "groups must be a list of rollout groups", "/groups")
     if not raws:
         raise KawhiError("validation", "groups must hold at least one rollout group", "/groups")
-    check_values({k: v for k, v in doc.items() if k != "groups"})
     options = parse_options(doc.get("options"))
     return parse_groups(raws, options, per_group_errors=per_group, group_prefix=True)
 

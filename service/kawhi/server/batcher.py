@@ -85,6 +85,15 @@ def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
         fut.set_exception(exc)
 
 
+def _deliver(it: "_Item", setter: Callable[[asyncio.Future, Any], None], value: Any) -> None:
+    """Hand a result to the request's event loop; a loop already closed (shutdown past its
+    drain deadline) has nobody left to answer."""
+    try:
+        it.loop.call_soon_threadsafe(setter, it.future, value)
+    except RuntimeError:
+        pass
+
+
 class Batcher:
     def __init__(
         self,
@@ -230,7 +239,7 @@ class Batcher:
         except Exception as exc:
             if len(batch) == 1:
                 it = batch[0]
-                it.loop.call_soon_threadsafe(_set_exception, it.future, exc)
+                _deliver(it, _set_exception, exc)
                 return
             log.warning(
                 "batched forward failed; retrying its groups one by one",
@@ -247,4 +256,4 @@ class Batcher:
         rate = len(batch) / max(dt, 1e-6)
         self._rate = rate if self._rate <= 0 else 0.8 * self._rate + 0.2 * rate
         for it, res in zip(batch, results):
-            it.loop.call_soon_threadsafe(_set_result, it.future, res)
+            _deliver(it, _set_result, res)

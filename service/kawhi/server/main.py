@@ -171,16 +171,12 @@ def _exit_zero(signum: int, frame: Any) -> None:  # the signal uvicorn re-raises
     raise SystemExit(0)
 
 
-def serve(settings: Any) -> None:
-    """Run the server in this (main) thread until SIGTERM/SIGINT."""
+def make_server(settings: Any, app: Any) -> Any:
+    """The uvicorn server `kawhi serve` runs ``app`` under: draining on SIGTERM, header timeout,
+    and the gRPC listener beside it when ``settings.grpc_port`` is set."""
     import uvicorn
 
-    from kawhi.server.app import create_app
-    from kawhi.server.logs import configure_logging
-
-    configure_logging(settings.log_level, settings.log_json)
-    app = create_app(settings)
-    if settings.grpc_port is not None:  # gRPC side by side, on the same loop and state
+    if settings.grpc_port is not None:  # gRPC side by side, on the same loop and state (kawhi.grpc.server)
         from kawhi.grpc.server import attach
 
         attach(app)
@@ -197,7 +193,16 @@ def serve(settings: Any) -> None:
         server_header=False,
         proxy_headers=False,
     )
-    server = DrainingServer(config, app.state.kawhi)
+    return DrainingServer(config, app.state.kawhi)
+
+
+def serve(settings: Any) -> None:
+    """Run the server in this (main) thread until SIGTERM/SIGINT."""
+    from kawhi.server.app import create_app
+    from kawhi.server.logs import configure_logging
+
+    configure_logging(settings.log_level, settings.log_json)
+    server = make_server(settings, create_app(settings))
     # uvicorn re-raises the captured signal once it has shut down; exit 0 then (a clean drain).
     signal.signal(signal.SIGTERM, _exit_zero)
     signal.signal(signal.SIGINT, _exit_zero)
@@ -217,6 +222,15 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a method default outside its range (w_min > w_max ...)
         print(f"kawhi serve: invalid settings: {exc}", file=sys.stderr)
         return 2
+    if settings.model is not None:  # a user's mistake is one line now, not a failed load later
+        from kawhi.models.locate import DeviceUnavailable, ModelNotFound, check_device, locate_model
+
+        try:
+            locate_model(settings.model)
+            check_device(settings.device)
+        except (ModelNotFound, DeviceUnavailable) as exc:
+            print(f"kawhi serve: {exc}", file=sys.stderr)
+            return 2
     serve(settings)
     return 0
 

@@ -85,7 +85,7 @@ async def handle(request: Request, state: ServerState, pipeline: Pipeline) -> Re
     s = state.settings
     deadline = time.monotonic() + s.request_timeout_s
     body = await read_body(request, s.body_timeout_s)
-    ctype = request.headers.get("content-type")
+    ctype = request.headers.get("content-type", "")  # missing -> 415, like a wrong one
     if len(body) > INLINE_PARSE_BYTES:  # JSON, validation, base64 and hashing off the event loop
         admission = await asyncio.to_thread(parse_and_admit, state, pipeline, body, ctype)
     else:

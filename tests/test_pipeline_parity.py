@@ -1,0 +1,173 @@
+"""The same bad groups through in-process, the CLI and HTTP give the same error type and pointer.
+
+Each row is a valid group with one planted mistake. In-process (Engine.reweight) and
+the CLI point relative to the group; HTTP prefixes ``/groups/<i>``. One HTTP request
+(per_group_errors) and one CLI run carry every row, so the table stays fast.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from typing import Any, Callable
+
+import pytest
+
+from server_fixtures import ROOT, ServerThread, b64, demo_engine, png_bytes, small_group, subprocess_env
+
+# The CLI has no limit flags: every front end runs with the default limits here.
+
+
+def _image(width: int, height: int) -> dict:
+    return {"data": b64(png_bytes(width, height))}
+
+
+def _set(path: str, value: Any) -> Callable[[dict], None]:
+    def mutate(group: dict) -> None:
+        *parents, last = [int(p) if p.isdigit() else p for p in path.split("/")]
+        target = group
+        for p in parents:
+            target = target[p]
+        target[last] = value
+    return mutate
+
+
+def _gif() -> dict:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(out, format="GIF")
+    return {"data": b64(out.getvalue())}
+
+
+# (name, mutation, type slug, pointer relative to the group)
+ROWS: list[tuple[str, Callable[[dict], None], str, str]] = [
+    ("NaN reward", _set("responses/1/reward", float("nan")), "validation", "/responses/1/reward"),
+    ("infinite reward", _set("responses/0/reward", float("inf")), "validation", "/responses/0/reward"),
+    ("reward as text", _set("responses/1/reward", "1.0"), "validation", "/responses/1/reward"),
+    ("reward as bool", _set("responses/2/reward", True), "validation", "/responses/2/reward"),
+    ("missing reward", lambda g: g["responses"][1].pop("reward"), "invalid-group", "/responses/1/reward"),
+    ("advantages count", _set("advantages", [1.0]), "invalid-group", "/advantages"),
+    ("non-finite advantage", _set("advantages", [1.0, float("-inf"), 0.0]), "validation", "/advantages/1"),
+    ("token id out of vocabulary", _set("responses/0/token_ids", [1, 10**6]), "invalid-group",
+     "/responses/0/token_ids/1"),
+    ("negative token id", _set("responses/0/token_ids", [-3]), "invalid-group", "/responses/0/token_ids/0"),
+    ("fractional token id", _set("responses/0/token_ids", [1.5]), "validation", "/responses/0/token_ids/0"),
+    ("token id as text", _set("responses/0/token_ids", ["7"]), "validation", "/responses/0/token_ids/0"),
+    ("lone surrogate in text", _set("responses/0/text", "bad \ud800 text"), "validation", "/responses/0/text"),
+    ("lone surrogate in prompt", _set("prompt", "\udfff"), "validation", "/prompt"),
+    ("aspect ratio 3000x14", _set("image", _image(3000, 14)), "invalid-image", "/image/data"),
+    ("1x1 image", _set("image", _image(1, 1)), "invalid-image", "/image/data"),
+    ("truncated PNG", _set("image", {"data": b64(png_bytes(64, 64)[:90])}), "invalid-image", "/image/data"),
+    ("GIF", _set("image", _gif()), "invalid-image", "/image/data"),
+    ("bad base64", _set("image", {"data": "not base64 !!"}), "invalid-image", "/image/data"),
+    ("image data and sha256", _set("image", {"data": "AAAA", "sha256": "ab" * 32}), "validation", "/image"),
+    ("unknown field", _set("colour", "red"), "validation", "/colour"),
+    ("no responses", _set("responses", []), "validation", "/responses"),
+    ("prompt and messages", _set("messages", [{"role": "user", "content": "hi"}]), "validation", ""),
+    ("messages without an image", lambda g: (g.pop("prompt"), g.update(messages=[{"role": "user", "content": "x"}])),
+     "invalid-group", "/messages"),
+    ("too many responses", lambda g: g.update(responses=g["responses"] * 22), "too-large", "/responses"),
+    ("over-long token_ids", _set("responses/0/token_ids", [5] * 8193), "too-large", "/responses/0/token_ids"),
+    ("over-long text", _set("responses/1/text", "word " * 110000), "too-large", "/responses/1/text"),
+    ("group not an object", lambda g: None, "validation", ""),  # replaced by a list below
+]
+
+
+def _bad_groups() -> list[Any]:
+    groups = []
+    for i, (name, mutate, _, _) in enumerate(ROWS):
+        group = small_group(100 + i)
+        group["id"] = name
+        if name == "group not an object":
+            groups.append([group])
+            continue
+        mutate(group)
+        groups.append(group)
+    return groups
+
+
+def _slug(problem: dict) -> str:
+    return problem["type"].rsplit("/", 1)[-1]
+
+
+@pytest.fixture(scope="module")
+def server() -> Any:
+    with ServerThread() as s:
+        yield s
+
+
+def test_the_three_front_ends_agree(server: ServerThread, tmp_path) -> None:
+    groups = _bad_groups() + [small_group(7)]
+    # in-process (same model, defaults and limits as the server)
+    engine = demo_engine(server.settings)
+    local = [r.model_dump(mode="json") for r in engine.reweight(copy.deepcopy(groups))]
+    # HTTP, one request with per-group errors
+    body = json.dumps({"groups": groups, "per_group_errors": True}, allow_nan=True)  # NaN/Infinity literals
+    with server.client() as client:
+        r = client.post("/v1/reweight", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text[:500]
+    remote = r.json()["results"]
+    # CLI, one group per line, the same limits as the server
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(g, allow_nan=True) + "\n" for g in groups))
+    out = tmp_path / "out.jsonl"
+    run = subprocess.run([sys.executable, "-m", "kawhi.cli", "reweight", str(src), "-o", str(out), "-q"],
+                         capture_output=True, text=True, timeout=600, env=subprocess_env(), cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    cli = [json.loads(line) for line in out.read_text().splitlines()]
+
+    assert len(local) == len(remote) == len(cli) == len(groups)
+    mismatches = []
+    for i, (name, _, slug, pointer) in enumerate(ROWS):
+        got = {
+            "in-process": (_slug(local[i]["error"]), local[i]["error"]["pointer"]),
+            "http": (_slug(remote[i]["error"]), remote[i]["error"]["pointer"].removeprefix(f"/groups/{i}")),
+            "cli": (_slug(cli[i]["error"]), cli[i]["error"]["pointer"]),
+        }
+        for front, value in got.items():
+            if value != (slug, pointer):
+                mismatches.append((name, front, value, (slug, pointer)))
+        # the details agree too, and say nothing internal
+        details = {local[i]["error"]["detail"], remote[i]["error"]["detail"], cli[i]["error"]["detail"]}
+        assert len(details) == 1, (name, details)
+        assert not any(word in d for d in details for word in ("0x7f", "Error:", "Traceback", "<class")), details
+    assert not mismatches, mismatches
+    assert local[-1]["error"] is None and remote[-1].get("error") is None and "error" not in cli[-1]
+    assert cli[-1]["kawhi"]["model"] == r.json()["model"] and cli[-1]["kawhi"]["options"] == r.json()["options"]
+
+
+def test_bad_options_agree(server: ServerThread) -> None:
+    """Request-level: the same bad option is the same type and pointer in-process and over HTTP."""
+    from kawhi.errors import KawhiError
+
+    engine = demo_engine(server.settings)
+    cases = [({"w_min": -1.0, "w_max": -1.0}, "/options/w_min"), ({"temperature": 1e300}, "/options/temperature"),
+             ({"seed": -1}, "/options/seed"), ({"seed": 2**64}, "/options/seed"),
+             ({"normalize": "mean", "w_min": 0.0, "w_max": 0.0}, "/options/w_max"),
+             ({"estimator": "nope"}, "/options/estimator"), ({"regions": "nope"}, "/options/regions"),
+             ({"sguf": {"beta": -1}}, "/options/sguf/beta"), ({"eps": "0.1"}, "/options/eps"),
+             ({"heads": [99]}, "/options/heads"), ({"sguf": {"colour": 1}}, "/options/sguf/colour")]
+    with server.client() as client:
+        for options, pointer in cases:
+            with pytest.raises(KawhiError) as info:
+                engine.reweight([small_group(1)], options)
+            r = client.post("/v1/reweight", json={"groups": [small_group(1)], "options": options})
+            assert r.status_code == 422 and r.headers["content-type"].startswith("application/problem+json")
+            assert (r.json()["pointer"], _slug(r.json())) == (info.value.pointer, info.value.slug), options
+            assert r.json()["pointer"] == pointer, (options, r.json())
+
+
+def test_the_echoed_options_can_be_sent_back(server: ServerThread) -> None:
+    with server.client() as client:
+        first = client.post("/v1/reweight", json={"groups": [small_group(2)], "options": {"sguf": {"beta": 0.2}}})
+        assert first.status_code == 200, first.text
+        echoed = first.json()["options"]
+        assert echoed["sguf"]["beta"] == 0.2
+        again = client.post("/v1/reweight", json={"groups": [small_group(2)], "options": echoed})
+        assert again.status_code == 200, again.text
+        assert again.json()["options"] == echoed and again.json()["results"] == first.json()["results"]

@@ -1,0 +1,175 @@
+"""Disconnects, slow clients and the drain deadline, against the server `kawhi serve` runs.
+
+The forward is held at a gate (the only stand-in here: a slow forward cannot be
+caused on demand otherwise); everything else is real: uvicorn with kawhi's protocol
+and draining server, real sockets, the real batcher and metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import threading
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from server_fixtures import demo_engine, metric, small_group
+
+
+class GatedEngine:
+    """The demo engine whose forward waits until ``gate`` opens; counts the groups it ran."""
+
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.groups_run = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def run(self, prepared: Any) -> Any:
+        self.entered.set()
+        self.gate.wait(60)
+        self.groups_run += len(prepared)
+        return self._engine.run(prepared)
+
+
+class ProductServer:
+    """create_app + kawhi.server.main.make_server on a free port, in a thread."""
+
+    def __init__(self, **overrides: Any) -> None:
+        from kawhi.server.app import create_app
+        from kawhi.server.main import make_server
+        from kawhi.server.settings import Settings
+
+        overrides.setdefault("log_level", "warning")
+        self.settings = Settings(port=0, **overrides)
+        self.engine = GatedEngine(demo_engine(self.settings))
+        self.app = create_app(self.settings, engine=self.engine)
+        self.state = self.app.state.kawhi
+        self.server = make_server(self.settings, self.app)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> "ProductServer":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.engine.gate.set()
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.sock.close()
+
+    def metrics(self) -> str:
+        return httpx.get(self.url + "/metrics", timeout=10).text
+
+    def raw(self, data: bytes) -> socket.socket:
+        conn = socket.create_connection(("127.0.0.1", self.port))
+        conn.sendall(data)
+        return conn
+
+
+def _request_bytes(body: dict, declared: int | None = None) -> bytes:
+    data = json.dumps(body).encode()
+    head = (f"POST /v1/reweight HTTP/1.1\r\nHost: kawhi\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {declared if declared is not None else len(data)}\r\n\r\n").encode()
+    return head + data
+
+
+def _until(predicate: Any, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+def _post_in_thread(url: str, body: dict, out: dict) -> threading.Thread:
+    def go() -> None:
+        t0 = time.monotonic()
+        try:
+            out["response"] = httpx.post(url + "/v1/reweight", json=body, timeout=60)
+        except httpx.HTTPError as exc:
+            out["error"] = exc
+        out["seconds"] = time.monotonic() - t0
+    thread = threading.Thread(target=go, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_disconnected_client_has_its_queued_groups_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    with ProductServer(batch_wait_ms=0) as srv:
+        first: dict = {}
+        first_thread = _post_in_thread(srv.url, {"groups": [small_group(1)]}, first)
+        assert srv.engine.entered.wait(20)  # the first request's group is in the forward
+        gone = srv.raw(_request_bytes({"groups": [small_group(10 + i) for i in range(4)]}))
+        _until(lambda: metric(srv.metrics(), "kawhi_queue_depth") == 4)  # prepared and queued behind it
+        with caplog.at_level("INFO", logger="kawhi.server"):
+            gone.close()
+            _until(lambda: metric(srv.metrics(), "kawhi_queue_dropped_total", 'reason="client-closed"') == 4)
+        assert metric(srv.metrics(), "kawhi_queue_depth") == 0
+        srv.engine.gate.set()
+        first_thread.join(30)
+        assert first["response"].status_code == 200
+        text = srv.metrics()
+        assert srv.engine.groups_run == 1 and metric(text, "kawhi_groups_total") == 1  # none of the 4 ran
+        assert metric(text, "kawhi_errors_total", 'type="client-closed"') == 1
+        assert metric(text, "kawhi_requests_total", 'route="/v1/reweight",status="499"') == 1
+        assert metric(text, "kawhi_requests_total", 'route="/v1/reweight",status="500"') == 0
+        closed = [r for r in caplog.records if "client closed" in r.getMessage()]
+        assert len(closed) == 1 and not any(r.exc_info for r in caplog.records)
+
+
+def test_slow_headers_are_cut_and_a_stalled_body_is_a_408() -> None:
+    with ProductServer(header_timeout_s=0.5, body_timeout_s=0.5) as srv:
+        slow = srv.raw(b"POST /v1/reweight HTTP/1.1\r\nHost: kawhi\r\n")  # headers never finish
+        slow.settimeout(5)
+        t0 = time.monotonic()
+        assert slow.recv(1024) == b""  # closed by the server
+        assert 0.4 < time.monotonic() - t0 < 3
+        slow.close()
+        stalled = srv.raw(_request_bytes({"groups": [small_group(2)]}, declared=100000)[:400])
+        stalled.settimeout(5)
+        answer = ""
+        while "request-timeout" not in answer:
+            chunk = stalled.recv(65536).decode("latin-1")
+            if not chunk:
+                break
+            answer += chunk
+        stalled.close()
+        assert answer.startswith("HTTP/1.1 408"), answer[:200]
+        assert "application/problem+json" in answer and "request-timeout" in answer
+
+
+def test_drain_is_bounded_by_the_drain_timeout_and_answers_503() -> None:
+    drain = 2.0
+    with ProductServer(drain_timeout_s=drain, batch_wait_ms=0) as srv:
+        held: dict = {}
+        held_thread = _post_in_thread(srv.url, {"groups": [small_group(3)]}, held)
+        assert srv.engine.entered.wait(20)
+        t0 = time.monotonic()
+        srv.server.handle_exit(signal.SIGTERM, None)  # what the first SIGTERM does
+        refused = httpx.post(srv.url + "/v1/reweight", json={"groups": [small_group(4)]}, timeout=10)
+        assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1
+        held_thread.join(drain + 5)
+        answered = time.monotonic() - t0
+        response = held["response"]
+        assert response.status_code == 503 and response.headers["content-type"].startswith("application/problem+json")
+        assert int(response.headers["retry-after"]) >= 1 and response.json()["type"].endswith("/draining")
+        assert answered < drain
+        srv.thread.join(drain + 5)
+        stopped = time.monotonic() - t0
+        assert not srv.thread.is_alive()
+        assert stopped < drain + 0.5, f"shutdown took {stopped:.2f} s for a drain timeout of {drain} s"
