@@ -14,8 +14,9 @@ and client + server serialisation time.
 3. serialisation, offline in this process on the real answer tiled to
    ``--serialise-groups`` groups (the per-token arrays are what grows): each step the
    client and the server perform to turn wire objects into bytes and back, median of
-   ``--serialise-reps``. The server's gRPC answer goes through the idempotent result
-   cache's JSON today (kawhi/grpc/pipeline.py); the direct message encoding is timed too.
+   ``--serialise-reps``. The server's gRPC answer is built from the JSON the idempotent
+   result cache holds (kawhi/grpc/pipeline.py: model -> JSON -> message); the encoding
+   straight from the model is timed too.
 
 The last line printed is one JSON object; ``--out`` writes it to a file as well.
 """
@@ -78,7 +79,7 @@ def serialisation(wire: list[dict], http_answer: bytes, grpc_answer: Any, scale:
 
     def server_grpc_encode_cached() -> bytes:
         cached = response.model_dump_json().encode()  # what _compute stores and hands back
-        return convert.response_to_message(ReweightResponse.model_validate_json(cached)).SerializeToString()
+        return convert.response_json_to_message(cached).SerializeToString()
 
     t = {
         "client_http_encode": _median_time(lambda: json.dumps({"groups": groups}).encode(), reps),

@@ -103,6 +103,11 @@ def test_round_trip_equals_http(server: GrpcServerThread, stub: Any) -> None:
     assert_close(got["options"], want["options"], "/options")
     assert_close(got["results"], want["results"], "/results")
     assert [len(r["responses"][0]["token_advantages"]) for r in got["results"]][-1] == 40  # one per given id
+    # the server builds its message from the cached JSON answer: the same message as from the model
+    from kawhi_client.schema import ReweightResponse
+
+    assert convert.response_json_to_message(http.content) == convert.response_to_message(
+        ReweightResponse.model_validate_json(http.content))
 
     with GrpcClient(server.target, wait_ready=30) as g, Client(server.url, wait_ready=30) as h:
         a = g.reweight_response(groups, estimator="rloo")

@@ -271,6 +271,34 @@ def response_to_message(r: ReweightResponse) -> pb.ReweightResponse:
     )
 
 
+def response_json_to_message(data: bytes) -> pb.ReweightResponse:
+    """The server's own JSON answer (what the idempotent result cache holds) -> ReweightResponse,
+    straight from the parsed JSON: the answer was written from a validated model."""
+    d = json.loads(data)
+    results = []
+    for r in d["results"]:
+        m = pb.GroupResult(
+            grid=r.get("grid") or (), key_tokens=r.get("key_tokens") or (),
+            selected_tokens=r.get("selected_tokens") or (),
+            responses=[
+                pb.ResponseResult(advantage=x["advantage"], paragraphs=[pb.Paragraph(**p) for p in x["paragraphs"]],
+                                  token_advantages=x["token_advantages"], token_weights=x["token_weights"])
+                for x in r.get("responses") or ()
+            ],
+        )
+        if r.get("id") is not None:
+            m.id = r["id"]
+        if r.get("error") is not None:
+            m.error.CopyFrom(problem_to_message(Problem.model_validate(r["error"])))
+        results.append(m)
+    usage = d.get("usage") or {}
+    return pb.ReweightResponse(
+        model=d["model"], version=d["version"], options=to_struct(d.get("options") or {}),
+        usage=pb.Usage(tokens=int(usage.get("tokens", 0)), milliseconds=float(usage.get("milliseconds", 0.0))),
+        results=results,
+    )
+
+
 def response_from_message(m: pb.ReweightResponse) -> ReweightResponse:
     return ReweightResponse(
         model=m.model,

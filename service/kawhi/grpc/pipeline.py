@@ -13,8 +13,6 @@ import json
 import time
 from typing import Any, Optional
 
-from kawhi_client.schema import ReweightResponse
-
 from kawhi.errors import KawhiError
 from kawhi.server import reweight as http_reweight
 from kawhi.server.state import ServerState
@@ -28,10 +26,11 @@ def _parse_and_admit(state: ServerState, pipeline: Any, doc: dict[str, Any]) -> 
     return pipeline.admit(parsed, queue_capacity=state.settings.queue_groups, allow_paths=False)
 
 
-async def reweight(state: ServerState, doc: dict[str, Any], timeout_s: Optional[float]) -> ReweightResponse:
-    """``POST /v1/reweight`` for a request document; ``timeout_s`` (the caller's deadline)
-    tightens the server's own per-request deadline. Cancelling the await drops the
-    request's queued groups (the batcher ticket is cancelled)."""
+async def reweight(state: ServerState, doc: dict[str, Any], timeout_s: Optional[float]) -> bytes:
+    """``POST /v1/reweight`` for a request document: the JSON answer (as the idempotent result
+    cache holds it). ``timeout_s`` (the caller's deadline) tightens the server's own
+    per-request deadline. Cancelling the await drops the request's queued groups (the
+    batcher ticket is cancelled)."""
     pipeline = state.pipeline()  # 503 while loading or draining
     started = time.perf_counter()
     s = state.settings
@@ -49,7 +48,7 @@ async def reweight(state: ServerState, doc: dict[str, Any], timeout_s: Optional[
         while True:
             stored = await state.caches.aget("result", key)
             if stored is not None:
-                return await _parsed(stored)
+                return stored
             running = state.inflight.get(key)
             if running is None:
                 owner = asyncio.get_running_loop().create_future()
@@ -60,7 +59,7 @@ async def reweight(state: ServerState, doc: dict[str, Any], timeout_s: Optional[
             except asyncio.TimeoutError:
                 raise KawhiError("timeout", f"no answer within {limit:g} s") from None
             if done is not None:
-                return await _parsed(done)
+                return done
 
     out: Optional[bytes] = None
     try:
@@ -68,7 +67,7 @@ async def reweight(state: ServerState, doc: dict[str, Any], timeout_s: Optional[
             state, http_reweight._compute(state, pipeline, admission, deadline, started))
         if key is not None and cacheable:
             await state.caches.aset("result", key, out)
-        return await _parsed(out)
+        return out
     finally:
         if owner is not None:
             state.inflight.pop(key, None)  # type: ignore[arg-type]
@@ -97,12 +96,6 @@ async def _unless_drain_expires(state: ServerState, work: Any) -> Any:
         pass
     raise KawhiError("draining", "the server is shutting down and this request could not finish in time; "
                      "retry on another replica", headers={"Retry-After": "1"})
-
-
-async def _parsed(data: bytes) -> ReweightResponse:
-    if len(data) > 1024 * 1024:
-        return await asyncio.to_thread(ReweightResponse.model_validate_json, data)
-    return ReweightResponse.model_validate_json(data)
 
 
 async def info(state: ServerState) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from kawhi_client.grpc import convert
 from kawhi_client.grpc._proto import kawhi_pb2 as pb
 from kawhi_client.grpc._proto import kawhi_pb2_grpc as pb_grpc
 from kawhi_client.grpc.status import status_for
-from kawhi_client.schema import GroupResult, Problem, Usage
+from kawhi_client.schema import GroupResult, Problem, ReweightResponse, Usage
 
 from kawhi.errors import KawhiError
 from kawhi.grpc import pipeline
@@ -189,7 +189,7 @@ class KawhiServicer(pb_grpc.KawhiServicer):
         model = version = ""
         usage = Usage()
         try:
-            answer = await pipeline.reweight(self.state, body, _timeout(context))
+            answer = ReweightResponse.model_validate_json(await pipeline.reweight(self.state, body, _timeout(context)))
             result = answer.results[0]
             model, version, usage = answer.model, answer.version, answer.usage
         except KawhiError as err:
@@ -228,11 +228,11 @@ class KawhiServicer(pb_grpc.KawhiServicer):
             return convert.to_struct(await pipeline.info(self.state))
 
 
-# Answers covering more tokens than this are converted in a worker thread (as HTTP serialises them).
-INLINE_CONVERT_TOKENS = 16384
+# Answers larger than this are converted in a worker thread (as HTTP serialises big answers).
+INLINE_CONVERT_BYTES = 256 * 1024
 
 
-async def _to_message(answer: Any) -> pb.ReweightResponse:
-    if answer.usage.tokens > INLINE_CONVERT_TOKENS:
-        return await asyncio.to_thread(convert.response_to_message, answer)
-    return convert.response_to_message(answer)
+async def _to_message(answer: bytes) -> pb.ReweightResponse:
+    if len(answer) > INLINE_CONVERT_BYTES:
+        return await asyncio.to_thread(convert.response_json_to_message, answer)
+    return convert.response_json_to_message(answer)
