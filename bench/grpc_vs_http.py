@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     from kawhi_client.grpc._proto import kawhi_pb2_grpc
     from kawhi_client.schema import ReweightResponse
 
+    import os
+
+    load_start = os.getloadavg()[0]
     reference = build_reference("bench")
     groups = [make_group(reference, GroupSpec(response_tokens=args.tokens, group_size=args.responses, seed=i))
               for i in range(args.groups)]
@@ -183,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                            "samples": v} for k, v in samples.items()},
         "max_abs_difference": difference,
         "serialisation": offline,
-        "machine": {"python": platform.python_version(), "cpus": __import__("os").cpu_count(),
-                    "platform": platform.platform()},
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(),
+                    "load_average_1m": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)}},
     }
     if difference > 1e-9:
         print(server_log, file=sys.stderr)

@@ -236,29 +236,31 @@ def group_result_to_message(r: GroupResult) -> pb.GroupResult:
     return m
 
 
+def _group_result_dict(m: pb.GroupResult) -> dict[str, Any]:
+    return {
+        "id": m.id if m.HasField("id") else None,
+        "grid": list(m.grid),
+        "key_tokens": list(m.key_tokens),
+        "selected_tokens": list(m.selected_tokens),
+        "responses": [
+            {
+                "advantage": x.advantage,
+                "paragraphs": [
+                    {"char_start": p.char_start, "char_end": p.char_end, "token_start": p.token_start,
+                     "token_end": p.token_end, "alpha": p.alpha, "weight": p.weight}
+                    for p in x.paragraphs
+                ],
+                "token_advantages": list(x.token_advantages),
+                "token_weights": list(x.token_weights),
+            }
+            for x in m.responses
+        ],
+        "error": problem_from_message(m.error) if m.HasField("error") else None,
+    }
+
+
 def group_result_from_message(m: pb.GroupResult) -> GroupResult:
-    return GroupResult.model_validate(
-        {
-            "id": m.id if m.HasField("id") else None,
-            "grid": list(m.grid),
-            "key_tokens": list(m.key_tokens),
-            "selected_tokens": list(m.selected_tokens),
-            "responses": [
-                {
-                    "advantage": x.advantage,
-                    "paragraphs": [
-                        {"char_start": p.char_start, "char_end": p.char_end, "token_start": p.token_start,
-                         "token_end": p.token_end, "alpha": p.alpha, "weight": p.weight}
-                        for p in x.paragraphs
-                    ],
-                    "token_advantages": list(x.token_advantages),
-                    "token_weights": list(x.token_weights),
-                }
-                for x in m.responses
-            ],
-            "error": problem_from_message(m.error) if m.HasField("error") else None,
-        }
-    )
+    return GroupResult.model_validate(_group_result_dict(m))
 
 
 def response_to_message(r: ReweightResponse) -> pb.ReweightResponse:
@@ -272,41 +274,20 @@ def response_to_message(r: ReweightResponse) -> pb.ReweightResponse:
 
 
 def response_json_to_message(data: bytes) -> pb.ReweightResponse:
-    """The server's own JSON answer (what the idempotent result cache holds) -> ReweightResponse,
-    straight from the parsed JSON: the answer was written from a validated model."""
-    d = json.loads(data)
-    results = []
-    for r in d["results"]:
-        m = pb.GroupResult(
-            grid=r.get("grid") or (), key_tokens=r.get("key_tokens") or (),
-            selected_tokens=r.get("selected_tokens") or (),
-            responses=[
-                pb.ResponseResult(advantage=x["advantage"], paragraphs=[pb.Paragraph(**p) for p in x["paragraphs"]],
-                                  token_advantages=x["token_advantages"], token_weights=x["token_weights"])
-                for x in r.get("responses") or ()
-            ],
-        )
-        if r.get("id") is not None:
-            m.id = r["id"]
-        if r.get("error") is not None:
-            m.error.CopyFrom(problem_to_message(Problem.model_validate(r["error"])))
-        results.append(m)
-    usage = d.get("usage") or {}
-    return pb.ReweightResponse(
-        model=d["model"], version=d["version"], options=to_struct(d.get("options") or {}),
-        usage=pb.Usage(tokens=int(usage.get("tokens", 0)), milliseconds=float(usage.get("milliseconds", 0.0))),
-        results=results,
-    )
+    """The server's own JSON answer (what the idempotent result cache holds) -> ReweightResponse
+    message (pydantic's JSON parser is several times faster than ``json.loads`` on the
+    per-token arrays)."""
+    return response_to_message(ReweightResponse.model_validate_json(data))
 
 
 def response_from_message(m: pb.ReweightResponse) -> ReweightResponse:
-    return ReweightResponse(
-        model=m.model,
-        version=m.version,
-        options=from_struct(m.options),
-        usage={"tokens": m.usage.tokens, "milliseconds": m.usage.milliseconds},
-        results=[group_result_from_message(x) for x in m.results],
-    )
+    return ReweightResponse.model_validate({
+        "model": m.model,
+        "version": m.version,
+        "options": from_struct(m.options),
+        "usage": {"tokens": m.usage.tokens, "milliseconds": m.usage.milliseconds},
+        "results": [_group_result_dict(x) for x in m.results],
+    })
 
 
 def json_dumps(obj: Any) -> str:
