@@ -414,8 +414,11 @@ def test_a_batch_larger_than_4_mib_and_the_http_body_limit() -> None:
         with GrpcClient(s.target, wait_ready=30) as g:  # the client raises what Client raises for a 413
             with pytest.raises(PayloadTooLarge):
                 g._call(g._stub.Reweight, bigger, 60)
+            too_big = dict(small_group(41), responses=[{"text": "x", "token_ids": [2**40]}])
             with pytest.raises(InvalidRequest):
-                g.reweight([dict(small_group(41), responses=[{"text": "x", "token_ids": [2**40]}])])
+                g.reweight([too_big])
+            results = g.reweight([small_group(42), too_big], per_group_errors=True)
+            assert results[0].error is None and results[1].error.pointer == "/groups/1"
 
 
 def test_a_call_still_running_at_the_drain_deadline_is_unavailable_and_dropped() -> None:

@@ -165,8 +165,7 @@ class GrpcClient:
         info = self.info()
         limits = self.limits or Limits()
         self._upload_missing(images)
-        todo = [g for g in prepared if g is not None]
-        messages = {g.index: _group_message(g) for g in todo}
+        todo, messages = _messages(prepared, failed, per_group_errors)
         runs = plan_chunks(
             [(messages[g.index].ByteSize() + 8, g.tokens) for g in todo],
             max_groups=limits.groups_per_request(self.max_in_flight, self.max_groups_per_request),
@@ -462,6 +461,25 @@ def _options(options: OptionsLike, overrides: Mapping[str, Any]) -> Optional[dic
     """Options validated as ``Client`` validates them (InvalidRequest at ``/options/<name>``)."""
     raw = options_json(options, overrides)
     return json.loads(raw) if raw is not None else None
+
+
+def _messages(prepared: Sequence[Optional[PreparedGroup]], failed: dict[int, GroupResult],
+              per_group_errors: bool) -> tuple[list[PreparedGroup], dict[int, pb.RolloutGroup]]:
+    """The groups to send and their messages; a group the message cannot hold fails like any
+    group the client refuses (its error result with per-group errors, else InvalidRequest)."""
+    todo, messages = [], {}
+    for g in prepared:
+        if g is None:
+            continue
+        try:
+            messages[g.index] = _group_message(g)
+        except InvalidRequest as err:
+            if not per_group_errors:
+                raise
+            failed[g.index] = GroupResult(id=g.id, error=err.problem)
+            continue
+        todo.append(g)
+    return todo, messages
 
 
 def _group_message(g: PreparedGroup) -> pb.RolloutGroup:
