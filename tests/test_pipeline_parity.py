@@ -171,3 +171,26 @@ def test_the_echoed_options_can_be_sent_back(server: ServerThread) -> None:
         again = client.post("/v1/reweight", json={"groups": [small_group(2)], "options": echoed})
         assert again.status_code == 200, again.text
         assert again.json()["options"] == echoed and again.json()["results"] == first.json()["results"]
+
+
+def test_a_registered_estimator_is_reachable_by_name_over_http(server: ServerThread) -> None:
+    """Estimators are chosen by registry name everywhere: one registered in Python is an HTTP option."""
+    import numpy as np
+
+    from kawhi.engine.estimators import ADVANTAGE_ESTIMATORS, register_advantage_estimator
+
+    @register_advantage_estimator("test_rank")
+    def rank(rewards, *, given=None, eps=1e-6, std="population"):  # planted: advantage = rank - mean rank
+        order = np.argsort(np.argsort(rewards)).astype(float)
+        return order - order.mean()
+
+    try:
+        group = small_group(9)
+        for j, r in enumerate(group["responses"]):
+            r["reward"] = [5.0, -2.0, 100.0][j]
+        with server.client() as client:
+            r = client.post("/v1/reweight", json={"groups": [group], "options": {"estimator": "test_rank"}})
+        assert r.status_code == 200, r.text
+        assert [x["advantage"] for x in r.json()["results"][0]["responses"]] == [0.0, -1.0, 1.0]
+    finally:
+        ADVANTAGE_ESTIMATORS.pop("test_rank", None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import threading
 import time
 from typing import Any
@@ -95,6 +97,7 @@ def test_redis_killed_mid_run_keeps_answering_then_recovers(redis_server: RedisS
         assert c.post("/v1/reweight", json={"groups": [g]}).status_code == 200
         ready = _wait_state(c, "degraded")
         assert any("redis" in reason for reason in ready["reasons"]), ready
+        assert str(redis_server.port) not in json.dumps(ready), ready  # no internal host:port in a public probe
         m = c.get("/metrics").text
         assert metric(m, "kawhi_redis_degraded") == 1
         assert metric(m, "kawhi_redis_errors_total") >= 1

@@ -191,7 +191,6 @@ def reweight_lines(pipeline: Any, lines: Sequence[tuple[int, str]], options: dic
 
 def cmd_reweight(args: argparse.Namespace) -> int:
     from kawhi.errors import KawhiError
-
     from kawhi.pipeline.parse import parse_options
 
     options = method_options_from_args(args)
@@ -200,27 +199,27 @@ def cmd_reweight(args: argparse.Namespace) -> int:
     except KawhiError as exc:
         raise UserError(f"invalid option {_option_flag(exc.pointer)}: {exc.detail}") from None
     lines, base_dir = _read_lines(args.input)  # before the model loads: a wrong path fails at once
-    engine = load_engine(args)
-    from kawhi.pipeline import Pipeline
+    with _output(args.output) as out:  # likewise an output that cannot be written
+        engine = load_engine(args)
+        from kawhi.pipeline import Pipeline
 
-    pipeline = Pipeline(engine)
-    try:
-        config = pipeline.resolve_options(pipeline.parse_groups([], options).options)
-    except KawhiError as exc:
-        raise UserError(f"invalid option {_option_flag(exc.pointer)}: {exc.detail}") from None
-    provenance = {"model": engine.model_name, "version": __version__, "options": config.to_dict()}
-    started = time.perf_counter()
-    try:
-        from tqdm import tqdm
-    except ImportError:  # progress is optional
-        tqdm = None
-    quiet = args.quiet or tqdm is None
-    with contextlib.ExitStack() as stack:
-        bar = None if quiet else stack.enter_context(tqdm(total=len(lines), unit="group", file=sys.stderr))
-        records = reweight_lines(pipeline, lines, options, base_dir, args.batch_groups, bar)
-    elapsed = time.perf_counter() - started
-    ok = 0
-    with _output(args.output) as out:
+        pipeline = Pipeline(engine)
+        try:
+            config = pipeline.resolve_options(options)
+        except KawhiError as exc:
+            raise UserError(f"invalid option {_option_flag(exc.pointer)}: {exc.detail}") from None
+        provenance = {"model": engine.model_name, "version": __version__, "options": config.to_dict()}
+        started = time.perf_counter()
+        try:
+            from tqdm import tqdm
+        except ImportError:  # progress is optional
+            tqdm = None
+        with contextlib.ExitStack() as stack:
+            bar = None if args.quiet or tqdm is None else stack.enter_context(
+                tqdm(total=len(lines), unit="group", file=sys.stderr))
+            records = reweight_lines(pipeline, lines, options, base_dir, args.batch_groups, bar)
+        elapsed = time.perf_counter() - started
+        ok = 0
         for number, _ in lines:
             record = records[number]
             ok += "error" not in record
@@ -290,6 +289,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except UserError as exc:
         print(f"kawhi {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:  # a client-only install (pip install kawhi) running an engine command
+        extra = "server" if args.command == "serve" else "engine"
+        print(f"kawhi {args.command} needs the {extra} extra: pip install 'kawhi[{extra}]' "
+              f"(missing module {exc.name})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("kawhi: interrupted", file=sys.stderr)

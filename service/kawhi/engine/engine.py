@@ -13,7 +13,6 @@ Two steps, so a front end can validate on arrival and batch the heavy part:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field

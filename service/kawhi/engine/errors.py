@@ -36,6 +36,9 @@ class OptionsError(KawhiError, ValueError):
 _TYPE_TAG = re.compile(r"^[a-z_-]+\[.*\]$|^(int|str|float|bool|list|dict|none)$")
 
 
+_INSTANCE_OF = re.compile(r" or instance of \w+")
+
+
 def loc_to_pointer(loc: Sequence[Any], prefix: Sequence[Any] = ()) -> str:
     """A pydantic error location -> a JSON pointer, after ``prefix``."""
     tokens = list(prefix)
@@ -49,7 +52,8 @@ def loc_to_pointer(loc: Sequence[Any], prefix: Sequence[Any] = ()) -> str:
 def validation_message(error: Mapping[str, Any]) -> str:
     """A pydantic error's message without pydantic's "Value error, " prefix."""
     msg = str(error.get("msg", "invalid value"))
-    return msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
+    msg = msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
+    return _INSTANCE_OF.sub("", msg)  # "a valid dictionary or instance of RolloutGroup": no class names
 
 
 def group_error_from_validation(exc: Any) -> GroupError:

@@ -4,17 +4,16 @@ Precedence: command-line flag > ``KAWHI_<NAME>`` environment variable > default.
 The CLI passes only the flags the operator actually gave as init arguments, which
 pydantic-settings ranks above the environment.
 
-Besides the server's own limits, every default of the method (`MethodConfig`, see
-``kawhi/engine/config.py``) is a setting of the same name (``KAWHI_TEMPERATURE``,
-``KAWHI_SKIP_RATIO`` ...), and the SGUF thresholds are ``KAWHI_SGUF_<NAME>``. These
-fields are generated from ``dataclasses.fields(MethodConfig)`` so a new engine knob
-becomes a server setting without touching this file.
+Besides the server's own limits, every default of the method is a setting of the same
+name (``KAWHI_TEMPERATURE``, ``KAWHI_SKIP_RATIO`` ...), and the SGUF thresholds are
+``KAWHI_SGUF_<NAME>``. These fields are generated from the one definition of the
+options (``kawhi_client/options.py``: type, default, range, choices) so a new option
+becomes a server setting, with its range, without touching this file.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import typing
 from typing import Any, Literal, Optional
 from urllib.parse import urlsplit, urlunsplit
 
@@ -22,6 +21,7 @@ from pydantic import Field, SecretStr, create_model, field_validator, model_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kawhi.engine.config import MethodConfig, SgufParams
+from kawhi_client.options import OPTIONS, SGUF_OPTIONS
 from kawhi.engine.images import ImageLimits
 
 _IMAGE = ImageLimits()  # the engine's image limits are the defaults here
@@ -218,24 +218,26 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
+def _setting_field(spec: Any, name: str, what: str) -> tuple[Any, Any]:
+    """A settings field from one option of the one definition (kawhi_client/options.py)."""
+    description = f"{what} `{spec.name}`: {spec.help} (kawhi_client/options.py)"
+    if spec.kind == "float":
+        bound = {"gt" if spec.exclusive_minimum else "ge": spec.minimum, "le": spec.maximum}
+        return float, Field(spec.default, description=description, allow_inf_nan=False,
+                            **{k: v for k, v in bound.items() if v is not None})
+    if spec.kind == "int":
+        return int, Field(spec.default, description=description, ge=spec.minimum, le=spec.maximum)
+    if spec.kind == "choice" and not spec.registry:
+        return Literal[spec.choices], Field(spec.default, description=description)  # type: ignore[valid-type]
+    # heads ('preset' | 'all' | '0,1,3', parsed by method_config()) and registry names (checked there)
+    return str, Field(spec.default, description=description)
+
+
 def _method_fields() -> dict[str, Any]:
-    """One settings field per MethodConfig / SgufParams field, default = the engine's default."""
-    fields: dict[str, Any] = {}
-    hints = typing.get_type_hints(MethodConfig)
-    for f in dataclasses.fields(MethodConfig):
-        if f.name == "sguf":
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        tp = hints[f.name]
-        if f.name == "heads":  # 'preset' | 'all' | '0,1,3' — kept as text, parsed by method_config()
-            tp, default = str, default if isinstance(default, str) else ",".join(map(str, default))
-        fields[f.name] = (tp, Field(default, description=f"method default `{f.name}` (kawhi/engine/config.py)"))
-    sguf_hints = typing.get_type_hints(SgufParams)
-    for f in dataclasses.fields(SgufParams):
-        fields[f"sguf_{f.name}"] = (
-            sguf_hints[f.name],
-            Field(f.default, description=f"SGUF threshold `{f.name}` (kawhi/engine/config.py)"),
-        )
+    """One settings field per method option and per SGUF threshold, from the one definition."""
+    fields: dict[str, Any] = {o.name: _setting_field(o, o.name, "method default") for o in OPTIONS}
+    for o in SGUF_OPTIONS:
+        fields[f"sguf_{o.name}"] = _setting_field(o, f"sguf_{o.name}", "SGUF threshold")
     return fields
 
 

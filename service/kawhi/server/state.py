@@ -198,7 +198,7 @@ class ServerState:
         reasons: list[str] = []
         if self.phase == "ready":
             if self.caches.degraded:  # the reason (host, port, exception) is in the log, not here
-                return "degraded", ["the shared cache is unreachable; serving from the in-process cache"]
+                return "degraded", ["redis is unreachable; serving from the in-process cache"]
             return "ready", reasons
         if self.phase == "failed":
             reasons.append("the model failed to load; see the server log")
