@@ -53,7 +53,7 @@ class Group:
         return self._pil
 
     def api(self, group_id: str) -> dict[str, Any]:
-        """The group as a shared/API.md rollout group (image inline as base64)."""
+        """The group as a docs/api.md rollout group (image inline as base64)."""
         return {
             "id": group_id,
             "image": {"data": base64.b64encode(self.png).decode()},

@@ -1,4 +1,4 @@
-"""The engine end to end: determinism, API.md shapes, every switch, every documented rule."""
+"""The engine end to end: determinism, docs/api.md shapes, every switch, every documented rule."""
 
 from __future__ import annotations
 

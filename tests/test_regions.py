@@ -1,4 +1,4 @@
-"""SGUF key regions and region strategies (METHOD §2), checked against planted truth.
+"""SGUF key regions and region strategies (docs/method.md §2), checked against planted truth.
 
 Synthetic figures are 8x8-token images (224x224 px, 28-px patches) with strokes drawn
 well inside chosen patches: the Gaussian (truncated at 4 sigma) plus Sobel reach 5 px,

@@ -103,12 +103,12 @@ def test_round_trip_equals_in_process_engine(server: ServerThread, client: httpx
     assert body["usage"]["tokens"] > 0 and body["usage"]["milliseconds"] > 0
     assert_results_close(body["results"], in_process(server, groups, options))
     for res in body["results"]:
-        for resp in res["responses"]:  # API.md: token_advantages[i] = advantage * token_weights[i]
+        for resp in res["responses"]:  # docs/api.md: token_advantages[i] = advantage * token_weights[i]
             assert resp["token_advantages"] == pytest.approx([resp["advantage"] * w for w in resp["token_weights"]])
 
 
 def test_empty_response_follows_the_documented_rule(client: httpx.Client) -> None:
-    # API.md: an empty response is "handled by the documented rule, never by a crash":
+    # docs/api.md: an empty response is "handled by the documented rule, never by a crash":
     # the engine keeps its advantage and gives it no tokens to weight.
     g = small_group(40)
     g["responses"][1]["text"] = ""

@@ -1,5 +1,5 @@
 """Typed exceptions of the client. Every error the service answers is RFC 9457
-problem+json (shared/API.md); the client turns it into one of these, carrying the
+problem+json (docs/api.md); the client turns it into one of these, carrying the
 problem, the HTTP status, the JSON pointer to the offending field and the
 ``X-Request-ID`` of the request (the same id on every retry of it), so a failure in a
 training log can be matched with the server's log line.

@@ -1,4 +1,4 @@
-"""Wire objects of the KAWHI API v1 (see shared/API.md).
+"""Wire objects of the KAWHI API v1 (see docs/api.md).
 
 These pydantic models are the single definition of the wire format: the server,
 the CLI's JSONL files and the Python client all use them. Field names are fixed by

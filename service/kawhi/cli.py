@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="logging level (default: warning)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    rw = sub.add_parser("reweight", help="reweight rollout groups from JSONL (one rollout group per line)")
+    rw = sub.add_parser("reweight", help="reweight rollout groups from JSONL (one docs/api.md rollout group per line)")
     rw.add_argument("input", help="input JSONL, or - for standard input; image paths are relative to its folder")
     rw.add_argument("-o", "--output", required=True, help="output JSONL (one result per input line), or - for stdout")
     _add_model_flags(rw)

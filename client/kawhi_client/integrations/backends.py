@@ -23,7 +23,7 @@ from kawhi_client.schema import GroupResult
 class Backend(Protocol):
     """Anything that reweights wire groups: ``reweight(groups, options) -> list[GroupResult]``.
 
-    ``groups`` are API.md rollout groups as dicts, except that ``image`` may be the
+    ``groups`` are docs/api.md rollout groups as dicts, except that ``image`` may be the
     encoded file as ``bytes``; ``options`` is a dict of API options. One result per
     group, in order; a group the service refused has ``error`` set.
     """

@@ -23,7 +23,7 @@ How it hooks in (trl 1.16, ``trl/trainer/grpo_trainer.py``):
 then sends, per row, the batch's image, the prompt (as chat messages, with the image part
 where TRL puts it), the trainer's OWN completion token ids (those under
 ``completion_mask``) and TRL's own advantage of that row (as the group's ``advantages``:
-API.md's "given" estimator, so KAWHI only reweights and TRL's ``scale_rewards``,
+docs/api.md's "given" estimator, so KAWHI only reweights and TRL's ``scale_rewards``,
 multi-objective aggregation etc. stay in force). The service answers one advantage per
 token id: ``A_i * w_{i,t}``. Those fill a ``(B, T)`` tensor at the completion-mask positions
 (0 elsewhere), which replaces ``output["advantages"]``. Rows with advantage exactly 0 are

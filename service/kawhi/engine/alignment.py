@@ -1,4 +1,4 @@
-"""Spatial alignment score of each response token (METHOD §4, eq. 12-13).
+"""Spatial alignment score of each response token (docs/method.md §4, eq. 12-13).
 
     s_{t,v}^h = cos(q_t^h, k_v^h)
     alpha_t   = mean over h in heads, v in selected of s_{t,v}^h        in [-1, 1]

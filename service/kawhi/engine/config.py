@@ -1,6 +1,6 @@
 """The method's settings, and the one place where every default is chosen and explained.
 
-`MethodConfig` holds every knob of METHOD.md with the paper's value where the paper
+`MethodConfig` holds every knob of docs/method.md with the paper's value where the paper
 gives one. The wire `Options` (kawhi_client.schema) carries the same names, each
 optional; `MethodConfig.updated(options)` resolves a request against the defaults.
 """
@@ -18,7 +18,7 @@ HeadsSpec = Union[Literal["preset", "all"], tuple[int, ...]]
 
 @dataclass(frozen=True)
 class SgufParams:
-    """SGUF thresholds (METHOD §2), the paper's reported settings."""
+    """SGUF thresholds (docs/method.md §2), the paper's reported settings."""
 
     delta_s: float = 0.5  # relative structure-tensor distance for a merge
     delta_l: float = 30.0  # mean-luminance difference (L in [0, 100]) for a merge
@@ -38,7 +38,7 @@ class SgufParams:
 class MethodConfig:
     """Every option of the method, resolved. Defaults are the paper's unless noted.
 
-    Chosen where the paper is silent (METHOD §5):
+    Chosen where the paper is silent (docs/method.md §5):
 
     * ``temperature = 0.1``. alpha is a mean cosine; across the paragraphs of one
       response its spread is a few hundredths. At T = 1 the softmax is nearly uniform

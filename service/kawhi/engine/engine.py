@@ -3,7 +3,7 @@
 Two steps, so a front end can validate on arrival and batch the heavy part:
 
 * :meth:`Engine.prepare` (cheap, CPU): validates a group, selects its key regions
-  (METHOD §2), tokenises, splits responses into segments and computes the group
+  (docs/method.md §2), tokenises, splits responses into segments and computes the group
   advantages (§1). Every mistake is a :class:`GroupError` with a JSON pointer.
 * :meth:`Engine.run` (heavy): one reference forward per group with the prefix shared,
   the alignment score alpha_t (§4), segment weights and token advantages (§5).
@@ -118,7 +118,7 @@ class Engine:
         self._merge_groups = model.device.type == "cuda" if merge is None else merge
         if model.preset_heads is None:
             log.warning("no published vision-critical head set for %s: 'preset' means all %d heads "
-                        "(METHOD §3: run the head ablation for this model)", self.model_name, model.num_heads)
+                        "(docs/method.md §3: run the head ablation for this model)", self.model_name, model.num_heads)
 
     @classmethod
     def load(

@@ -1,4 +1,4 @@
-"""Group advantages A_g from verifier rewards (METHOD §1).
+"""Group advantages A_g from verifier rewards (docs/method.md §1).
 
 One group is G responses to one prompt, each with a scalar reward R_g. An estimator
 turns the G rewards into G advantages; KAWHI later rescales A_g per paragraph.

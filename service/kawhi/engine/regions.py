@@ -1,4 +1,4 @@
-"""Key-region selection over the LVLM's visual-token grid (METHOD §2, SGUF).
+"""Key-region selection over the LVLM's visual-token grid (docs/method.md §2, SGUF).
 
 SGUF (Structure-Guided Union-Find) needs only the image: it measures per-patch
 structure with the 2x2 structure tensor of the luminance gradient, groups
@@ -126,7 +126,7 @@ def _patch_means(values: np.ndarray, grid: Grid, side: int) -> np.ndarray:
 
 
 def patch_structure_tensors(image: np.ndarray, grid: Grid, params: SgufParams = SgufParams()) -> PatchStats:
-    """Per-patch structure tensor eigenvalues, energy and mean lightness (METHOD §2 steps 1-3).
+    """Per-patch structure tensor eigenvalues, energy and mean lightness (docs/method.md §2 steps 1-3).
 
     image: (H, W, 3) uint8 RGB with H = rows * p, W = cols * p (p = patch side in px).
     grid: (rows, cols) of the visual-token grid.
@@ -203,7 +203,7 @@ def _grid_edges(grid: Grid) -> tuple[np.ndarray, np.ndarray]:
 
 
 def sguf_components(stats: PatchStats, params: SgufParams = SgufParams()) -> np.ndarray:
-    """Union-find components of the patch graph (METHOD §2 step 4).
+    """Union-find components of the patch graph (docs/method.md §2 step 4).
 
     stats: PatchStats on a (rows, cols) grid.
     Returns (rows, cols) int64 labels 0..K-1, numbered in row-major order of each
@@ -233,7 +233,7 @@ def sguf_components(stats: PatchStats, params: SgufParams = SgufParams()) -> np.
 
 
 def key_mask_from_stats(stats: PatchStats, params: SgufParams = SgufParams()) -> np.ndarray:
-    """SGUF key mask from precomputed stats (METHOD §2 steps 4-6).
+    """SGUF key mask from precomputed stats (docs/method.md §2 steps 4-6).
 
     Returns (rows, cols) bool: patches whose component's energy E(C) (mean trace over
     its patches) is strictly above tau = beta * median over components of E(C).
@@ -382,7 +382,7 @@ def select_regions(
     seed: Seed = 0,
     params: SgufParams = SgufParams(),
 ) -> RegionSelection:
-    """Key tokens plus a seeded sample of the background (METHOD §2 step 7).
+    """Key tokens plus a seeded sample of the background (docs/method.md §2 step 7).
 
     image: (H, W, 3) uint8 RGB, H = rows * p, W = cols * p.
     grid: (rows, cols) of the visual-token grid.

@@ -1,5 +1,5 @@
 """Split a response into segments (paragraphs, sentences or tokens) and give every
-token to exactly one segment (METHOD §5).
+token to exactly one segment (docs/method.md §5).
 
 Character spans (``split_spans``)
     Spans are half-open ``(start, end)`` character ranges (Python ``str`` indices,

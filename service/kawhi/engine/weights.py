@@ -1,4 +1,4 @@
-"""Segment weights from per-token alignment scores (METHOD §5, eq. 14-17).
+"""Segment weights from per-token alignment scores (docs/method.md §5, eq. 14-17).
 
     abar_j = mean of alpha_t over the tokens of segment j           (segment_means)
     wtil_j = (1 - lam) softmax(abar / T)_j + lam / M                (paragraph_weights)

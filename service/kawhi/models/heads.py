@@ -1,8 +1,8 @@
-"""Vision-critical head presets (METHOD §3), keyed by model.
+"""Vision-critical head presets (docs/method.md §3), keyed by model.
 
 Each set was found offline by masking one head index in every decoder layer and
 measuring the drop on a visual benchmark (the paper: MME). A model without a published
-set falls back to all heads with a warning; run the ablation for it (see METHOD §3).
+set falls back to all heads with a warning; run the ablation for it (see docs/method.md §3).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Reference-model adapter for the Qwen-VL family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL).
 
-What the engine needs from the frozen reference LVLM (METHOD §4) is, for the final
+What the engine needs from the frozen reference LVLM (docs/method.md §4) is, for the final
 decoder layer only, the query states of response tokens and the key states of visual
 tokens, after (or, for the ablation, before) the multimodal rotary embedding. This
 adapter gets them without ever materialising an attention matrix:
@@ -560,7 +560,7 @@ class QwenVLReference:
 
         Exactly the computation the final layer's attention performs before its
         attention kernel: input norm, projection, per-head norm (Qwen3-VL), and the
-        rotary embedding when ``rope`` (METHOD §4; rope=False is the ablation).
+        rotary embedding when ``rope`` (docs/method.md §4; rope=False is the ablation).
         """
         attn = self._final_layer.self_attn
         x = self._final_layer.input_layernorm(states.hidden[None])
