@@ -79,7 +79,8 @@ def test_json_mapping_of_a_request_is_the_http_body() -> None:
                    {"id": "m", "image": {"sha256": "ab" * 32},
                     "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}],
                     "responses": [{"text": "A.", "reward": 0.5}], "advantages": [1.5]}],
-        "options": {"estimator": "rloo", "temperature": 0.5, "heads": [0, 2], "granularity": "sentence"},
+        "options": {"estimator": "rloo", "temperature": 0.5, "heads": [0, 2], "granularity": "sentence",
+                    "sguf": {"beta": 0.2, "delta_l": 25.0}},
         "per_group_errors": True,
     }
     parsed = json_format.ParseDict(body, pb.ReweightRequest())
@@ -88,6 +89,21 @@ def test_json_mapping_of_a_request_is_the_http_body() -> None:
     assert convert.request_to_message(body["groups"], body["options"], True) == parsed  # what the client sends
     presets = json_format.ParseDict({"groups": [], "options": {"heads": "preset"}}, pb.ReweightRequest())
     assert convert.request_from_message(presets)["options"] == {"heads": "preset"}
+
+
+def test_the_proto_has_every_field_of_the_wire_schema() -> None:
+    """One definition: a field added to the wire models (kawhi_client.schema) must be added to the proto."""
+    from kawhi_client import schema
+
+    pairs = [(pb.ReweightRequest, schema.ReweightRequest), (pb.RolloutGroup, schema.RolloutGroup),
+             (pb.ResponseIn, schema.ResponseIn), (pb.ImageRef, schema.ImageRef), (pb.Options, schema.Options),
+             (pb.SgufOptions, schema.SgufOptions), (pb.GroupResult, schema.GroupResult),
+             (pb.ResponseResult, schema.ResponseResult), (pb.Paragraph, schema.Paragraph),
+             (pb.ReweightResponse, schema.ReweightResponse), (pb.Usage, schema.Usage)]
+    for message, model in pairs:
+        assert set(message.DESCRIPTOR.fields_by_name) == set(model.model_fields), message.DESCRIPTOR.name
+    assert set(convert.OPTION_FIELDS) | {"heads", "sguf"} == set(schema.Options.model_fields)
+    assert set(convert.SGUF_FIELDS) == set(schema.SgufOptions.model_fields)
 
 
 def test_round_trip_equals_http(server: GrpcServerThread, stub: Any) -> None:

@@ -27,7 +27,7 @@ OPTION_FIELDS = (
     "estimator", "std", "eps", "temperature", "smoothing", "w_min", "w_max", "normalize", "seed",
     "regions", "similarity", "granularity", "rope", "skip_ratio",
 )
-_PROBLEM_FIELDS = ("type", "title", "status", "detail", "pointer", "errors", "sha256", "request_id")
+SGUF_FIELDS = ("delta_s", "delta_l", "beta", "sigma", "eps")
 
 
 # ============================================================================ structs
@@ -111,6 +111,11 @@ def options_to_message(options: Optional[Mapping[str, Any]]) -> Optional[pb.Opti
             continue
         if name == "heads":
             json_format.ParseDict(list(value) if isinstance(value, (list, tuple)) else value, m.heads)
+        elif name == "sguf":
+            m.sguf.SetInParent()
+            for key, v in dict(value).items():
+                if v is not None:
+                    setattr(m.sguf, key, v)
         else:
             setattr(m, name, value)
     return m
@@ -164,6 +169,8 @@ def options_from_message(m: pb.Options) -> dict[str, Any]:
             out[name] = getattr(m, name)
     if m.HasField("heads"):
         out["heads"] = _ints(json_format.MessageToDict(m.heads))
+    if m.HasField("sguf"):
+        out["sguf"] = {name: getattr(m.sguf, name) for name in SGUF_FIELDS if m.sguf.HasField(name)}
     return out
 
 

@@ -44,7 +44,7 @@ class RolloutGroup(_message.Message):
     def __init__(self, id: _Optional[str] = ..., image: _Optional[_Union[ImageRef, _Mapping]] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_struct_pb2.Struct, _Mapping]]] = ..., responses: _Optional[_Iterable[_Union[ResponseIn, _Mapping]]] = ..., advantages: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Options(_message.Message):
-    __slots__ = ("estimator", "std", "eps", "temperature", "smoothing", "w_min", "w_max", "normalize", "heads", "seed", "regions", "similarity", "granularity", "rope", "skip_ratio")
+    __slots__ = ("estimator", "std", "eps", "temperature", "smoothing", "w_min", "w_max", "normalize", "heads", "seed", "regions", "similarity", "granularity", "rope", "skip_ratio", "sguf")
     ESTIMATOR_FIELD_NUMBER: _ClassVar[int]
     STD_FIELD_NUMBER: _ClassVar[int]
     EPS_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,7 @@ class Options(_message.Message):
     GRANULARITY_FIELD_NUMBER: _ClassVar[int]
     ROPE_FIELD_NUMBER: _ClassVar[int]
     SKIP_RATIO_FIELD_NUMBER: _ClassVar[int]
+    SGUF_FIELD_NUMBER: _ClassVar[int]
     estimator: str
     std: str
     eps: float
@@ -75,7 +76,22 @@ class Options(_message.Message):
     granularity: str
     rope: str
     skip_ratio: float
-    def __init__(self, estimator: _Optional[str] = ..., std: _Optional[str] = ..., eps: _Optional[float] = ..., temperature: _Optional[float] = ..., smoothing: _Optional[float] = ..., w_min: _Optional[float] = ..., w_max: _Optional[float] = ..., normalize: _Optional[str] = ..., heads: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., seed: _Optional[int] = ..., regions: _Optional[str] = ..., similarity: _Optional[str] = ..., granularity: _Optional[str] = ..., rope: _Optional[str] = ..., skip_ratio: _Optional[float] = ...) -> None: ...
+    sguf: SgufOptions
+    def __init__(self, estimator: _Optional[str] = ..., std: _Optional[str] = ..., eps: _Optional[float] = ..., temperature: _Optional[float] = ..., smoothing: _Optional[float] = ..., w_min: _Optional[float] = ..., w_max: _Optional[float] = ..., normalize: _Optional[str] = ..., heads: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., seed: _Optional[int] = ..., regions: _Optional[str] = ..., similarity: _Optional[str] = ..., granularity: _Optional[str] = ..., rope: _Optional[str] = ..., skip_ratio: _Optional[float] = ..., sguf: _Optional[_Union[SgufOptions, _Mapping]] = ...) -> None: ...
+
+class SgufOptions(_message.Message):
+    __slots__ = ("delta_s", "delta_l", "beta", "sigma", "eps")
+    DELTA_S_FIELD_NUMBER: _ClassVar[int]
+    DELTA_L_FIELD_NUMBER: _ClassVar[int]
+    BETA_FIELD_NUMBER: _ClassVar[int]
+    SIGMA_FIELD_NUMBER: _ClassVar[int]
+    EPS_FIELD_NUMBER: _ClassVar[int]
+    delta_s: float
+    delta_l: float
+    beta: float
+    sigma: float
+    eps: float
+    def __init__(self, delta_s: _Optional[float] = ..., delta_l: _Optional[float] = ..., beta: _Optional[float] = ..., sigma: _Optional[float] = ..., eps: _Optional[float] = ...) -> None: ...
 
 class ReweightRequest(_message.Message):
     __slots__ = ("groups", "options", "per_group_errors")
