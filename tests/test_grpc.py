@@ -449,3 +449,19 @@ def test_a_call_still_running_at_the_drain_deadline_is_unavailable_and_dropped()
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         assert problem_of(info.value).type.endswith("/draining") and retry_after(info.value) >= 1
         _settled(s)
+
+
+def test_a_repeated_call_is_answered_from_the_idempotent_result_cache(server: GrpcServerThread, stub: Any) -> None:
+    req = convert.request_to_message([small_group(77)])
+
+    def hits() -> float:
+        with server.client() as c:
+            return metric(c.get("/metrics").text, "kawhi_cache_hits_total", 'kind="result"')
+
+    first = stub.Reweight(req, timeout=60)
+    before = hits()
+    again = stub.Reweight(req, timeout=60)
+    assert hits() == before + 1
+    assert again.results == first.results
+    with server.client() as c:  # the same request over HTTP shares the cache entry
+        assert c.post("/v1/reweight", json=http_body(req)).headers["x-kawhi-cache"] == "hit"
