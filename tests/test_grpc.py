@@ -248,20 +248,24 @@ def _settled(s: GrpcServerThread) -> str:
 
 
 def test_the_callers_deadline_and_cancellation_drop_queued_work() -> None:
-    with GrpcServerThread() as s:
+    # one example group per forward (each is ~1,100 tokens): a call's groups queue one after another
+    with GrpcServerThread(batch_tokens=1600) as s:
         s.wait_ready()
         stub = s.stub()
-        heavy = _heavy()
+        heavy = _heavy(8)
         exc = rpc_error(stub.Reweight, convert.request_to_message(heavy), timeout=0.3)
         assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        text = _settled(s)
-        assert metric(text, "kawhi_groups_total") < len(heavy), "the groups of an abandoned call still ran"
+        first = metric(_settled(s), "kawhi_groups_total")
+        assert first < len(heavy), "the groups of an abandoned call still ran"
+        text = _settled(s)  # dropped at the caller's deadline: by the server's matching deadline or the cancel
+        assert sum(metric(text, "kawhi_queue_dropped_total", f'reason="{r}"') for r in ("timeout", "client-closed")) >= 1
 
-        future = stub.Reweight.future(convert.request_to_message(_heavy(3)), timeout=120)
+        cancelled = _heavy(6)
+        future = stub.Reweight.future(convert.request_to_message(cancelled), timeout=120)
         time.sleep(0.3)
         assert future.cancel()
-        done = metric(_settled(s), "kawhi_groups_total")
-        assert done < 2 * len(heavy), "the groups of a cancelled call still ran"
+        done = metric(_settled(s), "kawhi_groups_total") - first
+        assert done < len(cancelled), "the groups of a cancelled call still ran"
         # the server is fine afterwards
         assert len(stub.Reweight(convert.request_to_message([small_group(9)]), timeout=60).results) == 1
 
@@ -438,9 +442,9 @@ def test_a_batch_larger_than_4_mib_and_the_http_body_limit() -> None:
 
 
 def test_a_call_still_running_at_the_drain_deadline_is_unavailable_and_dropped() -> None:
-    with GrpcServerThread() as s:
+    with GrpcServerThread(batch_tokens=1600) as s:  # one group per forward: the call is still queued
         s.wait_ready()
-        future = s.stub().Reweight.future(convert.request_to_message(_heavy(3)), timeout=120)
+        future = s.stub().Reweight.future(convert.request_to_message(_heavy(8)), timeout=120)
         time.sleep(0.3)
         s.state.begin_drain()
         s.state.expire_drain()  # what the SIGTERM handler does when drain_timeout_s is nearly spent
