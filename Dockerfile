@@ -132,10 +132,12 @@ RUN groupadd --system --gid 10001 kawhi \
 
 COPY --from=builder /opt/kawhi/venv /opt/kawhi/venv
 
-# Listen on all interfaces inside the container; caches and HF state go to
+# Listen on all interfaces inside the container, HTTP on 8000 and gRPC on 50051
+# (KAWHI_GRPC_PORT= leaves gRPC off); caches and HF state go to
 # /tmp so the root filesystem can be mounted read-only.
 ENV KAWHI_HOST=0.0.0.0 \
     KAWHI_PORT=8000 \
+    KAWHI_GRPC_PORT=50051 \
     HOME=/home/kawhi \
     XDG_CACHE_HOME=/tmp/.cache \
     HF_HOME=/tmp/.cache/huggingface \
@@ -143,7 +145,7 @@ ENV KAWHI_HOST=0.0.0.0 \
 
 USER 10001:10001
 WORKDIR /home/kawhi
-EXPOSE 8000
+EXPOSE 8000 50051
 
 # Liveness only (the process answers); /readyz says whether the model is loaded.
 # python, not curl: the image carries no curl.

@@ -82,3 +82,13 @@ __all__ = [
     "RolloutGroup",
     "Usage",
 ]
+
+
+def __getattr__(name: str):  # GrpcClient needs the [grpc] extra: imported only when asked for
+    if name == "GrpcClient":
+        try:
+            from kawhi_client.grpc import GrpcClient
+        except ImportError as exc:
+            raise ImportError(f"kawhi_client.GrpcClient needs the grpc extra: pip install 'kawhi[grpc]' ({exc})") from None
+        return GrpcClient
+    raise AttributeError(f"module 'kawhi_client' has no attribute {name!r}")

@@ -70,7 +70,8 @@ CONTAINER_PORT = 8000
 IMAGE_UID = 10001
 
 # Settings the chart sets from its own sections; values.yaml `config` may not name them.
-RESERVED_SETTINGS = ("model", "device", "dtype", "host", "port", "api_keys", "redis_url")
+RESERVED_SETTINGS = ("model", "device", "dtype", "host", "port", "grpc_port", "api_keys", "redis_url")
+GRPC_PORT = 50051
 # Non-KAWHI variables the chart and compose file may set.
 OTHER_ENV = {"HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "OMP_NUM_THREADS"}
 
@@ -178,7 +179,7 @@ def config_schema() -> dict[str, Any]:
             "KAWHI_* settings of `kawhi serve` by lower-case name without the prefix "
             "(batch_tokens -> KAWHI_BATCH_TOKENS). Generated from kawhi.server.settings by "
             "`python3 tests/deploy/test_deploy.py --update-schema`. model, device, dtype, host, port, "
-            "api_keys and redis_url are set by the chart (model.*, auth.*, redis.*)."
+            "grpc_port, api_keys and redis_url are set by the chart (model.*, grpc.*, auth.*, redis.*)."
         ),
         "additionalProperties": False,
         "properties": props,
@@ -373,17 +374,22 @@ def test_probes_use_the_service_endpoints(rendered: dict[str, list[dict]]) -> No
     for scenario, docs in rendered.items():
         c = kawhi_container(docs)
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-        assert ports == {"http": CONTAINER_PORT}
+        assert ports == {"http": CONTAINER_PORT, "grpc": GRPC_PORT}
         assert container_env(docs)["KAWHI_PORT"] == str(CONTAINER_PORT)
+        assert container_env(docs)["KAWHI_GRPC_PORT"] == str(GRPC_PORT)
         assert container_env(docs)["KAWHI_HOST"] == "0.0.0.0"
-        assert c["startupProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}, scenario
-        assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}, scenario
+        if scenario == "all-features":  # probes.useGrpc: the native gRPC health probe
+            for probe in ("startupProbe", "readinessProbe"):
+                assert c[probe]["grpc"] == {"port": GRPC_PORT, "service": "kawhi.v1.Kawhi"}, scenario
+        else:
+            assert c["startupProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}, scenario
+            assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}, scenario
         assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}, scenario
         startup = c["startupProbe"]
         budget = startup["periodSeconds"] * startup["failureThreshold"]
         assert budget >= 600, f"{scenario}: the startup probe allows only {budget} s for the model to load"
         svc = one(docs, "Service")
-        assert [p["targetPort"] for p in svc["spec"]["ports"]] == ["http"]
+        assert [p["targetPort"] for p in svc["spec"]["ports"]] == ["http", "grpc"]
 
 
 def test_model_load_budget_in_production(rendered: dict[str, list[dict]]) -> None:
@@ -750,8 +756,9 @@ def test_dockerfile_promises() -> None:
     # listens where the chart expects; demo model unless KAWHI_MODEL is given
     env_text = " ".join(r for w, r in ins if w == "ENV")
     assert "KAWHI_HOST=0.0.0.0" in env_text and f"KAWHI_PORT={CONTAINER_PORT}" in env_text
+    assert f"KAWHI_GRPC_PORT={GRPC_PORT}" in env_text
     assert "KAWHI_MODEL" not in env_text, "no KAWHI_MODEL in the image: the embedded demo model is the default"
-    assert [r for w, r in final if w == "EXPOSE"] == [str(CONTAINER_PORT)]
+    assert [r for w, r in final if w == "EXPOSE"] == [f"{CONTAINER_PORT} {GRPC_PORT}"]
     # healthcheck with python on /healthz, no curl anywhere
     hc = [r for w, r in ins if w == "HEALTHCHECK"]
     assert len(hc) == 1 and "python3" in hc[0] and "/healthz" in hc[0]
@@ -810,7 +817,8 @@ def test_compose_file() -> None:
         assert var[6:].lower() in fields, var
     assert kawhi["environment"]["KAWHI_REDIS_URL"] == "redis://redis:6379/0"
     assert kawhi["environment"]["KAWHI_MODEL"] == "${KAWHI_MODEL:-}", "empty by default: the demo model"
-    assert kawhi["ports"] == [f"127.0.0.1:{CONTAINER_PORT}:{CONTAINER_PORT}"]
+    assert kawhi["ports"] == [f"127.0.0.1:{CONTAINER_PORT}:{CONTAINER_PORT}", f"127.0.0.1:{GRPC_PORT}:{GRPC_PORT}"]
+    assert kawhi["environment"]["KAWHI_GRPC_PORT"] == str(GRPC_PORT)
     assert kawhi["read_only"] is True and any(t.startswith("/tmp") for t in kawhi["tmpfs"])
     assert any(v.endswith(":/models:ro") for v in kawhi["volumes"])
     assert kawhi["depends_on"]["redis"]["condition"] == "service_healthy"
@@ -978,6 +986,17 @@ def test_dashboard_alerts_and_autoscaler_use_real_metrics(rendered: dict[str, li
 # ============================================================================ live: the image's command with the chart's env
 
 
+def _grpc_health(port: int) -> str:
+    """The grpc.health.v1 status of kawhi.v1.Kawhi on 127.0.0.1:port (the kubelet's gRPC probe)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="kawhi.v1.Kawhi"),
+                                                           timeout=10)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+
+
 def test_chart_env_starts_a_server_that_answers_its_probes(rendered: dict[str, list[dict]], tmp_path: Path,
                                                            unused_port: int) -> None:
     """`kawhi serve` (the image's ENTRYPOINT + CMD) with the default ConfigMap as its environment:
@@ -988,8 +1007,12 @@ def test_chart_env_starts_a_server_that_answers_its_probes(rendered: dict[str, l
     docs = rendered["default"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("KAWHI_")}
     env.update(container_env(docs))
-    port = unused_port
-    env.update(KAWHI_HOST="127.0.0.1", KAWHI_PORT=str(port), HOME=str(tmp_path), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    from server_fixtures import free_port
+
+    port, grpc_port = unused_port, free_port()
+    assert env["KAWHI_GRPC_PORT"] == str(GRPC_PORT)
+    env.update(KAWHI_HOST="127.0.0.1", KAWHI_PORT=str(port), KAWHI_GRPC_PORT=str(grpc_port), HOME=str(tmp_path),
+               XDG_CACHE_HOME=str(tmp_path / "cache"))
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "service"), str(ROOT / "client"), env.get("PYTHONPATH", "")])
     c = kawhi_container(docs)
     cmd = [sys.executable, "-m", "kawhi.cli", *c["args"]]
@@ -1017,6 +1040,7 @@ def test_chart_env_starts_a_server_that_answers_its_probes(rendered: dict[str, l
             assert live.status_code == 200 and live.json()["status"] == "ok"
             info = client.get(base + "/v1/info")
             assert info.status_code == 200  # no API keys in the default values
+            assert _grpc_health(grpc_port) == "SERVING"  # what a probes.useGrpc startup/readiness probe asks
             text = client.get(base + "/metrics").text
     finally:
         proc.terminate()

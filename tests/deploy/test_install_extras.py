@@ -27,7 +27,8 @@ LAZY = {"server": ["python_multipart"]}  # starlette Request.form(): POST /v1/im
 # which source folders each extra must cover
 AREAS = {
     "engine": [SERVICE / "engine", SERVICE / "models", SERVICE / "pipeline", SERVICE / "errors.py", SERVICE / "cli.py"],
-    "server": [SERVICE / "server"],
+    "server": [SERVICE / "server", SERVICE / "grpc"],
+    "grpc": [ROOT / "client" / "kawhi_client" / "grpc"],
 }
 OWN = {"kawhi", "kawhi_client"}
 # helpers for tests and benchmarks only, documented as needing the dev extra

@@ -164,7 +164,7 @@ def test_probes_info_docs_and_metrics(client: httpx.Client) -> None:
         "kawhi_errors_total",
     ):
         assert name in text, name
-    assert metric(text, "kawhi_requests_total", 'route="/v1/info",status="200"') >= 1
+    assert metric(text, "kawhi_requests_total", 'frontend="http",route="/v1/info",status="200"') >= 1
 
 
 def test_request_id_is_honoured_generated_and_echoed(client: httpx.Client) -> None:
@@ -500,7 +500,7 @@ def test_tiny_queue_answers_429_with_retry_after_and_loses_nothing() -> None:
         assert [r.json()["results"][0]["id"] for r in rs] == [g["id"] for g in groups]
         m = httpx.get(s.url + "/metrics").text
         assert metric(m, "kawhi_errors_total", 'type="queue-full"') == len(refusals)
-        assert metric(m, "kawhi_requests_total", 'route="/v1/reweight",status="429"') == len(refusals)
+        assert metric(m, "kawhi_requests_total", 'frontend="http",route="/v1/reweight",status="429"') == len(refusals)
         assert metric(m, "kawhi_queue_depth") == 0
 
 

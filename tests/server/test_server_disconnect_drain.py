@@ -126,8 +126,8 @@ def test_a_disconnected_client_has_its_queued_groups_dropped(caplog: pytest.LogC
         text = srv.metrics()
         assert srv.engine.groups_run == 1 and metric(text, "kawhi_groups_total") == 1  # none of the 4 ran
         assert metric(text, "kawhi_errors_total", 'type="client-closed"') == 1
-        assert metric(text, "kawhi_requests_total", 'route="/v1/reweight",status="499"') == 1
-        assert metric(text, "kawhi_requests_total", 'route="/v1/reweight",status="500"') == 0
+        assert metric(text, "kawhi_requests_total", 'frontend="http",route="/v1/reweight",status="499"') == 1
+        assert metric(text, "kawhi_requests_total", 'frontend="http",route="/v1/reweight",status="500"') == 0
         closed = [r for r in caplog.records if "client closed" in r.getMessage()]
         assert len(closed) == 1 and not any(r.exc_info for r in caplog.records)
 

@@ -80,7 +80,7 @@ The image: repository@digest, or repository:tag with the tag defaulting to
 Settings the chart sets itself; they may not appear in .Values.config.
 */}}
 {{- define "kawhi.reservedSettings" -}}
-model device dtype host port api_keys redis_url
+model device dtype host port grpc_port api_keys redis_url
 {{- end }}
 
 {{/*
@@ -112,10 +112,13 @@ Fail early on contradictory values (the schema checks types, this checks combina
 {{- fail (printf "model.path %s is under model.mountPath but no volume is mounted there: set model.existingClaim or model.volume" .Values.model.path) }}
 {{- end }}
 {{- end }}
+{{- if and .Values.probes.useGrpc (not .Values.grpc.enabled) }}
+{{- fail "probes.useGrpc needs grpc.enabled: the gRPC health probe asks the gRPC port" }}
+{{- end }}
 {{- $reserved := splitList " " (include "kawhi.reservedSettings" .) }}
 {{- range $key, $_ := .Values.config }}
 {{- if has $key $reserved }}
-{{- fail (printf "config.%s is set by the chart (model.*, auth.*, redis.*, service.port); remove it from config" $key) }}
+{{- fail (printf "config.%s is set by the chart (model.*, auth.*, redis.*, grpc.*, service.port); remove it from config" $key) }}
 {{- end }}
 {{- end }}
 {{- $drain := int (default 60 .Values.config.drain_timeout_s) }}

@@ -40,6 +40,7 @@ _GROUPS = {
     "heads_file": "model",
     "host": "network",
     "port": "network",
+    "grpc_port": "network",
     "api_keys": "network",
     "root_path": "network",
 }
@@ -66,9 +67,10 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     parser = subparsers.add_parser(
         "serve",
-        help="run the HTTP service (FastAPI + uvicorn)",
+        help="run the HTTP service (FastAPI + uvicorn), and gRPC beside it with --grpc-port",
         description=(
-            "Serve KAWHI over HTTP. With no arguments: the embedded demo model on 127.0.0.1:8000. "
+            "Serve KAWHI over HTTP (and gRPC with --grpc-port). With no arguments: the embedded demo model on "
+            "127.0.0.1:8000. "
             "Every flag also reads KAWHI_<NAME> from the environment (flag > env > default)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -172,9 +174,14 @@ def _exit_zero(signum: int, frame: Any) -> None:  # the signal uvicorn re-raises
 
 
 def make_server(settings: Any, app: Any) -> Any:
-    """The uvicorn server `kawhi serve` runs ``app`` under: draining on SIGTERM, header timeout."""
+    """The uvicorn server `kawhi serve` runs ``app`` under: draining on SIGTERM, header timeout,
+    and the gRPC listener beside it when ``settings.grpc_port`` is set."""
     import uvicorn
 
+    if settings.grpc_port is not None:  # gRPC side by side, on the same loop and state (kawhi.grpc.server)
+        from kawhi.grpc.server import attach
+
+        attach(app)
     config = uvicorn.Config(
         app,
         host=settings.host,

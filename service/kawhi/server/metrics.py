@@ -57,16 +57,20 @@ class Metrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         self.requests = Counter(
-            "kawhi_requests", "HTTP requests answered, by route template and status", ["route", "status"], registry=r
+            "kawhi_requests",
+            "requests answered, by front end (http | grpc), route template (gRPC: /package.Service/Method) and "
+            "status (gRPC: the code's name)",
+            ["frontend", "route", "status"],
+            registry=r,
         )
         self.request_duration = Histogram(
             "kawhi_request_duration_seconds",
-            "HTTP request latency, by route template and status",
-            ["route", "status"],
+            "request latency, by front end, route template and status",
+            ["frontend", "route", "status"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.in_flight = Gauge("kawhi_requests_in_flight", "HTTP requests being answered", registry=r)
+        self.in_flight = Gauge("kawhi_requests_in_flight", "requests being answered (HTTP and gRPC)", registry=r)
         self.queue_depth = Gauge(
             "kawhi_queue_depth", "rollout groups admitted and not yet in a forward (preparing or queued)", registry=r
         )

@@ -103,8 +103,8 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - started
             status = str(status_holder["status"])
             route = _route_label(scope.get("app") or self.app, scope)
-            metrics.requests.labels(route, status).inc()
-            metrics.request_duration.labels(route, status).observe(elapsed)
+            metrics.requests.labels("http", route, status).inc()
+            metrics.request_duration.labels("http", route, status).observe(elapsed)
             log.info(
                 "request",
                 extra={

@@ -54,6 +54,11 @@ class _ServerSettings(BaseSettings):
     # --- network -----------------------------------------------------------------
     host: str = Field("127.0.0.1", description="interface to bind")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to bind (0 = any free port)")
+    grpc_port: Optional[int] = Field(
+        None, ge=0, le=65535,
+        description="TCP port of the gRPC front end (kawhi.v1.Kawhi, health, reflection) on the same host; "
+        "unset = HTTP only, 0 = any free port",
+    )
     api_keys: Optional[SecretStr] = Field(
         None, description="comma-separated bearer API keys; unset or empty = no authentication"
     )
@@ -149,7 +154,7 @@ class _ServerSettings(BaseSettings):
     def _lower(cls, v: Any) -> Any:
         return v.lower() if isinstance(v, str) else v
 
-    @field_validator("redis_url", "model", "heads_file", mode="before")
+    @field_validator("redis_url", "model", "heads_file", "grpc_port", mode="before")
     @classmethod
     def _empty_is_none(cls, v: Any) -> Any:
         if isinstance(v, str) and not v.strip():

@@ -1,0 +1,203 @@
+"""HTTP-JSON vs gRPC for one large batch on the bench model: wall time, bytes each way,
+and client + server serialisation time.
+
+    python -m bench.grpc_vs_http                                  # 16 x 5 x 1024 end to end, 64 x 5 x 1024 offline
+    python -m bench.grpc_vs_http --groups 64 --serialise-groups 64 # the full batch end to end (slow on 2 cores)
+
+1. ``kawhi serve --model <bench model> --grpc-port P`` in a subprocess (bench.server.Server);
+2. ``--groups`` groups of ``--responses`` responses of ``--tokens`` token ids each
+   (bench.workload: the trainer's own ``token_ids``, images inline), sent ``--reps`` times
+   over each transport, interleaved, with fresh ids each time (no idempotent cache hit).
+   Wall time = wire dicts in the client -> ``ReweightResponse`` in the client (request
+   encoding, transfer, the server's work, answer decoding). Bytes = the request and answer
+   payloads (the HTTP body; the serialised protobuf message), framing not counted;
+3. serialisation, offline in this process on the real answer tiled to
+   ``--serialise-groups`` groups (the per-token arrays are what grows): each step the
+   client and the server perform to turn wire objects into bytes and back, median of
+   ``--serialise-reps``. The server's gRPC answer is built from the JSON the idempotent
+   result cache holds (kawhi/grpc/pipeline.py: model -> JSON -> message); the encoding
+   straight from the model is timed too.
+
+The last line printed is one JSON object; ``--out`` writes it to a file as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from bench.models import build_reference, save_reference
+from bench.server import Server, free_port
+from bench.workload import GroupSpec, make_group
+
+
+def _median_time(fn: Callable[[], Any], reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _results_close(a: Any, b: Any) -> float:
+    """Largest absolute difference between the numbers of two answers' results."""
+    worst = 0.0
+    for ra, rb in zip(a.results, b.results):
+        for xa, xb in zip(ra.responses, rb.responses):
+            worst = max(worst, abs(xa.advantage - xb.advantage))
+            for u, v in zip(xa.token_advantages + xa.token_weights, xb.token_advantages + xb.token_weights):
+                worst = max(worst, abs(u - v))
+    return worst
+
+
+def serialisation(wire: list[dict], http_answer: bytes, grpc_answer: Any, scale: int, reps: int) -> dict[str, Any]:
+    """Every encode/decode step of both transports on a batch ``scale`` times the measured one."""
+    from kawhi_client.grpc import convert
+    from kawhi_client.grpc._proto import kawhi_pb2 as pb
+    from kawhi_client.schema import ReweightResponse
+
+    from kawhi.pipeline import Pipeline
+
+    groups = [dict(g, id=f"{g['id']}-x{k}") for k in range(scale) for g in wire]
+    response = ReweightResponse.model_validate_json(http_answer)
+    response = response.model_copy(update={"results": [r.model_copy(update={"id": f"{r.id}-x{k}"})
+                                                       for k in range(scale) for r in response.results]})
+    body = json.dumps({"groups": groups}).encode()
+    answer_json = response.model_dump_json().encode()
+    request_msg = convert.request_to_message(groups)
+    request_bytes = request_msg.SerializeToString()
+    answer_msg = convert.response_to_message(response)
+    answer_bytes = answer_msg.SerializeToString()
+
+    def server_grpc_encode_cached() -> bytes:
+        cached = response.model_dump_json().encode()  # what _compute stores and hands back
+        return convert.response_json_to_message(cached).SerializeToString()
+
+    t = {
+        "client_http_encode": _median_time(lambda: json.dumps({"groups": groups}).encode(), reps),
+        "client_http_decode": _median_time(lambda: ReweightResponse.model_validate_json(answer_json), reps),
+        "client_grpc_encode": _median_time(lambda: convert.request_to_message(groups).SerializeToString(), reps),
+        "client_grpc_decode": _median_time(
+            lambda: convert.response_from_message(pb.ReweightResponse.FromString(answer_bytes)), reps),
+        "server_http_decode": _median_time(lambda: Pipeline.parse_body(body), reps),
+        "server_http_encode": _median_time(lambda: response.model_dump_json().encode(), reps),
+        "server_grpc_decode": _median_time(
+            lambda: Pipeline.parse_document(convert.request_from_message(pb.ReweightRequest.FromString(request_bytes))),
+            reps),
+        "server_grpc_encode_as_shipped": _median_time(server_grpc_encode_cached, reps),
+        "server_grpc_encode_direct": _median_time(lambda: convert.response_to_message(response).SerializeToString(),
+                                                  reps),
+    }
+    return {
+        "groups": len(groups),
+        "bytes": {"http_request": len(body), "http_answer": len(answer_json),
+                  "grpc_request": len(request_bytes), "grpc_answer": len(answer_bytes)},
+        "seconds": {k: round(v, 4) for k, v in t.items()},
+        "totals": {
+            "http": round(t["client_http_encode"] + t["client_http_decode"] + t["server_http_decode"]
+                          + t["server_http_encode"], 4),
+            "grpc_as_shipped": round(t["client_grpc_encode"] + t["client_grpc_decode"] + t["server_grpc_decode"]
+                                     + t["server_grpc_encode_as_shipped"], 4),
+            "grpc_direct": round(t["client_grpc_encode"] + t["client_grpc_decode"] + t["server_grpc_decode"]
+                                 + t["server_grpc_encode_direct"], 4),
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--groups", type=int, default=16)
+    parser.add_argument("--responses", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--reps", type=int, default=1)
+    parser.add_argument("--serialise-groups", type=int, default=64)
+    parser.add_argument("--serialise-reps", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    import grpc
+    import httpx
+
+    from kawhi_client.grpc import convert
+    from kawhi_client.grpc._proto import kawhi_pb2_grpc
+    from kawhi_client.schema import ReweightResponse
+
+    import os
+
+    load_start = os.getloadavg()[0]
+    reference = build_reference("bench")
+    groups = [make_group(reference, GroupSpec(response_tokens=args.tokens, group_size=args.responses, seed=i))
+              for i in range(args.groups)]
+    tokens = args.groups * args.responses * args.tokens
+    grpc_port = free_port()
+    flags = {"grpc_port": grpc_port, "request_timeout_s": 3600, "max_groups": max(256, args.groups),
+             "queue_groups": max(512, args.groups), "log_level": "warning"}
+    samples: dict[str, list[dict[str, Any]]] = {"http": [], "grpc": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = save_reference(reference, Path(tmp) / "bench-model")
+        with Server(model_dir, flags=flags, ready_timeout=600) as srv, \
+                httpx.Client(base_url=srv.url, timeout=3600) as http, \
+                grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=[("grpc.max_receive_message_length", -1),
+                                                                          ("grpc.max_send_message_length", -1)]) as ch:
+            stub = kawhi_pb2_grpc.KawhiStub(ch)
+            warm = [groups[0].api("warm-h")]
+            http.post("/v1/reweight", json={"groups": warm}).raise_for_status()
+            stub.Reweight(convert.request_to_message([groups[0].api("warm-g")]), timeout=600)
+            answers: dict[str, Any] = {}
+            for rep in range(args.reps):
+                wire = [g.api(f"h{rep}-{i}") for i, g in enumerate(groups)]
+                t0 = time.perf_counter()
+                body = json.dumps({"groups": wire}).encode()
+                resp = http.post("/v1/reweight", content=body, headers={"content-type": "application/json"})
+                resp.raise_for_status()
+                answers["http"] = ReweightResponse.model_validate_json(resp.content)
+                samples["http"].append({"wall_s": time.perf_counter() - t0, "request_bytes": len(body),
+                                        "answer_bytes": len(resp.content)})
+                http_answer = resp.content
+
+                wire = [g.api(f"g{rep}-{i}") for i, g in enumerate(groups)]
+                t0 = time.perf_counter()
+                request = convert.request_to_message(wire)
+                message = stub.Reweight(request, timeout=3600)
+                answers["grpc"] = convert.response_from_message(message)
+                samples["grpc"].append({"wall_s": time.perf_counter() - t0, "request_bytes": request.ByteSize(),
+                                        "answer_bytes": message.ByteSize()})
+                grpc_answer = message
+            difference = _results_close(answers["http"], answers["grpc"])
+            server_log = srv.log_tail(2000)
+    scale = max(1, args.serialise_groups // args.groups)
+    offline = serialisation([g.api(f"s-{i}") for i, g in enumerate(groups)], http_answer, grpc_answer, scale,
+                            args.serialise_reps)
+    out = {
+        "benchmark": "grpc_vs_http",
+        "command": "python -m bench.grpc_vs_http " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "batch": {"groups": args.groups, "responses": args.responses, "tokens_per_response": args.tokens,
+                  "response_tokens": tokens},
+        "end_to_end": {k: {"wall_s_median": round(statistics.median(s["wall_s"] for s in v), 3),
+                           "request_bytes": v[-1]["request_bytes"], "answer_bytes": v[-1]["answer_bytes"],
+                           "samples": v} for k, v in samples.items()},
+        "max_abs_difference": difference,
+        "serialisation": offline,
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(),
+                    "load_average_1m": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)}},
+    }
+    if difference > 1e-9:
+        print(server_log, file=sys.stderr)
+    text = json.dumps(out)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(text)
+    return 0 if difference <= 1e-9 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""kawhi.v1.Kawhi: Reweight, ReweightStream, PutImage, Info over the shared pipeline.
+
+Every call goes through ``_Rpc``: the bearer key from the ``authorization`` metadata
+(compared in constant time, as over HTTP), the request id (``x-request-id``), the
+in-flight count a drain waits for, the metrics (``frontend="grpc"``), and the error
+mapping — a ``KawhiError`` becomes the rich status of
+``kawhi_client.grpc.status.status_for``; anything unexpected is logged and answered
+INTERNAL with no detail of it. A cancelled call (the client went away or its deadline
+passed) cancels the pipeline's await, which drops its queued groups.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, AsyncIterator, Optional
+
+import grpc
+from grpc_status import rpc_status
+
+from kawhi_client.grpc import convert
+from kawhi_client.grpc._proto import kawhi_pb2 as pb
+from kawhi_client.grpc._proto import kawhi_pb2_grpc as pb_grpc
+from kawhi_client.grpc.status import status_for
+from kawhi_client.schema import GroupResult, Problem, ReweightResponse, Usage
+
+from kawhi.errors import KawhiError
+from kawhi.grpc import pipeline
+from kawhi.server.auth import key_is_valid, unauthorized
+from kawhi.server.logs import accept_request_id, request_id_var
+from kawhi.server.state import ServerState
+
+log = logging.getLogger("kawhi.server.grpc")
+
+SERVICE = "kawhi.v1.Kawhi"
+
+
+def _metadata(context: grpc.aio.ServicerContext, name: str) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key.lower() == name:
+            return value if isinstance(value, str) else value.decode("latin-1")
+    return ""
+
+
+def _retry_after(err: KawhiError) -> Optional[float]:
+    value = err.headers.get("Retry-After")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+class _Rpc:
+    """One call: auth, request id, in-flight count, metrics, error mapping (see the module doc)."""
+
+    def __init__(self, state: ServerState, context: grpc.aio.ServicerContext, method: str) -> None:
+        self.state, self.context, self.route = state, context, f"/{SERVICE}/{method}"
+        self.code = grpc.StatusCode.OK
+
+    async def __aenter__(self) -> "_Rpc":
+        self.rid = accept_request_id(_metadata(self.context, "x-request-id"))
+        self.token = request_id_var.set(self.rid)
+        self.started = time.perf_counter()
+        self.state.metrics.in_flight.inc()
+        self.state.enter()
+        self.context.set_trailing_metadata((("x-request-id", self.rid),))
+        keys = self.state.api_keys
+        if keys:
+            scheme, _, presented = _metadata(self.context, "authorization").partition(" ")
+            token = presented.strip().encode() if scheme.lower() == "bearer" else b""
+            if not key_is_valid(token, keys):
+                err = unauthorized()
+                await self.__aexit__(type(err), err, None)  # counts, cleans up and aborts (raises)
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        try:
+            if exc is None:
+                return False
+            if isinstance(exc, KawhiError):
+                await self._abort(exc)
+            elif isinstance(exc, asyncio.CancelledError):
+                self.code = grpc.StatusCode.CANCELLED
+            elif isinstance(exc, Exception) and not isinstance(exc, grpc.aio.AbortError):
+                log.error("unhandled error", exc_info=(exc_type, exc, tb))
+                await self._abort(KawhiError("internal", "an unexpected error occurred; it has been logged"))
+            return False
+        finally:
+            self.state.leave()
+            self.state.metrics.in_flight.dec()
+            labels = ("grpc", self.route, self.code.name)
+            self.state.metrics.requests.labels(*labels).inc()
+            self.state.metrics.request_duration.labels(*labels).observe(time.perf_counter() - self.started)
+            request_id_var.reset(self.token)
+
+    async def _abort(self, err: KawhiError) -> None:
+        self.state.count_error(err)
+        problem = Problem.model_validate({**err.to_problem(), "request_id": self.rid})
+        code = getattr(grpc.StatusCode, err.grpc_code)  # the catalogue's code for this kind
+        status = rpc_status.to_status(status_for(problem, _retry_after(err), code))
+        self.code = status.code
+        metadata = tuple(status.trailing_metadata) + (("x-request-id", self.rid),)
+        await self.context.abort(status.code, status.details, metadata)
+
+
+def _into_message(problem: Any, j: int) -> Any:
+    """A one-group request's problem (``/groups/0/...``) pointed at the group's place ``j`` in
+    the stream message it came in."""
+    def move(ptr: Optional[str]) -> Optional[str]:
+        if ptr and (ptr == "/groups/0" or ptr.startswith("/groups/0/")):
+            return f"/groups/{j}" + ptr[len("/groups/0"):]
+        return ptr
+
+    data = problem.model_dump()
+    data["pointer"] = move(problem.pointer)
+    if isinstance(data.get("errors"), list):
+        data["errors"] = [{**e, "pointer": move(e.get("pointer"))} if isinstance(e, dict) else e for e in data["errors"]]
+    return type(problem).model_validate(data)
+
+
+def _timeout(context: grpc.aio.ServicerContext) -> Optional[float]:
+    remaining = context.time_remaining()
+    return None if remaining is None else max(0.0, remaining)
+
+
+class KawhiServicer(pb_grpc.KawhiServicer):
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+
+    async def Reweight(self, request: pb.ReweightRequest, context: grpc.aio.ServicerContext) -> pb.ReweightResponse:
+        async with _Rpc(self.state, context, "Reweight"):
+            body = convert.request_from_message(request)
+            answer = await pipeline.reweight(self.state, body, _timeout(context))
+            return await _to_message(answer)
+
+    async def ReweightStream(
+        self, requests: AsyncIterator[pb.ReweightRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ReweightStreamResult]:
+        async with _Rpc(self.state, context, "ReweightStream"):
+            self.state.require_engine()  # loading / draining: the whole stream is refused
+            done: asyncio.Queue = asyncio.Queue()
+            tasks: set[asyncio.Task] = set()
+            reading = asyncio.ensure_future(self._read_stream(requests, context, done, tasks))
+            try:
+                pending_reader = True
+                while pending_reader or tasks or not done.empty():
+                    item = await done.get()
+                    if item is None:  # the client closed its side; results of what it sent still come
+                        pending_reader = False
+                        continue
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+            finally:
+                reading.cancel()
+                for t in list(tasks):
+                    t.cancel()  # the client went away: drop its queued groups
+
+    async def _read_stream(
+        self, requests: AsyncIterator[pb.ReweightRequest], context: grpc.aio.ServicerContext,
+        done: asyncio.Queue, tasks: set[asyncio.Task],
+    ) -> None:
+        try:
+            k = 0
+            async for message in requests:
+                options = convert.options_from_message(message.options) if message.HasField("options") else None
+                for j, group in enumerate(message.groups):
+                    task = asyncio.ensure_future(self._one_group(k, j, group, options, context, done))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                k += 1
+            done.put_nowait(None)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a broken inbound stream ends the call
+            done.put_nowait(exc)
+
+    async def _one_group(
+        self, k: int, j: int, group: pb.RolloutGroup, options: Optional[dict[str, Any]],
+        context: grpc.aio.ServicerContext, done: asyncio.Queue,
+    ) -> None:
+        """One group of a stream through the pipeline as a one-group request; any problem
+        becomes that group's error, pointing into its message (``/groups/j/...``)."""
+        wire = convert.group_from_message(group)
+        body: dict[str, Any] = {"groups": [wire], "per_group_errors": True}
+        if options is not None:
+            body["options"] = options
+        model = version = ""
+        usage = Usage()
+        try:
+            answer = ReweightResponse.model_validate_json(await pipeline.reweight(self.state, body, _timeout(context)))
+            result = answer.results[0]
+            model, version, usage = answer.model, answer.version, answer.usage
+        except KawhiError as err:
+            self.state.count_error(err)
+            gid = wire.get("id") if isinstance(wire.get("id"), str) else None
+            result = GroupResult(id=gid, error=Problem.model_validate(err.to_problem()))
+        except Exception:
+            log.exception("stream group failed")
+            err = KawhiError("internal", "this group failed unexpectedly; it has been logged", "/groups/0")
+            result = GroupResult(id=group.id if group.HasField("id") else None, error=Problem.model_validate(err.to_problem()))
+        if result.error is not None:
+            result.error = _into_message(result.error, j)
+        msg = pb.ReweightStreamResult(
+            result=convert.group_result_to_message(result), request_index=k, group_index=j, model=model,
+            version=version, usage=pb.Usage(tokens=usage.tokens, milliseconds=usage.milliseconds),
+        )
+        done.put_nowait(msg)
+
+    async def PutImage(self, chunks: AsyncIterator[pb.ImageChunk], context: grpc.aio.ServicerContext) -> pb.ImageInfo:
+        async with _Rpc(self.state, context, "PutImage"):
+            if self.state.draining:
+                self.state.require_engine()
+            limit = self.state.settings.max_image_bytes
+            parts: list[bytes] = []
+            size = 0
+            async for chunk in chunks:
+                size += len(chunk.data)
+                if size > limit:  # stop reading: never hold more than the limit
+                    raise KawhiError("too-large", f"image is over {limit} bytes; the limit is {limit}")
+                parts.append(chunk.data)
+            stored = await pipeline.store_image(self.state, b"".join(parts))
+            return pb.ImageInfo(**stored)
+
+    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> Any:
+        async with _Rpc(self.state, context, "Info"):
+            return convert.to_struct(await pipeline.info(self.state))
+
+
+# Answers larger than this are converted in a worker thread (as HTTP serialises big answers).
+INLINE_CONVERT_BYTES = 256 * 1024
+
+
+async def _to_message(answer: bytes) -> pb.ReweightResponse:
+    if len(answer) > INLINE_CONVERT_BYTES:
+        return await asyncio.to_thread(convert.response_json_to_message, answer)
+    return convert.response_json_to_message(answer)
