@@ -6,7 +6,7 @@
 Needs grpcio-tools (the [dev] extra). protoc writes ``kawhi/v1/kawhi_pb2.py`` and a
 ``kawhi_pb2_grpc.py`` that imports it as ``from kawhi.v1 import kawhi_pb2``, which would
 resolve to the service package ``kawhi``; the stubs are moved into the client package
-and that one import is made absolute to where they live. tests/test_grpc_codegen.py
+and that one import is made absolute to where they live. tests/grpc/test_grpc_serve.py
 regenerates them and compares.
 """
 

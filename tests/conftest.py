@@ -61,6 +61,9 @@ FILE_MARKS: dict[str, tuple[str, ...]] = {
     "test_integration_trl_ref.py": ("slow",),
     "test_integration_verl_ref.py": ("slow",),
     "test_wire_encoding.py": ("slow",),
+    # grpc: servers on real sockets, a subprocess `kawhi serve`
+    "test_grpc.py": ("slow",),
+    "test_grpc_serve.py": ("slow",),
     # deploy: helm/promtool/hadolint, one live server, a real NGINX in front of three replicas
     "test_deploy.py": ("deploy", "slow"),
     "test_deploy_affinity.py": ("deploy", "slow"),
