@@ -100,12 +100,11 @@ def _option_flag(pointer: str) -> str:
 
 def load_engine(args: argparse.Namespace) -> Any:
     """The engine of --model/--device/--dtype/--heads-file; UserError for every mistake a user can make."""
-    try:
-        from kawhi.engine.engine import Engine
-        from kawhi.heads.files import HeadsFileError
-        from kawhi.models.locate import DeviceUnavailable, ModelNotFound
-    except ImportError as exc:
-        raise UserError(f"this command needs the engine: pip install 'kawhi[engine]' (missing: {exc.name})") from None
+    # a client-only install fails here with ModuleNotFoundError: main() names the extra
+    from kawhi.engine.engine import Engine
+    from kawhi.heads.files import HeadsFileError
+    from kawhi.models.locate import DeviceUnavailable, ModelNotFound
+
     try:
         engine = Engine.load(args.model, device=args.device, dtype=args.dtype,
                              heads_file=getattr(args, "heads_file", None))
@@ -302,9 +301,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kawhi {args.command}: {exc}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:  # a client-only install (pip install kawhi) running an engine command
-        extra = "server" if args.command == "serve" else "engine"
-        print(f"kawhi {args.command} needs the {extra} extra: pip install 'kawhi[{extra}]' "
-              f"(missing module {exc.name})", file=sys.stderr)
+        from kawhi.extras import missing_extra_message
+
+        message = missing_extra_message(exc, f"kawhi {args.command}")
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("kawhi: interrupted", file=sys.stderr)

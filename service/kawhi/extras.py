@@ -27,6 +27,12 @@ EXTRA_OF_MODULE = {
     "pydantic_settings": "server",
     "redis": "server",
     "prometheus_client": "server",
+    "multipart": "server",
+    "grpc": "grpc",
+    "grpc_status": "grpc",
+    "grpc_health": "grpc",
+    "grpc_reflection": "server",
+    "matplotlib": "explain",
 }
 
 TORCH_HINT = ("without torch yet, install it first: the CPU wheel from PyTorch's CPU index "
