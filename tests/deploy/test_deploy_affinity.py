@@ -30,9 +30,11 @@ def test_the_headless_service_selects_the_server_pods_and_is_off_by_default(helm
     assert headless["spec"]["selector"] == svc["spec"]["selector"]
     assert headless["metadata"]["name"] == svc["metadata"]["name"] + "-headless"
     container = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
-    http = next(p for p in container["ports"] if p["name"] == "http")
-    assert headless["spec"]["ports"] == [{"name": "http", "port": http["containerPort"], "targetPort": "http",
-                                          "protocol": "TCP"}]  # clients dial the pods on this port
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    # clients dial the pods on the container's own ports: HTTP, and gRPC when it is on
+    assert headless["spec"]["ports"] == [
+        {"name": "http", "port": ports["http"], "targetPort": "http", "protocol": "TCP"},
+        {"name": "grpc", "port": ports["grpc"], "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"}]
     sm = one(docs, "ServiceMonitor")  # scrapes through the normal Service only: no pod twice
     assert not sm["spec"]["selector"]["matchLabels"].items() <= headless["metadata"]["labels"].items()
 

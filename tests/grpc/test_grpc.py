@@ -133,6 +133,27 @@ def test_round_trip_equals_http(server: GrpcServerThread, stub: Any) -> None:
         assert g.upload_image(png_bytes(60, 60, 7)) == h.upload_image(png_bytes(60, 60, 7))
 
 
+def test_log_probs_and_omitted_arrays_round_trip_like_http(server: GrpcServerThread, stub: Any) -> None:
+    """Reference log-probs and entropy travel as packed arrays; token_arrays=false leaves the
+    token arrays out, and the client sees None for them as over HTTP."""
+    groups = example_groups()[:1]
+    options = {"return_ref_logprobs": True, "return_entropy": True, "logprob_temperature": 0.7}
+    req = convert.request_to_message(groups, options, token_arrays=False)
+    got = convert.response_from_message(stub.Reweight(req, timeout=300)).model_dump(mode="json")
+    with server.client(timeout=300) as c:
+        http = c.post("/v1/reweight", json=http_body(req))
+    assert http.status_code == 200, http.text
+    want = http.json()
+    for response in want["results"][0]["responses"]:  # JSON leaves absent arrays out
+        response.update({name: None for name in ("token_advantages", "token_weights")})
+    assert_close(got["results"], want["results"], "/results")
+    for response in got["results"][0]["responses"]:
+        assert response["token_advantages"] is None and response["token_weights"] is None
+        n = response["paragraphs"][-1]["token_end"]
+        assert len(response["ref_logprobs"]) == n and len(response["entropy"]) == n
+        assert all(v <= 0 for v in response["ref_logprobs"])
+
+
 # ====================================================================== errors
 
 

@@ -179,10 +179,11 @@ def mutated_requests(draw: Any) -> dict:
         if draw(st.booleans()):
             name = draw(st.sampled_from(OPTION_NAMES))
             value = draw(HOSTILE)
-            if name.startswith("sguf."):
-                doc.setdefault("options", {}).setdefault("sguf", {})[name[5:]] = value
-            else:
-                doc.setdefault("options", {})[name] = value
+            target = doc.setdefault("options", {})
+            if name.startswith("sguf.") and isinstance(target, dict):
+                target, name = target.setdefault("sguf", {}), name[5:]
+            if isinstance(target, dict):  # else an earlier mutation replaced the object: keep that one
+                target[name] = value
             continue
         path = draw(st.sampled_from(PATHS))
         target = doc

@@ -26,7 +26,10 @@ from kawhi_client.schema import GroupResult, Problem, ReweightResponse
 OPTION_FIELDS = (
     "estimator", "std", "eps", "temperature", "smoothing", "w_min", "w_max", "normalize", "seed",
     "regions", "similarity", "granularity", "rope", "skip_ratio",
+    "return_ref_logprobs", "return_entropy", "logprob_temperature",
 )
+# per-response arrays: absent (None) on the wire models when not sent
+_ARRAYS = ("token_advantages", "token_weights", "ref_logprobs", "entropy")
 SGUF_FIELDS = ("delta_s", "delta_l", "beta", "sigma", "eps")
 
 
@@ -122,9 +125,12 @@ def options_to_message(options: Optional[Mapping[str, Any]]) -> Optional[pb.Opti
 
 
 def request_to_message(
-    groups: list[Mapping[str, Any]], options: Optional[Mapping[str, Any]] = None, per_group_errors: bool = False
+    groups: list[Mapping[str, Any]], options: Optional[Mapping[str, Any]] = None, per_group_errors: bool = False,
+    *, token_arrays: Optional[bool] = None,
 ) -> pb.ReweightRequest:
     req = pb.ReweightRequest(groups=[group_to_message(g) for g in groups], per_group_errors=per_group_errors)
+    if token_arrays is not None:
+        req.token_arrays = token_arrays
     opts = options_to_message(options)
     if opts is not None:
         req.options.CopyFrom(opts)
@@ -181,6 +187,9 @@ def request_from_message(m: pb.ReweightRequest) -> dict[str, Any]:
         body["options"] = options_from_message(m.options)
     if m.per_group_errors:
         body["per_group_errors"] = True
+    for name in ("encoding_format", "token_arrays"):
+        if m.HasField(name):
+            body[name] = getattr(m, name)
     return body
 
 
@@ -230,8 +239,7 @@ def group_result_to_message(r: GroupResult) -> pb.GroupResult:
                                  token_end=p.token_end, alpha=p.alpha, weight=p.weight)
                     for p in x.paragraphs
                 ],
-                token_advantages=x.token_advantages,
-                token_weights=x.token_weights,
+                **{name: getattr(x, name) or () for name in _ARRAYS},
             )
             for x in r.responses
         ],
@@ -257,13 +265,22 @@ def _group_result_dict(m: pb.GroupResult) -> dict[str, Any]:
                      "token_end": p.token_end, "alpha": p.alpha, "weight": p.weight}
                     for p in x.paragraphs
                 ],
-                "token_advantages": list(x.token_advantages),
-                "token_weights": list(x.token_weights),
+                **{name: _array(x, name) for name in _ARRAYS},
             }
             for x in m.responses
         ],
         "error": problem_from_message(m.error) if m.HasField("error") else None,
     }
+
+
+def _array(x: pb.ResponseResult, name: str) -> Optional[list[float]]:
+    """A per-token array of a response, or None where it was not sent: an empty array of a
+    response that has paragraphs (so at least one token) stands for an absent one; an empty
+    response keeps its empty token arrays and has no log-probs."""
+    values = getattr(x, name)
+    if len(values) or (not len(x.paragraphs) and name in ("token_advantages", "token_weights")):
+        return list(values)
+    return None
 
 
 def group_result_from_message(m: pb.GroupResult) -> GroupResult:

@@ -3,7 +3,8 @@
 ``encoding_format="base64"`` (as in the OpenAI embeddings API and TEI) sends
 ``token_advantages`` and ``token_weights`` as base64 strings of little-endian float32:
 5.33 bytes per value instead of ~19 for a JSON double, and far cheaper to write and read.
-``token_arrays=false`` leaves them out (the paragraphs carry token spans and weights).
+``token_arrays=false`` leaves those two out (the paragraphs carry token spans and weights);
+``ref_logprobs`` and ``entropy`` stay, since a request that asks for them means it.
 Both are request fields; they change only the encoding of the answer, never its values
 beyond float32 rounding, and are part of the idempotency key (a stored answer is stored
 in the encoding it was asked in).
@@ -18,6 +19,8 @@ import numpy as np
 
 # per-token arrays of a ResponseResult (ref_logprobs / entropy only when the request asked for them)
 ARRAY_FIELDS = ("token_advantages", "token_weights", "ref_logprobs", "entropy")
+# what token_arrays=false leaves out: the arrays the paragraphs already determine
+OMITTABLE_FIELDS = ("token_advantages", "token_weights")
 
 
 @dataclass(frozen=True)
@@ -51,8 +54,8 @@ def encode_answer(response: Any, wire: WireFormat) -> bytes:
     for group in data["results"]:
         for result in group.get("responses") or ():
             for name in ARRAY_FIELDS:
-                if not wire.token_arrays:
+                if not wire.token_arrays and name in OMITTABLE_FIELDS:
                     result.pop(name, None)
-                elif result.get(name) is not None:
+                elif wire.encoding_format == "base64" and result.get(name) is not None:
                     result[name] = base64_float32(result[name])
     return json.dumps(data, separators=(",", ":"), allow_nan=False).encode()

@@ -44,7 +44,7 @@ class RolloutGroup(_message.Message):
     def __init__(self, id: _Optional[str] = ..., image: _Optional[_Union[ImageRef, _Mapping]] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_struct_pb2.Struct, _Mapping]]] = ..., responses: _Optional[_Iterable[_Union[ResponseIn, _Mapping]]] = ..., advantages: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Options(_message.Message):
-    __slots__ = ("estimator", "std", "eps", "temperature", "smoothing", "w_min", "w_max", "normalize", "heads", "seed", "regions", "similarity", "granularity", "rope", "skip_ratio", "sguf")
+    __slots__ = ("estimator", "std", "eps", "temperature", "smoothing", "w_min", "w_max", "normalize", "heads", "seed", "regions", "similarity", "granularity", "rope", "skip_ratio", "sguf", "return_ref_logprobs", "return_entropy", "logprob_temperature")
     ESTIMATOR_FIELD_NUMBER: _ClassVar[int]
     STD_FIELD_NUMBER: _ClassVar[int]
     EPS_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,9 @@ class Options(_message.Message):
     ROPE_FIELD_NUMBER: _ClassVar[int]
     SKIP_RATIO_FIELD_NUMBER: _ClassVar[int]
     SGUF_FIELD_NUMBER: _ClassVar[int]
+    RETURN_REF_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_ENTROPY_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     estimator: str
     std: str
     eps: float
@@ -77,7 +80,10 @@ class Options(_message.Message):
     rope: str
     skip_ratio: float
     sguf: SgufOptions
-    def __init__(self, estimator: _Optional[str] = ..., std: _Optional[str] = ..., eps: _Optional[float] = ..., temperature: _Optional[float] = ..., smoothing: _Optional[float] = ..., w_min: _Optional[float] = ..., w_max: _Optional[float] = ..., normalize: _Optional[str] = ..., heads: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., seed: _Optional[int] = ..., regions: _Optional[str] = ..., similarity: _Optional[str] = ..., granularity: _Optional[str] = ..., rope: _Optional[str] = ..., skip_ratio: _Optional[float] = ..., sguf: _Optional[_Union[SgufOptions, _Mapping]] = ...) -> None: ...
+    return_ref_logprobs: bool
+    return_entropy: bool
+    logprob_temperature: float
+    def __init__(self, estimator: _Optional[str] = ..., std: _Optional[str] = ..., eps: _Optional[float] = ..., temperature: _Optional[float] = ..., smoothing: _Optional[float] = ..., w_min: _Optional[float] = ..., w_max: _Optional[float] = ..., normalize: _Optional[str] = ..., heads: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., seed: _Optional[int] = ..., regions: _Optional[str] = ..., similarity: _Optional[str] = ..., granularity: _Optional[str] = ..., rope: _Optional[str] = ..., skip_ratio: _Optional[float] = ..., sguf: _Optional[_Union[SgufOptions, _Mapping]] = ..., return_ref_logprobs: _Optional[bool] = ..., return_entropy: _Optional[bool] = ..., logprob_temperature: _Optional[float] = ...) -> None: ...
 
 class SgufOptions(_message.Message):
     __slots__ = ("delta_s", "delta_l", "beta", "sigma", "eps")
@@ -94,14 +100,18 @@ class SgufOptions(_message.Message):
     def __init__(self, delta_s: _Optional[float] = ..., delta_l: _Optional[float] = ..., beta: _Optional[float] = ..., sigma: _Optional[float] = ..., eps: _Optional[float] = ...) -> None: ...
 
 class ReweightRequest(_message.Message):
-    __slots__ = ("groups", "options", "per_group_errors")
+    __slots__ = ("groups", "options", "per_group_errors", "encoding_format", "token_arrays")
     GROUPS_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     PER_GROUP_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ARRAYS_FIELD_NUMBER: _ClassVar[int]
     groups: _containers.RepeatedCompositeFieldContainer[RolloutGroup]
     options: Options
     per_group_errors: bool
-    def __init__(self, groups: _Optional[_Iterable[_Union[RolloutGroup, _Mapping]]] = ..., options: _Optional[_Union[Options, _Mapping]] = ..., per_group_errors: _Optional[bool] = ...) -> None: ...
+    encoding_format: str
+    token_arrays: bool
+    def __init__(self, groups: _Optional[_Iterable[_Union[RolloutGroup, _Mapping]]] = ..., options: _Optional[_Union[Options, _Mapping]] = ..., per_group_errors: _Optional[bool] = ..., encoding_format: _Optional[str] = ..., token_arrays: _Optional[bool] = ...) -> None: ...
 
 class Paragraph(_message.Message):
     __slots__ = ("char_start", "char_end", "token_start", "token_end", "alpha", "weight")
@@ -120,16 +130,20 @@ class Paragraph(_message.Message):
     def __init__(self, char_start: _Optional[int] = ..., char_end: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., alpha: _Optional[float] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class ResponseResult(_message.Message):
-    __slots__ = ("advantage", "paragraphs", "token_advantages", "token_weights")
+    __slots__ = ("advantage", "paragraphs", "token_advantages", "token_weights", "ref_logprobs", "entropy")
     ADVANTAGE_FIELD_NUMBER: _ClassVar[int]
     PARAGRAPHS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ADVANTAGES_FIELD_NUMBER: _ClassVar[int]
     TOKEN_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    REF_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    ENTROPY_FIELD_NUMBER: _ClassVar[int]
     advantage: float
     paragraphs: _containers.RepeatedCompositeFieldContainer[Paragraph]
     token_advantages: _containers.RepeatedScalarFieldContainer[float]
     token_weights: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, advantage: _Optional[float] = ..., paragraphs: _Optional[_Iterable[_Union[Paragraph, _Mapping]]] = ..., token_advantages: _Optional[_Iterable[float]] = ..., token_weights: _Optional[_Iterable[float]] = ...) -> None: ...
+    ref_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    entropy: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, advantage: _Optional[float] = ..., paragraphs: _Optional[_Iterable[_Union[Paragraph, _Mapping]]] = ..., token_advantages: _Optional[_Iterable[float]] = ..., token_weights: _Optional[_Iterable[float]] = ..., ref_logprobs: _Optional[_Iterable[float]] = ..., entropy: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class FieldError(_message.Message):
     __slots__ = ("pointer", "detail")
