@@ -191,25 +191,38 @@ def reweight_lines(pipeline: Any, lines: Sequence[tuple[int, str]], options: dic
     return records
 
 
-def cmd_reweight(args: argparse.Namespace) -> int:
+def checked_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The method flags as options, checked by the wire schema before any model loads."""
     from kawhi.errors import KawhiError
     from kawhi.pipeline.parse import parse_options
 
     options = method_options_from_args(args)
     try:
-        parse_options(options)  # the wire schema's checks, before the model loads
+        parse_options(options)
     except KawhiError as exc:
         raise UserError(f"invalid option {_option_flag(exc.pointer)}: {exc.detail}") from None
+    return options
+
+
+def resolved_options(resolver: Any, options: dict[str, Any]) -> Any:
+    """``resolver.resolve_options(options)`` (a Pipeline or an Engine: checks against the model)."""
+    from kawhi.errors import KawhiError
+
+    try:
+        return resolver.resolve_options(options)
+    except KawhiError as exc:
+        raise UserError(f"invalid option {_option_flag(exc.pointer)}: {exc.detail}") from None
+
+
+def cmd_reweight(args: argparse.Namespace) -> int:
+    options = checked_options(args)
     lines, base_dir = _read_lines(args.input)  # before the model loads: a wrong path fails at once
     with _output(args.output) as out:  # likewise an output that cannot be written
         engine = load_engine(args)
         from kawhi.pipeline import Pipeline
 
         pipeline = Pipeline(engine)
-        try:
-            config = pipeline.resolve_options(options)
-        except KawhiError as exc:
-            raise UserError(f"invalid option {_option_flag(exc.pointer)}: {exc.detail}") from None
+        config = resolved_options(pipeline, options)
         provenance = {"model": engine.model_name, "version": __version__, "options": config.to_dict()}
         started = time.perf_counter()
         try:

@@ -31,23 +31,14 @@ def add_explain_parser(sub: Any) -> None:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from kawhi.cli import _chunks, _option_flag, _read_lines, load_engine, method_options_from_args
+    from kawhi.cli import _chunks, _read_lines, checked_options, load_engine, resolved_options
     from kawhi.engine.engine import load_image_bytes
-    from kawhi.errors import KawhiError, UserError
-    from kawhi.pipeline.parse import parse_options
     from kawhi_client.explain import Explanation, file_stem
 
-    options = method_options_from_args(args)
-    try:
-        parse_options(options)  # the wire schema's checks, before the model loads
-    except KawhiError as exc:
-        raise UserError(f"invalid option {_option_flag(exc.pointer)}: {exc.detail}") from None
+    options = checked_options(args)
     lines, base_dir = _read_lines(args.input)
     engine = load_engine(args)
-    try:
-        engine.resolve_options(options)
-    except KawhiError as exc:
-        raise UserError(f"invalid option {_option_flag(exc.pointer)}: {exc.detail}") from None
+    resolved_options(engine, options)
     load_image = functools.partial(load_image_bytes, base_dir=base_dir)
     used: set[str] = set()
     written: list[Path] = []

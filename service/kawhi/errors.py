@@ -42,7 +42,8 @@ _REQUEST = "always '' (the request as a whole)"
 CATALOGUE: dict[str, ErrorKind] = {k.slug: k for k in (
     # the body itself
     ErrorKind("malformed-json", "Malformed JSON", 400, "INVALID_ARGUMENT",
-              "'' or the value that is not valid JSON (NaN, Infinity, overflow, lone surrogate)"),
+              "'' (a body that is not UTF-8 or not JSON, nested too deep, or an absurdly long integer); "
+              "NaN, Infinity, overflowing numbers and lone surrogates are 'validation' at the value"),
     ErrorKind("unsupported-media-type", "Unsupported media type", 415, "INVALID_ARGUMENT", _REQUEST),
     # content
     ErrorKind("validation", "Invalid request", 422, "INVALID_ARGUMENT",

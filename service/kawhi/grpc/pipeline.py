@@ -42,37 +42,10 @@ async def reweight(state: ServerState, doc: dict[str, Any], timeout_s: Optional[
         admission = _parse_and_admit(state, pipeline, doc)
     key = http_reweight.idempotency_key(pipeline, admission) if not admission.errors else None
 
-    # idempotency, as reweight.handle: a stored answer, or the answer of the same request in flight
-    owner: Optional[asyncio.Future] = None
-    if key is not None:
-        while True:
-            stored = await state.caches.aget("result", key)
-            if stored is not None:
-                return stored
-            running = state.inflight.get(key)
-            if running is None:
-                owner = asyncio.get_running_loop().create_future()
-                state.inflight[key] = owner
-                break
-            try:
-                done = await asyncio.wait_for(asyncio.shield(running), timeout=max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                raise KawhiError("timeout", f"no answer within {limit:g} s") from None
-            if done is not None:
-                return done
-
-    out: Optional[bytes] = None
-    try:
-        out, cacheable = await _unless_drain_expires(
-            state, http_reweight._compute(state, pipeline, admission, deadline, started))
-        if key is not None and cacheable:
-            await state.caches.aset("result", key, out)
-        return out
-    finally:
-        if owner is not None:
-            state.inflight.pop(key, None)  # type: ignore[arg-type]
-            if not owner.done():
-                owner.set_result(out)
+    out, _ = await http_reweight.answer_once(
+        state, key, deadline, limit,
+        lambda: _unless_drain_expires(state, http_reweight._compute(state, pipeline, admission, deadline, started)))
+    return out
 
 
 async def _unless_drain_expires(state: ServerState, work: Any) -> Any:

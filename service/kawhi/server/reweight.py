@@ -20,7 +20,7 @@ import hashlib
 import json
 import logging
 import time
-from typing import Any, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -96,12 +96,28 @@ async def handle(request: Request, state: ServerState, pipeline: Pipeline) -> Re
         admission = parse_and_admit(state, pipeline, body, ctype)
     key = idempotency_key(pipeline, admission) if not admission.errors else None
 
+    try:
+        out, source = await answer_once(
+            state, key, deadline, s.request_timeout_s,
+            lambda: _watched(request, state, _compute(state, pipeline, admission, deadline, started)))
+    except ClientClosed:
+        return Response(status_code=499)  # nobody reads it; the access log and metrics record 499
+    return Response(out, media_type="application/json", headers={"X-Kawhi-Cache": source})
+
+
+async def answer_once(state: ServerState, key: Optional[str], deadline: float, limit_s: float,
+                      compute: Callable[[], Awaitable[tuple[bytes, bool]]]) -> tuple[bytes, str]:
+    """The answer of a request with idempotency ``key`` (None: not idempotent) and where it
+    came from: stored (``"hit"``), the same request's attempt in flight (``"joined"``), or
+    ``compute()`` (``"miss"``, stored when it says it is cacheable). A retry that arrives
+    while the first attempt runs waits for it; if that attempt fails, it computes itself.
+    Every front end (HTTP, gRPC) answers through here."""
     owner: Optional[asyncio.Future] = None
     if key is not None:
         while True:
             stored = await state.caches.aget("result", key)
             if stored is not None:
-                return Response(stored, media_type="application/json", headers={"X-Kawhi-Cache": "hit"})
+                return stored, "hit"
             running = state.inflight.get(key)
             if running is None:
                 owner = asyncio.get_running_loop().create_future()
@@ -110,19 +126,16 @@ async def handle(request: Request, state: ServerState, pipeline: Pipeline) -> Re
             try:
                 done = await asyncio.wait_for(asyncio.shield(running), timeout=max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
-                raise KawhiError("timeout", f"no answer within {s.request_timeout_s:g} s") from None
+                raise KawhiError("timeout", f"no answer within {limit_s:g} s") from None
             if done is not None:
-                return Response(done, media_type="application/json", headers={"X-Kawhi-Cache": "joined"})
+                return done, "joined"
             # the first attempt failed: try again ourselves
-
     out: Optional[bytes] = None
     try:
-        out, cacheable = await _watched(request, state, _compute(state, pipeline, admission, deadline, started))
+        out, cacheable = await compute()
         if key is not None and cacheable:
             await state.caches.aset("result", key, out)
-        return Response(out, media_type="application/json", headers={"X-Kawhi-Cache": "miss"})
-    except ClientClosed:
-        return Response(status_code=499)  # nobody reads it; the access log and metrics record 499
+        return out, "miss"
     finally:
         if owner is not None:
             state.inflight.pop(key, None)  # type: ignore[arg-type]
