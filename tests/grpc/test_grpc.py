@@ -154,6 +154,29 @@ def test_log_probs_and_omitted_arrays_round_trip_like_http(server: GrpcServerThr
         assert all(v <= 0 for v in response["ref_logprobs"])
 
 
+def test_the_client_sends_each_groups_routing_key_and_the_server_counts_it(server: GrpcServerThread) -> None:
+    """Replica affinity over gRPC: the same routing key as over HTTP, in x-kawhi-routing-key."""
+    import re
+
+    def seen() -> dict[str, float]:
+        with server.client(timeout=30) as c:
+            text = c.get("/metrics").text
+        return {k: float(v) for k, v in re.findall(r'kawhi_routing_requests_total\{key="(\w+)"\} ([0-9.e+]+)', text)}
+
+    import uuid
+
+    groups = example_groups()[:1]
+    groups[0]["prompt"] = f"{groups[0]['prompt']} ({uuid.uuid4().hex})"  # a key this server has not seen
+    before = seen()
+    with GrpcClient(server.target, wait_ready=30) as g:
+        g.reweight(groups, estimator="rloo")
+        g.reweight(groups, estimator="rloo", seed=3)  # the same image and prompt: the same key
+    after = seen()
+    assert after.get("new", 0) - before.get("new", 0) == 1
+    assert after.get("seen", 0) - before.get("seen", 0) == 1
+    assert after.get("none", 0) == before.get("none", 0)
+
+
 # ====================================================================== errors
 
 

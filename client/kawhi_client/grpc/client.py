@@ -74,6 +74,7 @@ from kawhi_client.planning import (
     sha_at,
 )
 from kawhi_client.schema import GroupResult, ReweightResponse
+from kawhi_client.routing import GRPC_METADATA_KEY, request_routing_key
 
 log = logging.getLogger("kawhi_client")
 
@@ -206,7 +207,8 @@ class GrpcClient:
 
         rid = request_id or new_request_id()
         timeout = self.timeouts.read_timeout(sum(g.tokens for g in todo))
-        call = self._stub.ReweightStream(requests(), timeout=timeout, metadata=self._call_metadata(rid))
+        call = self._stub.ReweightStream(requests(), timeout=timeout, metadata=self._call_metadata(
+            rid, request_routing_key([g.route for g in todo])))
         try:
             for item in call:
                 g = todo[item.request_index]
@@ -287,10 +289,14 @@ class GrpcClient:
         return f"GrpcClient({self.target!r}, max_in_flight={self.max_in_flight})"
 
     # ------------------------------------------------------------------ one call, retried
-    def _call_metadata(self, rid: str) -> list[tuple[str, str]]:
-        return [*self._metadata, ("x-request-id", rid)]
+    def _call_metadata(self, rid: str, route: Optional[str] = None) -> list[tuple[str, str]]:
+        """Metadata of one call: the caller's, the request id and, for a reweight, the routing
+        key of its first group (kawhi_client.routing: what replica affinity hashes on)."""
+        extra = [(GRPC_METADATA_KEY, route)] if route else []
+        return [*self._metadata, ("x-request-id", rid), *extra]
 
-    def _call(self, method: Any, request: Any, timeout: float, request_id: Optional[str] = None) -> Any:
+    def _call(self, method: Any, request: Any, timeout: float, request_id: Optional[str] = None,
+              route: Optional[str] = None) -> Any:
         """One unary call, retrying transient failures (module doc); the same x-request-id on every attempt."""
         rid = request_id or new_request_id()
         start = time.monotonic()
@@ -299,7 +305,7 @@ class GrpcClient:
             attempt += 1
             self.stats.add(http_requests=1)
             try:
-                return method(request, timeout=timeout, metadata=self._call_metadata(rid))
+                return method(request, timeout=timeout, metadata=self._call_metadata(rid, route))
             except grpc.RpcError as exc:
                 status = rpc_status.from_call(exc)
                 ours = "info" in unpack_details(status)
@@ -402,7 +408,8 @@ class GrpcClient:
                 request.options.CopyFrom(convert.options_to_message(opts))
             timeout = self.timeouts.read_timeout(sum(g.tokens for g in chunk))
             try:
-                answer = self._call(self._stub.Reweight, request, timeout, rid)
+                answer = self._call(self._stub.Reweight, request, timeout, rid,
+                                    request_routing_key([g.route for g in chunk]))
             except ImageNotFound as err:
                 sha = err.sha256 or sha_at(err.pointer, chunk)
                 if sha and can_reupload(sha):

@@ -24,6 +24,7 @@ from kawhi_client.grpc._proto import kawhi_pb2 as pb
 from kawhi_client.grpc._proto import kawhi_pb2_grpc as pb_grpc
 from kawhi_client.grpc.status import status_for
 from kawhi_client.schema import GroupResult, Problem, ReweightResponse, Usage
+from kawhi_client.routing import GRPC_METADATA_KEY
 
 from kawhi.errors import KawhiError
 from kawhi.grpc import pipeline
@@ -130,6 +131,7 @@ class KawhiServicer(pb_grpc.KawhiServicer):
 
     async def Reweight(self, request: pb.ReweightRequest, context: grpc.aio.ServicerContext) -> pb.ReweightResponse:
         async with _Rpc(self.state, context, "Reweight"):
+            self.state.metrics.observe_routing_key(_metadata(context, GRPC_METADATA_KEY) or None)
             body = convert.request_from_message(request)
             answer = await pipeline.reweight(self.state, body, _timeout(context))
             return await _to_message(answer)
@@ -139,6 +141,7 @@ class KawhiServicer(pb_grpc.KawhiServicer):
     ) -> AsyncIterator[pb.ReweightStreamResult]:
         async with _Rpc(self.state, context, "ReweightStream"):
             self.state.require_engine()  # loading / draining: the whole stream is refused
+            self.state.metrics.observe_routing_key(_metadata(context, GRPC_METADATA_KEY) or None)
             done: asyncio.Queue = asyncio.Queue()
             tasks: set[asyncio.Task] = set()
             reading = asyncio.ensure_future(self._read_stream(requests, context, done, tasks))
