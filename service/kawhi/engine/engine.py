@@ -363,6 +363,7 @@ class Engine:
                 if states is None:
                     states = self.model.final_layer_inputs_many(
                         [(group.prompt, [r.tokens.token_ids for r in group.responses])],
+                        max_batch_tokens=self.limits.max_forward_tokens,
                         split_attention=self.limits.split_attention, prefix_cache=self.prefix_cache)[0]
                 results.append(self._score_group(group, states))
             except Exception as exc:
