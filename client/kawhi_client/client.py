@@ -101,7 +101,7 @@ class _Base:
 
             probe = ReplicaSet(replicas, resolve_every=resolve_every)  # checks the spec now
             if base_url is None:
-                base_url = probe.urls[0] if probe.urls else "http://{}:{}".format(probe.dns.host, probe.dns.port)
+                base_url = probe.urls[0] if probe.urls else f"{probe.dns.scheme}://{probe.dns.host}:{probe.dns.port}"
         config = ClientConfig(
             base_url=resolve_base_url(base_url),
             headers=request_headers(api_key, headers),

@@ -258,3 +258,17 @@ def test_tokenizer_check_compares_the_trainers_tokenizer_with_the_services() -> 
     assert Reweighter(FakeBackend()).check_tokenizer(tok) is None  # no info(): unknown
     dead = Reweighter(Client(f"http://127.0.0.1:{free_port()}", retries=0, wait_ready=False, connect_timeout=1.0))
     assert dead.check_tokenizer(tok) is None  # unreachable: the reweight call reports it, under the policy
+
+
+def test_a_client_without_token_arrays_gives_the_same_rows(demo_server: Any) -> None:
+    """token_arrays=False: the service sends paragraphs only, and the Reweighter rebuilds each
+    token's weight and advantage from them; the rows equal those of the full answer."""
+    from kawhi_client.integrations import HttpBackend
+
+    sent = [r for r in rollouts() if r.token_ids and r.advantage != 0.0]
+    full = Reweighter(HttpBackend(demo_server.url)).reweight(sent)
+    lean = Reweighter(HttpBackend(demo_server.url, token_arrays=False)).reweight(sent)
+    assert all(row.reweighted for row in full) and all(row.reweighted for row in lean)
+    for a, b in zip(full, lean):
+        assert b.token_weights == pytest.approx(a.token_weights, abs=1e-12)
+        assert b.token_advantages == pytest.approx(a.token_advantages, abs=1e-12)

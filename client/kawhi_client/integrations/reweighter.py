@@ -18,6 +18,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
+from kawhi_client.arrays import token_weights_from_paragraphs
 from kawhi_client.integrations.backends import as_backend
 from kawhi_client.integrations.inputs import image_bytes, image_key, tokenizer_fingerprints
 from kawhi_client.integrations.policy import FailurePolicy, KawhiTokenizerWarning, OnError
@@ -245,7 +246,11 @@ class Reweighter:
                 continue
             for i, response in zip(chunk, answer.responses):
                 n = len(rollouts[i].token_ids)
-                adv, w = list(response.token_advantages), list(response.token_weights)
+                if response.token_weights is None:  # token_arrays=false: the paragraphs carry the weights
+                    w = token_weights_from_paragraphs(response, n)
+                    adv = [response.advantage * x for x in w]
+                else:
+                    adv, w = list(response.token_advantages), list(response.token_weights)
                 problem = None
                 if len(adv) != n or len(w) != n:
                     problem = (f"{len(adv)} token advantages / {len(w)} weights for {n} token ids sent "

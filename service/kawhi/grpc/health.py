@@ -32,7 +32,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
 
     async def Check(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         if request.service not in SERVICES:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+            await context.abort(grpc.StatusCode.NOT_FOUND, "unknown service; this server reports 'kawhi.v1.Kawhi' and '' (the server as a whole)")
         return health_pb2.HealthCheckResponse(status=self.status())
 
     async def Watch(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:

@@ -184,7 +184,25 @@ class KawhiServicer(pb_grpc.KawhiServicer):
         context: grpc.aio.ServicerContext, done: asyncio.Queue,
     ) -> None:
         """One group of a stream through the pipeline as a one-group request; any problem
-        becomes that group's error, pointing into its message (``/groups/j/...``)."""
+        becomes that group's error, pointing into its message (``/groups/j/...``). Always puts
+        one message on ``done`` (the stream waits for it), whatever fails."""
+        try:
+            msg = await self._group_result(k, j, group, options, context)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # converting the group or its answer failed: a bug of ours, this group only
+            log.exception("stream group failed")
+            err = KawhiError("internal", "this group failed unexpectedly; it has been logged", f"/groups/{j}")
+            result = GroupResult(id=group.id if group.HasField("id") else None,
+                                 error=Problem.model_validate(err.to_problem()))
+            msg = pb.ReweightStreamResult(result=convert.group_result_to_message(result), request_index=k,
+                                          group_index=j)
+        done.put_nowait(msg)
+
+    async def _group_result(
+        self, k: int, j: int, group: pb.RolloutGroup, options: Optional[dict[str, Any]],
+        context: grpc.aio.ServicerContext,
+    ) -> pb.ReweightStreamResult:
         wire = convert.group_from_message(group)
         body: dict[str, Any] = {"groups": [wire], "per_group_errors": True}
         if options is not None:
@@ -199,17 +217,12 @@ class KawhiServicer(pb_grpc.KawhiServicer):
             self.state.count_error(err)
             gid = wire.get("id") if isinstance(wire.get("id"), str) else None
             result = GroupResult(id=gid, error=Problem.model_validate(err.to_problem()))
-        except Exception:
-            log.exception("stream group failed")
-            err = KawhiError("internal", "this group failed unexpectedly; it has been logged", "/groups/0")
-            result = GroupResult(id=group.id if group.HasField("id") else None, error=Problem.model_validate(err.to_problem()))
         if result.error is not None:
             result.error = _into_message(result.error, j)
-        msg = pb.ReweightStreamResult(
+        return pb.ReweightStreamResult(
             result=convert.group_result_to_message(result), request_index=k, group_index=j, model=model,
             version=version, usage=pb.Usage(tokens=usage.tokens, milliseconds=usage.milliseconds),
         )
-        done.put_nowait(msg)
 
     async def PutImage(self, chunks: AsyncIterator[pb.ImageChunk], context: grpc.aio.ServicerContext) -> pb.ImageInfo:
         async with _Rpc(self.state, context, "PutImage"):
@@ -221,7 +234,7 @@ class KawhiServicer(pb_grpc.KawhiServicer):
             async for chunk in chunks:
                 size += len(chunk.data)
                 if size > limit:  # stop reading: never hold more than the limit
-                    raise KawhiError("too-large", f"image is over {limit} bytes; the limit is {limit}")
+                    raise KawhiError("too-large", f"the image is over the limit of {limit} bytes")
                 parts.append(chunk.data)
             stored = await pipeline.store_image(self.state, b"".join(parts))
             return pb.ImageInfo(**stored)

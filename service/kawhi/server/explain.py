@@ -65,7 +65,7 @@ def _query_int(request: Request, name: str, minimum: int) -> Optional[int]:
     except ValueError:
         value = minimum - 1
     if value < minimum:
-        raise KawhiError("validation", f"query parameter {name} must be an integer >= {minimum}, got {raw!r}")
+        raise KawhiError("validation", f"query parameter {name} must be an integer >= {minimum}")
     return value
 
 
