@@ -44,7 +44,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import threading
 import time
 from typing import Any, Callable, Iterable, Mapping, Optional
 
@@ -67,7 +66,7 @@ from kawhi_client.errors import (
     client_problem,
     error_from_response,
 )
-from kawhi_client.images import ImageInputError, LoadedImage, load_image
+from kawhi_client.images import HeldImages, ImageInputError, LoadedImage, load_image
 from kawhi_client.replicas import ReplicaSet
 from kawhi_client.routing import ROUTING_HEADER, request_routing_key
 from kawhi_client.planning import (
@@ -127,10 +126,7 @@ class Core(ReplicaJobs):
         )
         self.shared_images = config.shared_image_cache
         self.wire = config.wire  # see planning.wire_fields
-        # images the server was sent (insertion-ordered): sha256, or "<replica> <sha256>" per replica
-        self._known: dict[str, None] = {}
-        self._known_max = 100_000
-        self._lock = threading.Lock()
+        self._known = HeldImages()  # sha256, or "<replica> <sha256>" per replica
 
     # ------------------------------------------------------------------ image hashes
     def _known_key(self, sha: str, replica: Optional[str]) -> str:
@@ -139,18 +135,13 @@ class Core(ReplicaJobs):
         return f"{replica} {sha}"
 
     def is_known(self, sha: str, replica: Optional[str] = None) -> bool:
-        with self._lock:
-            return self._known_key(sha, replica) in self._known
+        return self._known_key(sha, replica) in self._known
 
     def remember(self, sha: str, replica: Optional[str] = None) -> None:
-        with self._lock:
-            self._known[self._known_key(sha, replica)] = None
-            while len(self._known) > self._known_max:
-                del self._known[next(iter(self._known))]
+        self._known.add(self._known_key(sha, replica))
 
     def forget(self, sha: str, replica: Optional[str] = None) -> None:
-        with self._lock:
-            self._known.pop(self._known_key(sha, replica), None)
+        self._known.discard(self._known_key(sha, replica))
 
     # ------------------------------------------------------------------ one request, retried
     def exchange(

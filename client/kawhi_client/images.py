@@ -22,6 +22,7 @@ import binascii
 import hashlib
 import os
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -124,3 +125,28 @@ def load_image(image: Any) -> LoadedImage:
         f"unsupported image of type {kind}: pass the encoded file (bytes), a local path, "
         "{'data': base64} or {'sha256': hex}; the client never re-encodes decoded pixels"
     )
+
+
+class HeldImages:
+    """The image hashes a server was sent and is taken to hold (thread-safe, insertion-ordered,
+    at most ``max_entries``: the oldest are forgotten first, so they are merely sent again).
+    Keys are sha256 hex, or "<replica> <sha256>" where each replica holds its own images."""
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self._keys: dict[str, None] = {}
+        self._max = max_entries
+        self._lock = threading.Lock()
+
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            return key in self._keys
+
+    def add(self, key: str) -> None:
+        with self._lock:
+            self._keys[key] = None
+            while len(self._keys) > self._max:
+                del self._keys[next(iter(self._keys))]
+
+    def discard(self, key: str) -> None:
+        with self._lock:
+            self._keys.pop(key, None)

@@ -59,7 +59,7 @@ from kawhi_client.grpc import convert
 from kawhi_client.grpc._proto import kawhi_pb2 as pb
 from kawhi_client.grpc._proto import kawhi_pb2_grpc as pb_grpc
 from kawhi_client.grpc.status import problem_from_status, retry_delay, unpack_details
-from kawhi_client.images import ImageInputError, LoadedImage, load_image
+from kawhi_client.images import HeldImages, ImageInputError, LoadedImage, load_image
 from kawhi_client.planning import (
     GroupLike,
     OptionsLike,
@@ -73,8 +73,8 @@ from kawhi_client.planning import (
     remap_problem,
     sha_at,
 )
-from kawhi_client.schema import GroupResult, ReweightResponse
 from kawhi_client.routing import GRPC_METADATA_KEY, request_routing_key
+from kawhi_client.schema import GroupResult, ReweightResponse
 
 log = logging.getLogger("kawhi_client")
 
@@ -135,8 +135,7 @@ class GrpcClient:
         self.stats = ClientStats()
         self.limits: Optional[Limits] = None
         self._info: Optional[dict[str, Any]] = None
-        self._known: dict[str, None] = {}
-        self._lock = threading.Lock()
+        self._known = HeldImages()  # the image hashes this server was sent
         self._rng = rng if rng is not None else random.Random()
         # the server enforces the message limits (the same as over HTTP); the client does not add its own
         channel_options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
@@ -372,14 +371,12 @@ class GrpcClient:
                             self.timeouts.read_timeout(IMAGE_TIMEOUT_TOKENS))
         if answer.sha256.lower() != image.sha256:
             raise ProtocolError(f"the server stored the image as {answer.sha256!r}, not {image.sha256}")
-        with self._lock:
-            self._known[image.sha256] = None
+        self._known.add(image.sha256)
         self.stats.add(images_uploaded=1, image_bytes_uploaded=len(data), image_reuploads=int(reupload))
         return image.sha256
 
     def _upload_missing(self, images: Mapping[str, LoadedImage]) -> None:
-        with self._lock:
-            missing = [img for sha, img in images.items() if img.data is not None and sha not in self._known]
+        missing = [img for sha, img in images.items() if img.data is not None and sha not in self._known]
         if missing:
             self._parallel([lambda img=img: self._upload(img) for img in missing])
 
@@ -393,8 +390,7 @@ class GrpcClient:
 
         def reupload(sha: str) -> None:
             reuploaded.add(sha)
-            with self._lock:
-                self._known.pop(sha, None)
+            self._known.discard(sha)
             log.info("kawhi: the server no longer holds image %s; uploading it again", sha)
             self._upload(images[sha], reupload=True)
 

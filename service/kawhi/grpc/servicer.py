@@ -23,8 +23,8 @@ from kawhi_client.grpc import convert
 from kawhi_client.grpc._proto import kawhi_pb2 as pb
 from kawhi_client.grpc._proto import kawhi_pb2_grpc as pb_grpc
 from kawhi_client.grpc.status import status_for
-from kawhi_client.schema import GroupResult, Problem, ReweightResponse, Usage
 from kawhi_client.routing import GRPC_METADATA_KEY
+from kawhi_client.schema import GroupResult, Problem, ReweightResponse, Usage
 
 from kawhi.errors import KawhiError
 from kawhi.grpc import pipeline
