@@ -19,8 +19,7 @@ from starlette.responses import Response
 
 from kawhi.errors import KawhiError
 from kawhi.pipeline import Pipeline, outcome
-from kawhi.server.batcher import QueueFull
-from kawhi.server.reweight import INLINE_PARSE_BYTES, parse_and_admit, read_body
+from kawhi.server.reweight import INLINE_PARSE_BYTES, parse_and_admit, read_body, reserve
 from kawhi.server.routes import v1
 from kawhi.server.state import ServerState, get_state
 
@@ -117,11 +116,7 @@ async def _explain(request: Request, state: ServerState, pipeline: Pipeline, med
         raise KawhiError("validation", f"heatmap={heatmap} but the group has {len(admitted.group.responses)} "
                          "responses (0-based)")
     data = admitted.data if admitted.data is not None else await state.caches.aget("image", admitted.sha256)
-    try:
-        ticket = state.batcher.reserve(1)
-    except QueueFull as exc:
-        raise KawhiError("queue-full", f"{exc.pending} groups are waiting (capacity {exc.capacity}); retry later",
-                         headers={"Retry-After": str(exc.retry_after)}) from None
+    ticket = reserve(state.batcher, 1)
     loop = asyncio.get_running_loop()
     try:
         prepared = await loop.run_in_executor(state.prepare_pool, _prepare, pipeline, admission, data)

@@ -105,6 +105,15 @@ async def handle(request: Request, state: ServerState, pipeline: Pipeline) -> Re
     return Response(out, media_type="application/json", headers={"X-Kawhi-Cache": source})
 
 
+def reserve(batcher: Any, n: int) -> Any:
+    """``n`` places in the batcher's queue (a Ticket), or the queue-full 429 with Retry-After."""
+    try:
+        return batcher.reserve(n)
+    except QueueFull as exc:
+        raise KawhiError("queue-full", f"{exc.pending} groups are waiting (capacity {exc.capacity}); retry later",
+                         headers={"Retry-After": str(exc.retry_after)}) from None
+
+
 async def answer_once(state: ServerState, key: Optional[str], deadline: float, limit_s: float,
                       compute: Callable[[], Awaitable[tuple[bytes, bool]]]) -> tuple[bytes, str]:
     """The answer of a request with idempotency ``key`` (None: not idempotent) and where it
@@ -173,11 +182,7 @@ async def _compute(state: ServerState, pipeline: Pipeline, admission: Admission,
     s = state.settings
     batcher = state.batcher
     assert batcher is not None
-    try:
-        ticket = batcher.reserve(len(admission.groups))
-    except QueueFull as exc:
-        raise KawhiError("queue-full", f"{exc.pending} groups are waiting (capacity {exc.capacity}); retry later",
-                         headers={"Retry-After": str(exc.retry_after)}) from None
+    ticket = reserve(batcher, len(admission.groups))
     outcomes: dict[int, Any] = {}
     tokens = 0
 
