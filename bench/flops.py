@@ -25,7 +25,7 @@ bf16, no sparsity) or passed with ``--peak-tflops``; on CPU only FLOP/s are repo
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 # dense bf16 tensor-core peaks (TFLOP/s), from the vendors' data sheets
 PEAK_TFLOPS = {
@@ -39,7 +39,7 @@ PEAK_TFLOPS = {
 }
 
 
-def gpu_peak_tflops(device_name: str) -> Optional[float]:
+def gpu_peak_tflops(device_name: str) -> float | None:
     for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
         if key.lower() in device_name.lower():
             return PEAK_TFLOPS[key]
@@ -56,7 +56,7 @@ def _text_shape(config: Any) -> dict[str, int]:
 def layer_flops(config: Any, tokens: int, offset: int = 0) -> float:
     """One decoder layer over ``tokens`` tokens that see ``offset`` earlier keys plus themselves (causal)."""
     s = _text_shape(config)
-    D, I, H, Hkv, hd = s["D"], s["I"], s["H"], s["Hkv"], s["hd"]
+    D, I, H, Hkv, hd = s["D"], s["I"], s["H"], s["Hkv"], s["hd"]  # noqa: E741  (the papers' names for the shapes)
     proj = 2 * D * (H * hd + 2 * Hkv * hd) + 2 * H * hd * D
     mlp = 2 * 3 * D * I
     keys = tokens * offset + tokens * (tokens + 1) / 2  # sum over tokens of keys in view

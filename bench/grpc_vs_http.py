@@ -30,8 +30,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bench.models import build_reference, save_reference
 from bench.server import Server, free_port
@@ -60,11 +61,10 @@ def _results_close(a: Any, b: Any) -> float:
 
 def serialisation(wire: list[dict], http_answer: bytes, grpc_answer: Any, scale: int, reps: int) -> dict[str, Any]:
     """Every encode/decode step of both transports on a batch ``scale`` times the measured one."""
+    from kawhi.pipeline import Pipeline
     from kawhi_client.grpc import convert
     from kawhi_client.grpc._proto import kawhi_pb2 as pb
     from kawhi_client.schema import ReweightResponse
-
-    from kawhi.pipeline import Pipeline
 
     groups = [dict(g, id=f"{g['id']}-x{k}") for k in range(scale) for g in wire]
     response = ReweightResponse.model_validate_json(http_answer)
@@ -123,14 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
+    import os
+
     import grpc
     import httpx
-
     from kawhi_client.grpc import convert
     from kawhi_client.grpc._proto import kawhi_pb2_grpc
     from kawhi_client.schema import ReweightResponse
-
-    import os
 
     load_start = os.getloadavg()[0]
     reference = build_reference("bench")

@@ -38,11 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--matmul", type=int, default=2048, help="side of the square matmul")
     args = parser.parse_args(argv)
 
+    from kawhi.engine.engine import Engine, EngineLimits
+
     from bench.context import Bench
     from bench.flops import kawhi_flops
     from bench.measure import compare
     from bench.workload import GroupSpec
-    from kawhi.engine.engine import Engine, EngineLimits
 
     bench = Bench(args.model, device=args.device, dtype=args.dtype, threads=args.threads)
     ref = bench.reference

@@ -38,7 +38,7 @@ BENCH_PIXELS = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1024}
 QWEN7B_PIXELS = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def demo_dir() -> Path:
     from kawhi.engine.engine import DEMO_MODEL_DIR
 

@@ -60,13 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
 
+    from kawhi_client import Client
+    from kawhi_client.integrations.common import Reweighter, Rollout
+    from kawhi_client.integrations.verl import SampleBatcher
+
     from bench.context import Bench
     from bench.models import save_reference
     from bench.server import Server, metrics_delta, metrics_snapshot, post_all
     from bench.workload import GroupSpec, make_group
-    from kawhi_client import Client
-    from kawhi_client.integrations.common import Reweighter, Rollout
-    from kawhi_client.integrations.verl import SampleBatcher
 
     bench = Bench(args.model)
     ref = bench.reference

@@ -37,16 +37,17 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import httpx
-
-from bench.server import Server, _check_loopback
-from bench.workload import image_png
 from kawhi_client import Client
 from kawhi_client.replicas import rank
 from kawhi_client.routing import routing_key
+
+from bench.server import Server, _check_loopback
+from bench.workload import image_png
 
 SAMPLE = re.compile(r'^(\w+)(?:\{([^}]*)\})? ([0-9.eE+-]+|NaN)$')
 
@@ -95,8 +96,8 @@ def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]
 
 
 @contextlib.contextmanager
-def replicas(n: int, *, threads: int = 1, model_dir: Optional[Path] = None,
-             flags: Optional[dict[str, Any]] = None) -> Iterator[list[Server]]:
+def replicas(n: int, *, threads: int = 1, model_dir: Path | None = None,
+             flags: dict[str, Any] | None = None) -> Iterator[list[Server]]:
     """``n`` replicas on loopback ports (demo model, or ``model_dir``; extra ``kawhi serve``
     ``flags``), started together, stopped on exit."""
     servers = [Server(model_dir, flags=flags, threads=threads) for _ in range(n)]
@@ -111,7 +112,7 @@ def replicas(n: int, *, threads: int = 1, model_dir: Optional[Path] = None,
 
 
 def run(servers: list[Server], work: list[dict[str, Any]], *, mode: str = "affinity", in_flight: int = 4,
-        kill_after: Optional[float] = None, front: Optional[str] = None) -> dict[str, Any]:
+        kill_after: float | None = None, front: str | None = None) -> dict[str, Any]:
     """Send every request of ``work`` (``in_flight`` at a time) and report what happened.
 
     mode: ``affinity`` (one Client over all replicas), ``random`` (each request to a
@@ -123,7 +124,7 @@ def run(servers: list[Server], work: list[dict[str, Any]], *, mode: str = "affin
     alive = [s for s in servers if s.proc is not None and s.proc.poll() is None]
     before = {s.url: scrape(s.url) for s in alive}
     owners = {key_of(r): rank(key_of(r), urls)[0] if mode == "affinity" else None for r in work}
-    victim: Optional[Server] = None
+    victim: Server | None = None
     if kill_after is not None:  # the replica owning the most groups (behind a proxy: the first)
         most = Counter(owners.values()).most_common(1)[0][0] or urls[0]
         victim = next(s for s in servers if s.url == most)
@@ -139,7 +140,7 @@ def run(servers: list[Server], work: list[dict[str, Any]], *, mode: str = "affin
     pick = [draw.randrange(len(urls)) for _ in work]
     lock = threading.Lock()
     done = 0
-    killed_at: Optional[float] = None
+    killed_at: float | None = None
     records: list[dict[str, Any]] = []
 
     def one(i: int, request: dict[str, Any]) -> None:
@@ -229,7 +230,7 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--groups", type=int, default=12)
     ap.add_argument("--samples", type=int, default=8)

@@ -25,7 +25,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from bench.measure import REPO, compare, cuda_peak_delta, memory_in_subprocess, timed
 
@@ -149,7 +149,7 @@ def machine() -> dict[str, Any]:
     return out
 
 
-def loadavg() -> Optional[list[float]]:
+def loadavg() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
@@ -187,7 +187,7 @@ def flops_of(bench: Any, prepared: list[Any], method: str) -> float:
                            [len(r.tokens.token_ids) for r in p.responses]) for p in prepared)
 
 
-def rates(bench: Any, prepared: list[Any], method: str, seconds: float, peak_tflops: Optional[float]) -> dict[str, Any]:
+def rates(bench: Any, prepared: list[Any], method: str, seconds: float, peak_tflops: float | None) -> dict[str, Any]:
     flops = flops_of(bench, prepared, method)
     out = {"gflop": flops / 1e9, "gflop_per_s": flops / seconds / 1e9,
            "sequence_tokens_per_s": tokens_of(prepared)["sequence_tokens"] / seconds}
@@ -437,7 +437,7 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("demo", "bench", "qwen7b"), default=None,
@@ -474,7 +474,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     waited = wait_for_quiet(args.wait_load, args.wait_max) if args.wait_load else 0.0
     started = time.perf_counter()

@@ -17,8 +17,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 from urllib.parse import urlsplit
 
 from bench.measure import REPO
@@ -45,17 +46,17 @@ class Server:
     flags: extra ``kawhi serve`` flags, e.g. ``{"batch_wait_ms": 5, "queue_groups": 64}``.
     """
 
-    def __init__(self, model_dir: Optional[Path] = None, *, flags: Optional[dict[str, Any]] = None,
-                 threads: Optional[int] = None, ready_timeout: float = 180.0) -> None:
+    def __init__(self, model_dir: Path | None = None, *, flags: dict[str, Any] | None = None,
+                 threads: int | None = None, ready_timeout: float = 180.0) -> None:
         self.model_dir = model_dir
         self.flags = dict(flags or {})
         self.threads = threads
         self.ready_timeout = ready_timeout
         self.port = free_port()
         self.url = f"http://{LOOPBACK}:{self.port}"
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: subprocess.Popen | None = None
         self._log = tempfile.NamedTemporaryFile(prefix="kawhi-bench-serve-", suffix=".log", delete=False)
-        self.startup_s: Optional[float] = None
+        self.startup_s: float | None = None
         self.info: dict[str, Any] = {}
 
     def command(self) -> list[str]:
@@ -67,7 +68,7 @@ class Server:
             cmd += ["--" + name.replace("_", "-"), str(value)]
         return cmd
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         import httpx
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("KAWHI_")}  # only our flags count
@@ -152,7 +153,7 @@ def metrics_delta(before: dict[str, float], after: dict[str, float]) -> dict[str
 
 
 # ---------------------------------------------------------------------- clients
-def _percentiles(values: list[float]) -> dict[str, Optional[float]]:
+def _percentiles(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"p50_s": None, "p95_s": None, "p99_s": None, "mean_s": None, "max_s": None}
     ordered = sorted(values)

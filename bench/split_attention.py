@@ -33,9 +33,8 @@ def attention_only(ref: Any, prefix: int, group: int, tokens: int, repeats: int)
     of the prefix vs split attention; min and median of interleaved calls (robust to load)."""
     import time
 
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     from kawhi.models.prefix import LayerInputs, PrefixState, SplitPlan, continuation_plan, split_attention
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     module = ref._base.language_model.layers[0].self_attn
     H, Hkv, d = ref.num_heads, ref.num_kv_heads, ref.head_dim
@@ -84,10 +83,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="internal: only measure this variant's peak memory (run in a fresh process)")
     args = parser.parse_args(argv)
 
+    from kawhi.engine.engine import Engine, EngineLimits
+
     from bench.context import Bench
     from bench.measure import REPO, compare, peak_rss_delta
     from bench.workload import GroupSpec
-    from kawhi.engine.engine import Engine, EngineLimits
 
     bench = Bench(args.model, threads=args.threads)
     ref = bench.reference

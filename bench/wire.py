@@ -21,7 +21,8 @@ import os
 import random
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def _best(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
@@ -34,7 +35,7 @@ def _best(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
 
 
 def build_answer(groups: int, group: int, tokens: int, paragraph: int, seed: int = 0) -> Any:
-    from kawhi_client.schema import GroupResult, Paragraph, ReweightResponse, ResponseResult, Usage
+    from kawhi_client.schema import GroupResult, Paragraph, ResponseResult, ReweightResponse, Usage
 
     rng = random.Random(seed)
     results = []
@@ -78,10 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     n_tokens = args.groups * args.group * args.tokens
     rows: dict[str, Any] = {}
     for name, wire in (("float", WireFormat()), ("base64", WireFormat("base64")), ("no_arrays", WireFormat("float", False))):
-        encode_s, body = _best(lambda: encode_answer(answer, wire), args.repeats)
-        decode_s, _ = _best(lambda: ReweightResponse.model_validate_json(body), args.repeats)
-        gzip_s, zipped = _best(lambda: gzip.compress(body, 9), 1)
-        gunzip_s, _ = _best(lambda: gzip.decompress(zipped), args.repeats)
+        encode_s, body = _best(lambda wire=wire: encode_answer(answer, wire), args.repeats)
+        decode_s, _ = _best(lambda body=body: ReweightResponse.model_validate_json(body), args.repeats)
+        gzip_s, zipped = _best(lambda body=body: gzip.compress(body, 9), 1)
+        gunzip_s, _ = _best(lambda zipped=zipped: gzip.decompress(zipped), args.repeats)
         rows[name] = {"bytes": len(body), "bytes_per_token": round(len(body) / n_tokens, 2),
                       "server_encode_s": round(encode_s, 4), "client_decode_s": round(decode_s, 4),
                       "gzip_bytes_per_token": round(len(zipped) / n_tokens, 2), "gzip_s": round(gzip_s, 4),

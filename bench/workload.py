@@ -16,7 +16,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from PIL import Image, ImageDraw
 
@@ -44,7 +44,7 @@ class Group:
     responses: list[list[int]]
     rewards: list[float]
     sha256: str = ""
-    _pil: Optional[Image.Image] = field(default=None, repr=False)
+    _pil: Image.Image | None = field(default=None, repr=False)
 
     @property
     def image(self) -> Image.Image:
@@ -113,7 +113,7 @@ def visual_tokens(reference: Any, image: tuple[int, int]) -> int:
     return (w // reference.patch_side) * (h // reference.patch_side)
 
 
-def prepare(engine: Any, group: Group, options: Optional[dict] = None) -> Any:
+def prepare(engine: Any, group: Group, options: dict | None = None) -> Any:
     """Engine.prepare for a bench group (validation, SGUF, tokens, advantages)."""
     from kawhi_client.schema import RolloutGroup
 

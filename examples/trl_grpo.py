@@ -78,10 +78,9 @@ def demo_policy_and_processor() -> tuple[Any, Any]:
     """The embedded demo Qwen2.5-VL (random weights, ~1 MB) as a policy, with its processor
     built by hand (AutoProcessor would also want torchvision for the video processor)."""
     import torch
+    from kawhi.engine.engine import DEMO_MODEL_DIR
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    from kawhi.engine.engine import DEMO_MODEL_DIR
 
     class ImageOnlyProcessor(Qwen2_5_VLProcessor):
         def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
@@ -123,10 +122,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import os
 
-    from trl import GRPOConfig
-
     from kawhi_client.integrations import InProcessBackend
     from kawhi_client.integrations.trl import KawhiGRPOTrainer  # KAWHI (1/3)
+    from trl import GRPOConfig
 
     if args.demo:
         policy, processor = demo_policy_and_processor()

@@ -16,11 +16,10 @@ import random
 from pathlib import Path
 
 import torch
+from kawhi.models.qwen import QWEN_CHAT_TEMPLATE, qwen_vl_token_ids
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-from kawhi.models.qwen import QWEN_CHAT_TEMPLATE, qwen_vl_token_ids
 
 SEED = 20260327
 VOCAB_SIZE = 1024
@@ -112,7 +111,7 @@ def main() -> None:
     # Random init gives near-identical tiny weights; widen them so that attention and
     # alignment scores vary visibly across tokens in the demo.
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for _name, param in model.named_parameters():
             if param.ndim >= 2:
                 param.normal_(0.0, 0.5 / param.shape[-1] ** 0.5 * 4)
 

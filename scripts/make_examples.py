@@ -157,7 +157,7 @@ def draw_triangle(path: Path) -> None:
     C = (82.0, 300.0)
     A = (C[0], C[1] - 6 * u)       # up from C
     B = (C[0] + 8 * u, C[1])       # right of C
-    O = ((A[0] + B[0]) / 2, (A[1] + B[1]) / 2)
+    O = ((A[0] + B[0]) / 2, (A[1] + B[1]) / 2)  # noqa: E741  (the figure's label)
     r = 5 * u
     # Foot of the perpendicular from C onto AB.
     abx, aby = B[0] - A[0], B[1] - A[1]

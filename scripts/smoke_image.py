@@ -43,8 +43,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL_NAME = "kawhi-demo-qwen2.5-vl-tiny"  # service/kawhi/engine/engine.py
@@ -126,7 +127,7 @@ def chroot_cmd(root: Path, config: dict[str, Any], env: dict[str, str], argv: li
 # ---------------------------------------------------------------------- HTTP
 
 
-def http(method: str, url: str, body: Optional[dict] = None, timeout: float = 10) -> tuple[int, Any]:
+def http(method: str, url: str, body: dict | None = None, timeout: float = 10) -> tuple[int, Any]:
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
     try:
@@ -138,7 +139,7 @@ def http(method: str, url: str, body: Optional[dict] = None, timeout: float = 10
 
 def example_request() -> dict[str, Any]:
     """The first example group of examples/rollouts.jsonl, its image inlined."""
-    line = next(l for l in (ROOT / "examples" / "rollouts.jsonl").read_text().splitlines() if l.strip())
+    line = next(row for row in (ROOT / "examples" / "rollouts.jsonl").read_text().splitlines() if row.strip())
     group = json.loads(line)
     image = ROOT / "examples" / group["image"]["path"]
     group["image"] = {"data": base64.b64encode(image.read_bytes()).decode()}

@@ -19,8 +19,9 @@ costly file inherits its cost:
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -113,7 +114,7 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
     others = [m for m in COST_MARKERS if m not in marks]
     for extra in range(2 ** len(others)):
         present = set(marks) | {m for i, m in enumerate(others) if extra >> i & 1}
-        if expression.evaluate(lambda name, *_, **__: name in present):
+        if expression.evaluate(lambda name, *_, present=present, **__: name in present):
             return None
     return True
 

@@ -5,8 +5,9 @@ answer exactly these."""
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Any, Generator, Optional
+from typing import Any
 
 import httpx
 
@@ -20,8 +21,8 @@ class Call:
     path: str
     headers: dict[str, str]
     timeout: httpx.Timeout
-    content: Optional[bytes] = None
-    endpoint: Optional[str] = None  # a replica's base URL; None: the client's base_url
+    content: bytes | None = None
+    endpoint: str | None = None  # a replica's base URL; None: the client's base_url
 
 
 @dataclass
@@ -50,7 +51,7 @@ class Parallel:
 Job = Generator[Any, Any, Any]
 
 
-def resume(job: Job, value: Any, error: Optional[BaseException]) -> tuple[bool, Any]:
+def resume(job: Job, value: Any, error: BaseException | None) -> tuple[bool, Any]:
     """Advance a job: (True, its return value) when it is done, else (False, next action)."""
     try:
         action = job.throw(error) if error is not None else job.send(value)

@@ -6,7 +6,8 @@ grouping a batch by owner. The ranking and health themselves are pure
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import httpx
 
@@ -27,7 +28,7 @@ FAILOVER_STATUSES = frozenset({429, 503})
 class ReplicaJobs:
     """Mixed into ``Core``, which provides these attributes."""
 
-    replicas: Optional[ReplicaSet]
+    replicas: ReplicaSet | None
     retry: RetryPolicy
     clock: Callable[[], float]
 
@@ -59,7 +60,7 @@ class ReplicaJobs:
         return next((u for u in order if u not in avoid), order[0] if order else None)
 
     def _fail_over(
-        self, failure: Any, endpoint: str, retry_after: Optional[float], failed: set[str], attempt: int
+        self, failure: Any, endpoint: str, retry_after: float | None, failed: set[str], attempt: int
     ) -> bool:
         """Mark a replica that did not serve the attempt down; True when another healthy
         replica can take the next attempt at once (no backoff wait)."""
@@ -81,7 +82,7 @@ class ReplicaJobs:
             return {None: groups}
         yield from self.refresh_replicas()
         now = self.clock()
-        out: dict[Optional[str], list[PreparedGroup]] = {}
+        out: dict[str | None, list[PreparedGroup]] = {}
         for g in groups:
             out.setdefault(self.replicas.owner(g.route, now), []).append(g)
         return out

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import array
 import sys
-from typing import Any, Iterable, Literal, Mapping, Optional
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
 
 __all__ = ["decode_float32", "encode_float32", "pad_token_advantages", "token_advantage_rows",
            "token_weights_from_paragraphs"]
@@ -53,7 +54,7 @@ def decode_float32(text: str, as_numpy: bool = False) -> Any:
     return arr.tolist()
 
 
-def token_weights_from_paragraphs(response: Any, n_tokens: Optional[int] = None) -> list[float]:
+def token_weights_from_paragraphs(response: Any, n_tokens: int | None = None) -> list[float]:
     """Per-token weights rebuilt from a response's paragraphs (for ``token_arrays=false``):
     each token gets its paragraph's weight, tokens outside every paragraph 1.0. Multiply by
     the response's ``advantage`` for its token advantages."""
@@ -151,7 +152,7 @@ def _mask_rows(mask: Any) -> list[list[bool]]:
 
 def pad_token_advantages(
     results_or_lists: Any,
-    max_len: Optional[int] = None,
+    max_len: int | None = None,
     *,
     response_mask: Any = None,
     pad_value: float = 0.0,

@@ -14,11 +14,13 @@ import asyncio
 import socket
 import threading
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any
 
 import httpx
 
+from kawhi_client.actions import Call, Job, Lookup, Sleep, check_action, resume
 from kawhi_client.config import (
     ClientConfig,
     ClientStats,
@@ -31,7 +33,6 @@ from kawhi_client.config import (
     resolve_base_url,
     retry_policy,
 )
-from kawhi_client.actions import Call, Job, Lookup, Sleep, check_action, resume
 from kawhi_client.core import Core
 from kawhi_client.planning import GroupLike, OptionsLike, wire_fields
 from kawhi_client.schema import GroupResult, ReweightResponse
@@ -46,22 +47,22 @@ class _Base:
 
     def __init__(
         self,
-        base_url: Optional[str] = None,
-        api_key: Optional[str] = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
         *,
         timeout: float = 60.0,
         timeout_per_token: float = 0.002,
         connect_timeout: float = 10.0,
         max_in_flight: int = 4,
-        retries: Union[int, RetryPolicy, None] = 5,
+        retries: int | RetryPolicy | None = 5,
         backoff: float = 0.5,
-        wait_ready: Union[bool, float] = True,
-        max_groups_per_request: Optional[int] = None,
-        headers: Optional[Mapping[str, str]] = None,
+        wait_ready: bool | float = True,
+        max_groups_per_request: int | None = None,
+        headers: Mapping[str, str] | None = None,
         encoding_format: str = "float",
         token_arrays: bool = True,
         verify: Any = True,
-        replicas: Union[str, Sequence[str], None] = None,
+        replicas: str | Sequence[str] | None = None,
         resolve_every: float = 30.0,
         shared_image_cache: bool = False,
     ) -> None:
@@ -138,7 +139,7 @@ class _Base:
         return self._core.stats
 
     @property
-    def limits(self) -> Optional[Limits]:
+    def limits(self) -> Limits | None:
         """The limits read from ``/v1/info`` (None before the first call)."""
         return self._core.limits
 
@@ -189,7 +190,7 @@ class Client(_Base):
         *,
         options: OptionsLike = None,
         per_group_errors: bool = False,
-        request_id: Optional[str] = None,
+        request_id: str | None = None,
         **option_kwargs: Any,
     ) -> list[GroupResult]:
         """Reweight rollout groups; one ``GroupResult`` per group, in input order.
@@ -210,7 +211,7 @@ class Client(_Base):
         *,
         options: OptionsLike = None,
         per_group_errors: bool = False,
-        request_id: Optional[str] = None,
+        request_id: str | None = None,
         **option_kwargs: Any,
     ) -> ReweightResponse:
         """Like ``reweight`` but the whole envelope (model, version, resolved options,
@@ -225,14 +226,14 @@ class Client(_Base):
         """``GET /v1/info`` (cached after the first call): model, limits, defaults ..."""
         return self._drive(self._core.info_job(refresh))
 
-    def wait_ready(self, timeout: Optional[float] = None) -> dict[str, Any]:
+    def wait_ready(self, timeout: float | None = None) -> dict[str, Any]:
         """Block until ``/readyz`` says ready; raises ServerNotReady after ``timeout`` s."""
         return self._drive(self._core.wait_ready_job(timeout))
 
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -241,7 +242,7 @@ class Client(_Base):
     # ------------------------------------------------------------------ driver
     def _drive(self, job: Job, in_slot: bool = False) -> Any:
         value: Any = None
-        error: Optional[BaseException] = None
+        error: BaseException | None = None
         while True:
             done, action = resume(job, value, error)
             if done:
@@ -299,7 +300,7 @@ class AsyncClient(_Base):
         *,
         options: OptionsLike = None,
         per_group_errors: bool = False,
-        request_id: Optional[str] = None,
+        request_id: str | None = None,
         **option_kwargs: Any,
     ) -> list[GroupResult]:
         """See ``Client.reweight``."""
@@ -314,7 +315,7 @@ class AsyncClient(_Base):
         *,
         options: OptionsLike = None,
         per_group_errors: bool = False,
-        request_id: Optional[str] = None,
+        request_id: str | None = None,
         **option_kwargs: Any,
     ) -> ReweightResponse:
         """See ``Client.reweight_response``."""
@@ -328,14 +329,14 @@ class AsyncClient(_Base):
         """See ``Client.info``."""
         return await self._drive(self._core.info_job(refresh))
 
-    async def wait_ready(self, timeout: Optional[float] = None) -> dict[str, Any]:
+    async def wait_ready(self, timeout: float | None = None) -> dict[str, Any]:
         """See ``Client.wait_ready``."""
         return await self._drive(self._core.wait_ready_job(timeout))
 
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -344,7 +345,7 @@ class AsyncClient(_Base):
     # ------------------------------------------------------------------ driver
     async def _drive(self, job: Job, in_slot: bool = False) -> Any:
         value: Any = None
-        error: Optional[BaseException] = None
+        error: BaseException | None = None
         while True:
             done, action = resume(job, value, error)
             if done:

@@ -12,8 +12,9 @@ import os
 import random
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping, Optional, Union
+from typing import Any
 
 import httpx
 
@@ -66,10 +67,10 @@ class RetryPolicy:
         self,
         attempt: int,
         *,
-        retry_after: Optional[float] = None,
+        retry_after: float | None = None,
         elapsed: float = 0.0,
         rng: Any = random,
-    ) -> Optional[float]:
+    ) -> float | None:
         """Seconds to wait after failed attempt ``attempt``, or None to give up."""
         if attempt >= self.max_attempts:
             return None
@@ -85,7 +86,7 @@ class RetryPolicy:
         return wait
 
 
-def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Optional[float]:
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
     """``Retry-After`` (RFC 9110: delay-seconds or an HTTP-date) -> seconds from now.
 
     ``now`` is the wall-clock time (``time.time()``) the date is measured from. A date in
@@ -143,14 +144,14 @@ class Limits:
     max_groups: int = 256
     max_body_bytes: int = 64 * 1024 * 1024
     max_request_tokens: int = 1_048_576
-    queue_groups: Optional[int] = None
-    max_responses: Optional[int] = None
-    max_response_tokens: Optional[int] = None
-    max_group_tokens: Optional[int] = None
-    max_image_bytes: Optional[int] = None
+    queue_groups: int | None = None
+    max_responses: int | None = None
+    max_response_tokens: int | None = None
+    max_group_tokens: int | None = None
+    max_image_bytes: int | None = None
 
     @classmethod
-    def from_info(cls, info: Mapping[str, Any]) -> "Limits":
+    def from_info(cls, info: Mapping[str, Any]) -> Limits:
         lim = dict(info.get("limits") or {})
         srv = dict(info.get("server") or {})
         d = cls()
@@ -173,7 +174,7 @@ class Limits:
             max_image_bytes=pick("max_image_bytes"),
         )
 
-    def groups_per_request(self, max_in_flight: int, cap: Optional[int] = None) -> int:
+    def groups_per_request(self, max_in_flight: int, cap: int | None = None) -> int:
         """Groups per request: the server's limit, and never so many that ``max_in_flight``
         full requests from this client alone would overflow the server's queue."""
         n = self.max_groups
@@ -210,7 +211,7 @@ class ClientStats:
 
 
 
-def resolve_base_url(base_url: Optional[str]) -> str:
+def resolve_base_url(base_url: str | None) -> str:
     """The service URL: the argument, else ``$KAWHI_URL``, else the local default."""
     url = (base_url or os.environ.get("KAWHI_URL") or DEFAULT_URL).rstrip("/")
     if not url.startswith(("http://", "https://")):
@@ -218,7 +219,7 @@ def resolve_base_url(base_url: Optional[str]) -> str:
     return url
 
 
-def request_headers(api_key: Optional[str], extra: Optional[Mapping[str, str]]) -> dict[str, str]:
+def request_headers(api_key: str | None, extra: Mapping[str, str] | None) -> dict[str, str]:
     """Headers of every request; the bearer key is the argument, else ``$KAWHI_API_KEY``
     (an empty key: no Authorization header)."""
     key = api_key if api_key is not None else os.environ.get("KAWHI_API_KEY")
@@ -232,14 +233,14 @@ def request_headers(api_key: Optional[str], extra: Optional[Mapping[str, str]]) 
     return headers
 
 
-def retry_policy(retries: Union[int, RetryPolicy, None], backoff: float) -> RetryPolicy:
+def retry_policy(retries: int | RetryPolicy | None, backoff: float) -> RetryPolicy:
     """A retry count (with a backoff base) or a full policy -> the policy."""
     if isinstance(retries, RetryPolicy):
         return retries
     return RetryPolicy(max_attempts=1 + max(0, int(retries or 0)), backoff=backoff)
 
 
-def ready_timeout(wait_ready: Union[bool, float, None]) -> Optional[float]:
+def ready_timeout(wait_ready: bool | float | None) -> float | None:
     """``wait_ready`` -> seconds to wait for ``/readyz`` before the first call (None: do not wait)."""
     if wait_ready is True:
         return DEFAULT_READY_TIMEOUT_S
@@ -257,8 +258,8 @@ class ClientConfig:
     timeouts: Timeouts
     retry: RetryPolicy
     max_in_flight: int
-    ready_timeout: Optional[float]  # None: do not wait for /readyz
-    max_groups_per_request: Optional[int] = None
+    ready_timeout: float | None  # None: do not wait for /readyz
+    max_groups_per_request: int | None = None
     verify: Any = True
     replicas: Any = None  # None: one endpoint (base_url); else a ReplicaSet spec (kawhi_client.replicas)
     resolve_every: float = 30.0  # seconds between DNS lookups of a dns+http:// replica spec

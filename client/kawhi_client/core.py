@@ -45,7 +45,8 @@ import json
 import logging
 import random
 import time
-from typing import Any, Callable, Iterable, Mapping, Optional
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import httpx
 from pydantic import ValidationError
@@ -67,8 +68,6 @@ from kawhi_client.errors import (
     error_from_response,
 )
 from kawhi_client.images import HeldImages, ImageInputError, LoadedImage, load_image
-from kawhi_client.replicas import ReplicaSet
-from kawhi_client.routing import ROUTING_HEADER, request_routing_key
 from kawhi_client.planning import (
     IMAGE_TOKENS_ESTIMATE,
     GroupLike,
@@ -85,6 +84,8 @@ from kawhi_client.planning import (
     remap_problem,
     sha_at,
 )
+from kawhi_client.replicas import ReplicaSet
+from kawhi_client.routing import ROUTING_HEADER, request_routing_key
 from kawhi_client.schema import ReweightResponse
 
 log = logging.getLogger("kawhi_client")
@@ -119,8 +120,8 @@ class Core(ReplicaJobs):
         self.clock = clock
         self.wallclock = wallclock
         self.stats = ClientStats()
-        self.info: Optional[dict[str, Any]] = None
-        self.limits: Optional[Limits] = None
+        self.info: dict[str, Any] | None = None
+        self.limits: Limits | None = None
         self.replicas = (
             ReplicaSet(config.replicas, resolve_every=config.resolve_every) if config.replicas is not None else None
         )
@@ -129,18 +130,18 @@ class Core(ReplicaJobs):
         self._known = HeldImages()  # sha256, or "<replica> <sha256>" per replica
 
     # ------------------------------------------------------------------ image hashes
-    def _known_key(self, sha: str, replica: Optional[str]) -> str:
+    def _known_key(self, sha: str, replica: str | None) -> str:
         if self.replicas is None or self.shared_images or replica is None:
             return sha
         return f"{replica} {sha}"
 
-    def is_known(self, sha: str, replica: Optional[str] = None) -> bool:
+    def is_known(self, sha: str, replica: str | None = None) -> bool:
         return self._known_key(sha, replica) in self._known
 
-    def remember(self, sha: str, replica: Optional[str] = None) -> None:
+    def remember(self, sha: str, replica: str | None = None) -> None:
         self._known.add(self._known_key(sha, replica))
 
-    def forget(self, sha: str, replica: Optional[str] = None) -> None:
+    def forget(self, sha: str, replica: str | None = None) -> None:
         self._known.discard(self._known_key(sha, replica))
 
     # ------------------------------------------------------------------ one request, retried
@@ -150,11 +151,11 @@ class Core(ReplicaJobs):
         path: str,
         *,
         timeout: httpx.Timeout,
-        content: Optional[bytes] = None,
-        content_type: Optional[str] = None,
-        request_id: Optional[str] = None,
-        route: Optional[str] = None,
-        where: Optional[dict[str, Any]] = None,
+        content: bytes | None = None,
+        content_type: str | None = None,
+        request_id: str | None = None,
+        route: str | None = None,
+        where: dict[str, Any] | None = None,
     ) -> Job:
         """Send one request, retrying transient failures; returns the 2xx response
         or raises the typed error. The same X-Request-ID goes with every attempt.
@@ -173,13 +174,13 @@ class Core(ReplicaJobs):
         failed_replicas: set[str] = set()
         while True:
             attempt += 1
-            endpoint: Optional[str] = None
+            endpoint: str | None = None
             if self.replicas is not None:
                 endpoint = yield from self.choose_replica(route or rid, failed_replicas)
             if where is not None:
                 where["url"] = endpoint or self.base_url
             self.stats.add(http_requests=1)
-            retry_after: Optional[float] = None
+            retry_after: float | None = None
             failure: Any
             try:
                 if self.replicas is not None and endpoint is None:
@@ -218,7 +219,7 @@ class Core(ReplicaJobs):
             yield Sleep(wait)
 
     def _http_error(
-        self, resp: httpx.Response, rid: str, attempts: int, retry_after: Optional[float]
+        self, resp: httpx.Response, rid: str, attempts: int, retry_after: float | None
     ) -> KawhiHTTPError:
         return error_from_response(
             resp.status_code, resp.content, reason=resp.reason_phrase, headers=resp.headers, request_id=rid,
@@ -226,7 +227,7 @@ class Core(ReplicaJobs):
         )
 
     def _final_error(
-        self, failure: Any, method: str, path: str, rid: str, attempts: int, retry_after: Optional[float],
+        self, failure: Any, method: str, path: str, rid: str, attempts: int, retry_after: float | None,
         timeout: httpx.Timeout,
     ) -> KawhiError:
         if isinstance(failure, httpx.Response):
@@ -244,7 +245,7 @@ class Core(ReplicaJobs):
         )
 
     # ------------------------------------------------------------------ readiness, info
-    def wait_ready_job(self, timeout: Optional[float] = None) -> Job:
+    def wait_ready_job(self, timeout: float | None = None) -> Job:
         """Poll ``GET /readyz`` until it says ready (200), for at most ``timeout`` seconds.
 
         Connection errors and 503 (loading) are waited out, honouring Retry-After;
@@ -256,15 +257,15 @@ class Core(ReplicaJobs):
         limit = DEFAULT_READY_TIMEOUT_S if limit is None else float(limit)
         start = self.clock()
         interval = 0.25
-        state: Optional[str] = None
+        state: str | None = None
         reasons: list[str] = []
         probes = 0
         final: dict[str, str] = {}  # replica -> the final state it answered
         while True:
-            retry_after: Optional[float] = None
+            retry_after: float | None = None
             remaining = limit - (self.clock() - start)
             probe_timeout = httpx.Timeout(max(0.5, min(10.0, remaining)), connect=max(0.5, min(5.0, remaining)))
-            endpoint: Optional[str] = None
+            endpoint: str | None = None
             if self.replicas is not None:
                 yield from self.refresh_replicas()
                 urls = self.replicas.urls
@@ -330,7 +331,7 @@ class Core(ReplicaJobs):
         return info
 
     # ------------------------------------------------------------------ images
-    def upload_job(self, image: LoadedImage, *, reupload: bool = False, route: Optional[str] = None) -> Job:
+    def upload_job(self, image: LoadedImage, *, reupload: bool = False, route: str | None = None) -> Job:
         """``POST /v1/images`` with the bytes exactly as given; returns the sha256.
         ``route``: the routing key of a group that will use the image (the upload goes
         where that group's requests go)."""
@@ -371,7 +372,7 @@ class Core(ReplicaJobs):
         options: OptionsLike,
         option_kwargs: Mapping[str, Any],
         per_group_errors: bool,
-        request_id: Optional[str],
+        request_id: str | None,
     ) -> Job:
         groups = list(groups)
         opts = options_json(options, option_kwargs)
@@ -414,11 +415,11 @@ class Core(ReplicaJobs):
     def chunk_job(
         self,
         chunk: list[PreparedGroup],
-        opts: Optional[bytes],
+        opts: bytes | None,
         per_group_errors: bool,
         images: Mapping[str, LoadedImage],
         request_id: str,
-        reuploaded: set[tuple[Optional[str], str]],
+        reuploaded: set[tuple[str | None, str]],
         resend_evicted: bool = True,
     ) -> Job:
         """One ``POST /v1/reweight`` for these groups (with the eviction and 413 recoveries);
@@ -428,7 +429,7 @@ class Core(ReplicaJobs):
         route = request_routing_key([g.route for g in chunk])
         where: dict[str, Any] = {}
 
-        def reuploadable(sha: Optional[str]) -> bool:
+        def reuploadable(sha: str | None) -> bool:
             img = images.get(sha or "")
             return img is not None and img.data is not None and (where.get("url"), sha) not in reuploaded
 
@@ -451,7 +452,7 @@ class Core(ReplicaJobs):
                 if sha and reuploadable(sha):
                     yield from reupload(sha)
                     continue
-                raise remap_error(err, indices)
+                raise remap_error(err, indices) from err
             except PayloadTooLarge as err:
                 if len(chunk) > 1 and (err.pointer or "") in ("", "/groups"):
                     # a limit the client could only estimate (tokens): split and go on
@@ -462,9 +463,9 @@ class Core(ReplicaJobs):
                     right = yield from self.chunk_job(chunk[half:], opts, per_group_errors, images,
                                                       request_id + ".b", reuploaded)
                     return left + right
-                raise remap_error(err, indices)
+                raise remap_error(err, indices) from err
             except KawhiHTTPError as err:
-                raise remap_error(err, indices)
+                raise remap_error(err, indices) from err
             break
 
         rid = resp.headers.get("x-request-id") or request_id

@@ -26,7 +26,8 @@ Hierarchy::
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 from kawhi_client.schema import Problem
 
@@ -34,7 +35,7 @@ from kawhi_client.schema import Problem
 class KawhiError(Exception):
     """Base class of every error raised by kawhi_client."""
 
-    request_id: Optional[str] = None
+    request_id: str | None = None
     attempts: int = 0
 
     def __reduce__(self) -> Any:
@@ -43,7 +44,7 @@ class KawhiError(Exception):
         return (_rebuild, (type(self), self.args, dict(self.__dict__)))
 
 
-def _rebuild(cls: type, args: tuple, state: dict) -> "KawhiError":
+def _rebuild(cls: type, args: tuple, state: dict) -> KawhiError:
     err = cls.__new__(cls)
     err.args = args
     err.__dict__.update(state)
@@ -57,9 +58,9 @@ class KawhiHTTPError(KawhiError):
         self,
         problem: Problem,
         *,
-        request_id: Optional[str] = None,
+        request_id: str | None = None,
         attempts: int = 1,
-        retry_after: Optional[float] = None,
+        retry_after: float | None = None,
     ) -> None:
         self.problem = problem
         self.request_id = request_id
@@ -72,7 +73,7 @@ class KawhiHTTPError(KawhiError):
         return self.problem.status
 
     @property
-    def pointer(self) -> Optional[str]:
+    def pointer(self) -> str | None:
         return self.problem.pointer
 
     @property
@@ -125,7 +126,7 @@ class ImageNotFound(NotFound):
     """404 for an image hash the server does not hold (evicted, or never sent)."""
 
     @property
-    def sha256(self) -> Optional[str]:
+    def sha256(self) -> str | None:
         return getattr(self.problem, "sha256", None)
 
 
@@ -148,7 +149,7 @@ class Unavailable(ServerError):
 class KawhiTimeout(KawhiError):
     """No answer in time (after the retries)."""
 
-    def __init__(self, message: str, *, request_id: Optional[str] = None, attempts: int = 1) -> None:
+    def __init__(self, message: str, *, request_id: str | None = None, attempts: int = 1) -> None:
         super().__init__(message)
         self.request_id = request_id
         self.attempts = attempts
@@ -161,7 +162,7 @@ class GatewayTimeout(ServerError, KawhiTimeout):
 class KawhiConnectionError(KawhiError):
     """The connection could not be made or was dropped (after the retries)."""
 
-    def __init__(self, message: str, *, request_id: Optional[str] = None, attempts: int = 1) -> None:
+    def __init__(self, message: str, *, request_id: str | None = None, attempts: int = 1) -> None:
         super().__init__(message)
         self.request_id = request_id
         self.attempts = attempts
@@ -174,8 +175,8 @@ class ServerNotReady(KawhiError):
         self,
         message: str,
         *,
-        state: Optional[str] = None,
-        reasons: Optional[list[str]] = None,
+        state: str | None = None,
+        reasons: list[str] | None = None,
         waited_s: float = 0.0,
     ) -> None:
         super().__init__(message)
@@ -187,7 +188,7 @@ class ServerNotReady(KawhiError):
 class ProtocolError(KawhiError):
     """The server's answer breaks the wire contract (wrong count of results, bad JSON ...)."""
 
-    def __init__(self, message: str, *, request_id: Optional[str] = None) -> None:
+    def __init__(self, message: str, *, request_id: str | None = None) -> None:
         super().__init__(message)
         self.request_id = request_id
 
@@ -213,7 +214,7 @@ def problem_from_body(status: int, body: bytes, reason: str = "") -> Problem:
     return Problem(title=reason or f"HTTP {status}", status=status, detail=text)
 
 
-def error_class(status: int, problem: Optional[Problem] = None) -> type[KawhiHTTPError]:
+def error_class(status: int, problem: Problem | None = None) -> type[KawhiHTTPError]:
     if status in (400, 415, 422):
         return InvalidRequest
     if status in (401, 403):
@@ -242,10 +243,10 @@ def error_from_response(
     body: bytes,
     *,
     reason: str = "",
-    headers: Optional[Mapping[str, str]] = None,
-    request_id: Optional[str] = None,
+    headers: Mapping[str, str] | None = None,
+    request_id: str | None = None,
     attempts: int = 1,
-    retry_after: Optional[float] = None,
+    retry_after: float | None = None,
 ) -> KawhiHTTPError:
     """The typed exception for an error answer (status >= 400)."""
     problem = problem_from_body(status, body, reason)

@@ -24,7 +24,7 @@ import os
 import re
 import threading
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from kawhi_client.schema import ImageRef
 
@@ -45,7 +45,7 @@ class LoadedImage:
     """An image ready to reference: its hash, and its bytes when the client holds them."""
 
     sha256: str
-    data: Optional[bytes] = None
+    data: bytes | None = None
 
     @property
     def content_type(self) -> str:
@@ -73,7 +73,7 @@ def from_bytes(data: bytes) -> LoadedImage:
     return LoadedImage(sha256_hex(data), data)
 
 
-def read_path(path: "str | os.PathLike[str]", field: str = "path") -> LoadedImage:
+def read_path(path: str | os.PathLike[str], field: str = "path") -> LoadedImage:
     try:
         with open(os.fspath(path), "rb") as fh:
             data = fh.read()

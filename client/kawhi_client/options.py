@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 SEED_MAX = 2**64 - 1
 
@@ -30,11 +30,11 @@ class OptionSpec:
     kind: str  # "float" | "int" | "choice" | "heads" | "bool"
     default: Any
     help: str
-    minimum: Optional[float] = None
-    maximum: Optional[float] = None
+    minimum: float | None = None
+    maximum: float | None = None
     exclusive_minimum: bool = False
     choices: tuple[str, ...] = ()  # for "choice": the built-in values
-    registry: Optional[str] = None  # "estimators" | "regions": any registered name is accepted
+    registry: str | None = None  # "estimators" | "regions": any registered name is accepted
 
     def range_text(self) -> str:
         lo = "-inf" if self.minimum is None else f"{self.minimum:g}"
@@ -91,7 +91,7 @@ SGUF_BY_NAME: dict[str, OptionSpec] = {o.name: o for o in SGUF_OPTIONS}
 MAX_HEADS = 4096
 
 
-def check_option(spec: OptionSpec, value: Any, registered: Optional[Any] = None) -> Any:
+def check_option(spec: OptionSpec, value: Any, registered: Any | None = None) -> Any:
     """``value`` checked against ``spec`` (ValueError with a caller-facing message), normalised.
 
     registered: the names a registry option accepts (default: the built-in choices).

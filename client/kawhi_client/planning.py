@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -18,8 +19,8 @@ from kawhi_client.images import ImageInputError, LoadedImage, load_image
 from kawhi_client.routing import routing_key
 from kawhi_client.schema import GroupResult, Options, Problem, ReweightResponse, RolloutGroup, Usage
 
-GroupLike = Union[RolloutGroup, Mapping[str, Any]]
-OptionsLike = Union[Options, Mapping[str, Any], None]
+GroupLike = RolloutGroup | Mapping[str, Any]
+OptionsLike = Options | Mapping[str, Any] | None
 
 IMAGE_TOKENS_ESTIMATE = 1280  # visual tokens assumed per image when estimating work
 
@@ -70,7 +71,7 @@ def plan_chunks(
     return chunks
 
 
-def build_body(group_jsons: Sequence[bytes], options_json: Optional[bytes], per_group_errors: bool,
+def build_body(group_jsons: Sequence[bytes], options_json: bytes | None, per_group_errors: bool,
                wire: bytes = b"") -> bytes:
     """The ``POST /v1/reweight`` body from already-serialised groups (``wire``: from ``wire_fields``)."""
     parts = [b'{"groups":[', b",".join(group_jsons), b"]"]
@@ -83,7 +84,7 @@ def build_body(group_jsons: Sequence[bytes], options_json: Optional[bytes], per_
     return b"".join(parts)
 
 
-def body_overhead(options_json: Optional[bytes], per_group_errors: bool, wire: bytes = b"") -> int:
+def body_overhead(options_json: bytes | None, per_group_errors: bool, wire: bytes = b"") -> int:
     return len(build_body([], options_json, per_group_errors, wire))
 
 
@@ -112,7 +113,7 @@ def dumps_json(obj: Any) -> bytes:
 GROUP_POINTER = re.compile(r"^/groups/(\d+)(?=/|$)")
 
 
-def remap_pointer(ptr: Optional[str], indices: Sequence[int]) -> Optional[str]:
+def remap_pointer(ptr: str | None, indices: Sequence[int]) -> str | None:
     """``/groups/k/...`` of a sub-request -> ``/groups/indices[k]/...`` of the caller's list."""
     if not ptr:
         return ptr
@@ -167,7 +168,7 @@ def validation_problem(exc: ValidationError, prefix: str) -> Problem:
     return client_problem(detail, first["pointer"], errors=listed)
 
 
-def options_json(options: OptionsLike = None, overrides: Optional[Mapping[str, Any]] = None) -> Optional[bytes]:
+def options_json(options: OptionsLike = None, overrides: Mapping[str, Any] | None = None) -> bytes | None:
     """Options (model, dict and/or keyword overrides) -> their JSON, or None when empty.
     Raises InvalidRequest (pointer ``/options/<name>``) for an unknown or invalid option."""
     base: dict[str, Any] = {}
@@ -191,7 +192,7 @@ class PreparedGroup:
     """One group ready to send: its wire JSON (image by hash) and estimates."""
 
     index: int
-    id: Optional[str]
+    id: str | None
     sha256: str
     json: bytes
     tokens: int
@@ -200,14 +201,14 @@ class PreparedGroup:
 
 def prepare_groups(
     groups: Sequence[GroupLike], per_group_errors: bool
-) -> tuple[list[Optional[PreparedGroup]], dict[int, GroupResult], dict[str, LoadedImage]]:
+) -> tuple[list[PreparedGroup | None], dict[int, GroupResult], dict[str, LoadedImage]]:
     """Validate every group and load its image.
 
     Returns (prepared groups, with None where a group failed; a GroupResult carrying the
     error of each failed group; the images by sha256). A failure raises InvalidRequest
     unless ``per_group_errors``.
     """
-    prepared: list[Optional[PreparedGroup]] = []
+    prepared: list[PreparedGroup | None] = []
     failed: dict[int, GroupResult] = {}
     images: dict[str, LoadedImage] = {}
     for i, g in enumerate(groups):
@@ -255,11 +256,11 @@ def merge_responses(
     n: int,
     pieces: Sequence[tuple[Sequence[int], ReweightResponse]],
     failed: Mapping[int, GroupResult],
-    info: Optional[Mapping[str, Any]],
+    info: Mapping[str, Any] | None,
 ) -> ReweightResponse:
     """One envelope, results in input order, from the sub-requests' answers (a later
     piece for the same position wins: it is a repeat after an eviction)."""
-    results: list[Optional[GroupResult]] = [None] * n
+    results: list[GroupResult | None] = [None] * n
     for i, r in failed.items():
         results[i] = r
     tokens, ms = 0, 0.0
@@ -287,7 +288,7 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-def sha_at(ptr: Optional[str], chunk: Sequence[PreparedGroup]) -> Optional[str]:
+def sha_at(ptr: str | None, chunk: Sequence[PreparedGroup]) -> str | None:
     m = GROUP_POINTER.match(ptr or "")
     if m and int(m.group(1)) < len(chunk):
         return chunk[int(m.group(1))].sha256

@@ -26,8 +26,8 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import threading
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence, Union
 from urllib.parse import urlsplit
 
 DNS_SCHEME_PREFIX = "dns+"
@@ -35,7 +35,7 @@ MIN_COOLDOWN_S = 1.0
 MAX_COOLDOWN_S = 30.0
 EMPTY_RELOOKUP_S = 1.0
 
-ReplicasLike = Union[str, Sequence[str]]
+ReplicasLike = str | Sequence[str]
 
 
 def score(key: str, replica: str) -> int:
@@ -71,7 +71,7 @@ class DnsTarget:
     port: int
 
     @classmethod
-    def parse(cls, spec: str) -> "DnsTarget":
+    def parse(cls, spec: str) -> DnsTarget:
         parts = urlsplit(spec[len(DNS_SCHEME_PREFIX):])
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"expected dns+http://NAME:PORT, got {spec!r}")
@@ -92,7 +92,7 @@ class ReplicaSet:
     """
 
     def __init__(self, spec: ReplicasLike, *, resolve_every: float = 30.0) -> None:
-        self.dns: Optional[DnsTarget] = None
+        self.dns: DnsTarget | None = None
         self.resolve_every = float(resolve_every)
         self._urls: tuple[str, ...] = ()
         self._health: dict[str, _Health] = {}
@@ -151,7 +151,7 @@ class ReplicaSet:
             up = [u for u in ranked if self._health[u].down_until <= now]
         return up + [u for u in ranked if u not in up]
 
-    def owner(self, key: str, now: float) -> Optional[str]:
+    def owner(self, key: str, now: float) -> str | None:
         order = self.order(key, now)
         return order[0] if order else None
 
@@ -161,7 +161,7 @@ class ReplicaSet:
             return h is not None and h.down_until <= now
 
     # ------------------------------------------------------------------ health
-    def mark_down(self, url: str, now: float, retry_after: Optional[float] = None) -> float:
+    def mark_down(self, url: str, now: float, retry_after: float | None = None) -> float:
         """Skip ``url`` for a cooldown; returns its length in seconds."""
         with self._lock:
             h = self._health.get(url)

@@ -29,7 +29,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 ROUTING_HEADER = "X-Kawhi-Routing-Key"
 GRPC_METADATA_KEY = "x-kawhi-routing-key"  # gRPC metadata keys are lower-case
@@ -42,7 +43,7 @@ def canonical_messages(messages: Any) -> str:
     return json.dumps(messages, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
-def routing_key(image_sha256: str, prompt: Optional[str] = None, messages: Any = None) -> str:
+def routing_key(image_sha256: str, prompt: str | None = None, messages: Any = None) -> str:
     """The routing key (32 lower-case hex characters) of a group with this image and
     this prompt (or these chat messages; the prompt wins when both are given)."""
     if prompt is not None:
@@ -59,7 +60,7 @@ def routing_key(image_sha256: str, prompt: Optional[str] = None, messages: Any =
     return h.hexdigest()[:32]
 
 
-def group_routing_key(group: Mapping[str, Any]) -> Optional[str]:
+def group_routing_key(group: Mapping[str, Any]) -> str | None:
     """The routing key of a wire group whose image is given by hash
     (``{"image": {"sha256": ...}, "prompt": ...}``); None when it has no hash."""
     image = group.get("image")
@@ -69,6 +70,6 @@ def group_routing_key(group: Mapping[str, Any]) -> Optional[str]:
     return routing_key(sha, group.get("prompt"), group.get("messages"))
 
 
-def request_routing_key(keys: Sequence[Optional[str]]) -> Optional[str]:
+def request_routing_key(keys: Sequence[str | None]) -> str | None:
     """The key a request carries: that of its first group that has one."""
     return next((k for k in keys if k), None)

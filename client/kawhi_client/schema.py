@@ -7,9 +7,18 @@ the contract; fields may be added, never renamed. This module needs only pydanti
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, create_model, field_validator, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    create_model,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from kawhi_client.options import OPTIONS, SGUF_OPTIONS, OptionSpec
 
@@ -30,12 +39,12 @@ class _Strict(BaseModel):
 class ImageRef(_Strict):
     """Exactly one of: base64 bytes, the sha256 of bytes sent earlier, or a path (CLI only)."""
 
-    data: Optional[str] = Field(None, description="base64 PNG/JPEG/WebP bytes")
-    sha256: Optional[str] = Field(None, description="hex sha256 of bytes the service already holds")
-    path: Optional[str] = Field(None, description="local file path; honoured by the CLI only")
+    data: str | None = Field(None, description="base64 PNG/JPEG/WebP bytes")
+    sha256: str | None = Field(None, description="hex sha256 of bytes the service already holds")
+    path: str | None = Field(None, description="local file path; honoured by the CLI only")
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "ImageRef":
+    def _exactly_one(self) -> ImageRef:
         given = [k for k in ("data", "sha256", "path") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError("image needs exactly one of 'data', 'sha256' or 'path'")
@@ -44,20 +53,20 @@ class ImageRef(_Strict):
 
 class ResponseIn(_Strict):
     text: str
-    reward: Optional[float] = None
-    token_ids: Optional[list[int]] = None
+    reward: float | None = None
+    token_ids: list[int] | None = None
 
 
 class RolloutGroup(_Strict):
-    id: Optional[str] = None
+    id: str | None = None
     image: ImageRef
-    prompt: Optional[str] = None
-    messages: Optional[list[dict[str, Any]]] = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
     responses: list[ResponseIn] = Field(..., min_length=1)
-    advantages: Optional[list[float]] = None
+    advantages: list[float] | None = None
 
     @model_validator(mode="after")
-    def _prompt_or_messages(self) -> "RolloutGroup":
+    def _prompt_or_messages(self) -> RolloutGroup:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("a group needs exactly one of 'prompt' or 'messages'")
         return self
@@ -67,17 +76,17 @@ def _option_field(spec: OptionSpec) -> tuple[Any, Any]:
     """A wire field for one option of kawhi_client.options (None = the server's default)."""
     if spec.kind == "float":
         bound = {"gt" if spec.exclusive_minimum else "ge": spec.minimum, "le": spec.maximum}
-        return Optional[float], Field(None, description=spec.help, allow_inf_nan=False,
+        return float | None, Field(None, description=spec.help, allow_inf_nan=False,
                                       **{k: v for k, v in bound.items() if v is not None})
     if spec.kind == "int":
-        return Optional[int], Field(None, description=spec.help, ge=spec.minimum, le=spec.maximum)
+        return int | None, Field(None, description=spec.help, ge=spec.minimum, le=spec.maximum)
     if spec.kind == "heads":
-        return Optional[Union[Literal["preset", "all"], list[int]]], Field(None, description=spec.help)
+        return Literal["preset", "all"] | list[int] | None, Field(None, description=spec.help)
     if spec.kind == "bool":
-        return Optional[StrictBool], Field(None, description=spec.help)
+        return StrictBool | None, Field(None, description=spec.help)
     if spec.registry:  # any registered name; the service checks it against its registry
-        return Optional[str], Field(None, description=f"{spec.help}; built in: {', '.join(spec.choices)}")
-    return Optional[Literal[spec.choices]], Field(None, description=spec.help)  # type: ignore[valid-type]
+        return str | None, Field(None, description=f"{spec.help}; built in: {', '.join(spec.choices)}")
+    return Literal[spec.choices] | None, Field(None, description=spec.help)  # type: ignore[valid-type]
 
 
 SgufOptions = create_model(  # type: ignore[call-overload]
@@ -88,14 +97,14 @@ SgufOptions = create_model(  # type: ignore[call-overload]
 Options = create_model(  # type: ignore[call-overload]
     "Options", __base__=_Strict,
     __doc__="Per-request options (kawhi_client.options); None means the server's default.",
-    sguf=(Optional[SgufOptions], Field(None, description="SGUF thresholds")),
+    sguf=(SgufOptions | None, Field(None, description="SGUF thresholds")),
     **{o.name: _option_field(o) for o in OPTIONS},
 )
 
 
 class ReweightRequest(_Strict):
     groups: list[RolloutGroup] = Field(..., min_length=1)
-    options: Optional[Options] = None
+    options: Options | None = None
     per_group_errors: bool = Field(
         False, description="answer 200 with an error per bad group instead of failing the request"
     )
@@ -121,11 +130,11 @@ class ResponseResult(BaseModel):
 
     advantage: float
     paragraphs: list[Paragraph]
-    token_advantages: Optional[list[float]] = None
-    token_weights: Optional[list[float]] = None
+    token_advantages: list[float] | None = None
+    token_weights: list[float] | None = None
     # present only when the request asked for them (options return_ref_logprobs / return_entropy)
-    ref_logprobs: Optional[list[float]] = None
-    entropy: Optional[list[float]] = None
+    ref_logprobs: list[float] | None = None
+    entropy: list[float] | None = None
 
     @field_validator("token_advantages", "token_weights", "ref_logprobs", "entropy", mode="wrap")
     @classmethod
@@ -154,16 +163,16 @@ class Problem(BaseModel):
     title: str
     status: int
     detail: str = ""
-    pointer: Optional[str] = None
+    pointer: str | None = None
 
 
 class GroupResult(BaseModel):
-    id: Optional[str] = None
+    id: str | None = None
     grid: list[int] = Field(default_factory=list)
     key_tokens: list[int] = Field(default_factory=list)
     selected_tokens: list[int] = Field(default_factory=list)
     responses: list[ResponseResult] = Field(default_factory=list)
-    error: Optional[Problem] = None
+    error: Problem | None = None
 
 
 class Usage(BaseModel):

@@ -17,12 +17,14 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence, TextIO
+from typing import Any, TextIO
+
+from kawhi_client.options import OPTIONS, SGUF_OPTIONS, OptionSpec
 
 from kawhi import __version__
 from kawhi.errors import UserError
-from kawhi_client.options import OPTIONS, SGUF_OPTIONS, OptionSpec
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 

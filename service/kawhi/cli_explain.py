@@ -31,9 +31,10 @@ def add_explain_parser(sub: Any) -> None:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    from kawhi_client.explain import Explanation, file_stem
+
     from kawhi.cli import _chunks, _read_lines, checked_options, load_engine, resolved_options
     from kawhi.engine.engine import load_image_bytes
-    from kawhi_client.explain import Explanation, file_stem
 
     options = checked_options(args)
     lines, base_dir = _read_lines(args.input)

@@ -15,8 +15,9 @@ engine both use it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any
 
 TYPE_BASE = "https://kawhi.dev/problems/"
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -112,8 +113,8 @@ class KawhiError(Exception):
     address, an exception class name or an internal host.
     """
 
-    def __init__(self, slug: str, detail: str = "", pointer: Optional[str] = "", *,
-                 headers: Optional[Mapping[str, str]] = None, **extra: Any) -> None:
+    def __init__(self, slug: str, detail: str = "", pointer: str | None = "", *,
+                 headers: Mapping[str, str] | None = None, **extra: Any) -> None:
         if slug not in CATALOGUE:
             raise ValueError(f"error kind {slug!r} is not in the catalogue")
         super().__init__(f"{pointer or '(request)'}: {detail or slug}")
@@ -139,7 +140,7 @@ class KawhiError(Exception):
     def grpc_code(self) -> str:
         return self.kind.grpc
 
-    def placed(self, prefix: str) -> "KawhiError":
+    def placed(self, prefix: str) -> KawhiError:
         """The same error with its pointer prefixed (``/groups/3`` + ``/image``)."""
         extra = dict(self.extra)
         if isinstance(extra.get("errors"), list):

@@ -9,7 +9,7 @@ ModuleNotFoundError traceback.
 from __future__ import annotations
 
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 # top-level module -> the extra that installs it (pyproject.toml, [project.optional-dependencies])
 EXTRA_OF_MODULE = {
@@ -39,13 +39,13 @@ TORCH_HINT = ("without torch yet, install it first: the CPU wheel from PyTorch's
               "(pip install torch --index-url https://download.pytorch.org/whl/cpu) or your CUDA build")
 
 
-def missing_extra(exc: ImportError) -> Optional[str]:
+def missing_extra(exc: ImportError) -> str | None:
     """The extra whose absence caused ``exc``, or None when it is not one of ours."""
     name = getattr(exc, "name", None) or ""
     return EXTRA_OF_MODULE.get(name.split(".")[0])
 
 
-def missing_extra_message(exc: ImportError, command: str = "this command") -> Optional[str]:
+def missing_extra_message(exc: ImportError, command: str = "this command") -> str | None:
     """One line for the user: what is missing and which extra brings it (None: not an extra)."""
     extra = missing_extra(exc)
     if extra is None:
@@ -62,7 +62,7 @@ def _command(argv: Sequence[str]) -> str:
     return f"kawhi {words[0]}" if words else "kawhi"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """The `kawhi` console script: the CLI, with a missing extra reported in one line (exit 2)."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:

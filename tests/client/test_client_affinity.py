@@ -10,11 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from typing import Any, Optional
+from typing import Any
 
 import httpx
 import pytest
-
 from kawhi_client import Client, KawhiConnectionError, Limits
 from kawhi_client.core import Call, Core, Lookup, Parallel, Sleep, resume
 from kawhi_client.replicas import ReplicaSet, rank
@@ -87,7 +86,7 @@ class Replica:
     def __init__(self, url: str) -> None:
         self.url = url
         self.images: set[str] = set()
-        self.fail: Optional[Any] = None  # an exception to raise, or (status, headers) to answer
+        self.fail: Any | None = None  # an exception to raise, or (status, headers) to answer
         self.calls: list[Call] = []
 
     def handle(self, call: Call) -> httpx.Response:
@@ -120,7 +119,7 @@ class Replica:
         return [c for c in self.calls if c.path == "/v1/reweight"]
 
 
-def _response(status: int, body: Any, headers: Optional[dict[str, str]] = None) -> httpx.Response:
+def _response(status: int, body: Any, headers: dict[str, str] | None = None) -> httpx.Response:
     ctype = "application/problem+json" if status >= 400 else "application/json"
     return httpx.Response(status, headers={"content-type": ctype, **(headers or {})}, content=json.dumps(body).encode(),
                           request=httpx.Request("GET", "http://x/"))
@@ -130,7 +129,7 @@ class World:
     """Drives a job: each Call goes to the replica its endpoint names; Lookup answers
     ``dns``; Sleep advances the fake clock."""
 
-    def __init__(self, core: Core, replicas: list[Replica], dns: Optional[list[str]] = None) -> None:
+    def __init__(self, core: Core, replicas: list[Replica], dns: list[str] | None = None) -> None:
         self.now = 0.0
         core.clock = lambda: self.now
         core.wallclock = lambda: 1_700_000_000.0 + self.now
@@ -141,7 +140,7 @@ class World:
 
     def run(self, job: Any) -> Any:
         value: Any = None
-        error: Optional[BaseException] = None
+        error: BaseException | None = None
         while True:
             done, action = resume(job, value, error)
             if done:

@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from kawhi_client import pad_token_advantages, token_advantage_rows
 from kawhi_client.schema import GroupResult, Problem, ResponseResult, ReweightResponse, Usage
 
@@ -83,10 +82,10 @@ def test_a_torch_like_mask_is_read_without_importing_torch() -> None:
         def __init__(self, rows: list[list[int]]) -> None:
             self.rows = rows
 
-        def detach(self) -> "FakeTensor":
+        def detach(self) -> FakeTensor:
             return self
 
-        def cpu(self) -> "FakeTensor":
+        def cpu(self) -> FakeTensor:
             return self
 
         def tolist(self) -> list[list[int]]:

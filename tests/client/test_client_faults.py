@@ -19,10 +19,9 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import pytest
-
 from kawhi_client import (
     AsyncClient,
     Client,
@@ -41,7 +40,7 @@ INFO = {"model": "stub", "version": "0", "limits": {"max_groups": 256, "max_body
 
 DROP = "drop"  # close the connection without an answer
 
-Reply = Union[str, tuple]  # DROP, or (status, headers, body[, delay_s])
+Reply = str | tuple  # DROP, or (status, headers, body[, delay_s])
 
 
 def problem(status: int, slug: str, **extra: Any) -> bytes:
@@ -61,7 +60,7 @@ class Stub:
     """Plays ``script[path]`` (a list of replies, used up in order), then the default
     answer of that path. Records every request and the most /v1/reweight in flight."""
 
-    def __init__(self, script: Optional[dict[str, list[Reply]]] = None, delay: float = 0.0) -> None:
+    def __init__(self, script: dict[str, list[Reply]] | None = None, delay: float = 0.0) -> None:
         self.script = {k: list(v) for k, v in (script or {}).items()}
         self.delay = delay  # seconds every /v1/reweight takes
         self.log: list[dict[str, Any]] = []
@@ -133,7 +132,7 @@ class Stub:
     def calls(self, path: str) -> list[dict[str, Any]]:
         return [e for e in self.log if e["path"] == path]
 
-    def __enter__(self) -> "Stub":
+    def __enter__(self) -> Stub:
         self.thread.start()
         return self
 

@@ -20,10 +20,11 @@ for _p in (ROOT, ROOT / "service", ROOT / "client"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from bench.replicas import key_of, replicas, run, scrape, workload  # noqa: E402
 from kawhi_client import AsyncClient  # noqa: E402
 from kawhi_client.replicas import rank  # noqa: E402
 from kawhi_client.routing import ROUTING_HEADER  # noqa: E402
+
+from bench.replicas import key_of, replicas, run, scrape, workload  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -17,15 +17,13 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-
-from server_fixtures import free_port
-
 from kawhi_client import (
     AsyncClient,
     Client,
@@ -34,6 +32,7 @@ from kawhi_client import (
     Unauthorized,
     pad_token_advantages,
 )
+from server_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = ROOT / "examples" / "images"
@@ -102,7 +101,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             try:
                 ready = c.wait_ready(timeout=120)  # the client's own bounded wait on a starting server
             except Exception:
-                raise RuntimeError(f"kawhi serve did not start:\n{log.read_text()[-3000:]}")
+                raise RuntimeError(f"kawhi serve did not start:\n{log.read_text()[-3000:]}") from None
         assert ready["state"] in ("ready", "degraded")
         yield s
     finally:

@@ -19,11 +19,10 @@ import pickle
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import httpx
 import pytest
-
 from kawhi_client import (
     Client,
     GatewayTimeout,
@@ -44,6 +43,7 @@ from kawhi_client import (
     parse_retry_after,
 )
 from kawhi_client.core import Call, Core, Parallel, Sleep, resume
+from kawhi_client.errors import error_from_response
 from kawhi_client.planning import (
     build_body,
     estimate_tokens,
@@ -52,7 +52,6 @@ from kawhi_client.planning import (
     prepare_groups,
     remap_pointer,
 )
-from kawhi_client.errors import error_from_response
 from kawhi_client.schema import ImageRef, RolloutGroup
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,7 +86,7 @@ def make_core(retries: Any = 3, **kw: Any) -> Core:
     return Core(client.config, rng=MaxRng())
 
 
-def response(status: int, body: Any = None, headers: Optional[dict[str, str]] = None) -> httpx.Response:
+def response(status: int, body: Any = None, headers: dict[str, str] | None = None) -> httpx.Response:
     if isinstance(body, (dict, list)):
         content = json.dumps(body).encode()
         ctype = "application/problem+json" if status >= 400 else "application/json"
@@ -117,7 +116,7 @@ class FakeDriver:
 
     def run(self, job: Any) -> Any:
         value: Any = None
-        error: Optional[BaseException] = None
+        error: BaseException | None = None
         while True:
             done, action = resume(job, value, error)
             if done:
@@ -166,7 +165,7 @@ def test_retry_after_is_honoured_and_bounded() -> None:
     [("3", 3.0), (" 1.5 ", 1.5), ("0", 0.0), ("-4", 0.0), ("", None), (None, None), ("soon", None),
      ("inf", None), ("nan", None)],
 )
-def test_parse_retry_after_seconds(value: Optional[str], expected: Optional[float]) -> None:
+def test_parse_retry_after_seconds(value: str | None, expected: float | None) -> None:
     assert parse_retry_after(value, now=0.0) == expected
 
 
@@ -445,7 +444,7 @@ INFO = {"model": "m", "version": "v", "limits": {"max_groups": 2, "max_body_byte
                                                    "max_request_tokens": 10**6}, "server": {"queue_groups": 100}}
 
 
-def answer(call: Call, drop: Optional[set[int]] = None) -> httpx.Response:
+def answer(call: Call, drop: set[int] | None = None) -> httpx.Response:
     """A well-formed reweight answer echoing the ids of the groups sent."""
     groups = json.loads(call.content)["groups"]
     results = [{"id": g.get("id"), "responses": [{"advantage": 1.0, "paragraphs": [],

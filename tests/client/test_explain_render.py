@@ -16,8 +16,6 @@ for _p in (ROOT / "service", ROOT / "client"):
         sys.path.insert(0, str(_p))
 
 PIL = pytest.importorskip("PIL", reason="the explain view needs Pillow (pip install 'kawhi[explain]')")
-from PIL import Image  # noqa: E402
-
 from kawhi_client.explain import ExplainedResult, build_view, explain  # noqa: E402
 from kawhi_client.explain.png import TEXT_WIDTH, display_cell, render_pages, wrap  # noqa: E402
 from kawhi_client.explain.style import (  # noqa: E402
@@ -29,6 +27,7 @@ from kawhi_client.explain.style import (  # noqa: E402
     weight_rgb,
     weight_tint,
 )
+from PIL import Image  # noqa: E402
 
 GREY = (128, 128, 128)
 
@@ -208,7 +207,7 @@ def test_html_is_self_contained_and_coloured_by_weight():
     view = build_view(group, result, image)
     for response in view.responses:
         for seg in response.segments:
-            colour = "#%02x%02x%02x" % weight_tint(seg.weight, view.weight_top)
+            colour = "#{:02x}{:02x}{:02x}".format(*weight_tint(seg.weight, view.weight_top))
             assert f'data-weight="{seg.weight:.6g}"' in doc
             assert colour in doc
     assert doc.count('class="tip"') == sum(len(r.segments) for r in view.responses)
@@ -238,6 +237,6 @@ def test_page_breaks_never_orphan_a_header_or_a_label(page_height):
         assert page.height <= max(page_height, rendered.pages[0].height)
     # each segment's label (its first row) sits on the page where its text starts: the swatch
     # continues right below the label's box
-    for (r, j), (page_index, (x0, y0, x1, y1)) in rendered.segment_boxes.items():
+    for (r, j), (page_index, (x0, _y0, x1, y1)) in rendered.segment_boxes.items():
         below = rendered.pages[page_index].getpixel(((x0 + x1) // 2, y1 + 2))
         assert below == weight_rgb(result["responses"][r]["paragraphs"][j]["weight"], view.weight_top), (r, j)

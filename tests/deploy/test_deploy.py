@@ -39,8 +39,9 @@ import sys
 import sysconfig
 import time
 import typing
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 import pytest
 import yaml
@@ -86,7 +87,7 @@ def _missing(what: str) -> None:
     pytest.skip(f"DEPLOY TOOLS MISSING (outside CI): {msg}")
 
 
-def _find_tool(name: str) -> Optional[str]:
+def _find_tool(name: str) -> str | None:
     local = TOOLS_BIN / name
     if local.is_file() and os.access(local, os.X_OK):
         return str(local)
@@ -912,9 +913,8 @@ def test_grafana_dashboard_structure() -> None:
 
 def exported_metrics() -> tuple[set[str], set[str]]:
     """(sample names, label names) the service exports: from its Metrics class, by metric type."""
-    from prometheus_client.metrics import MetricWrapperBase
-
     from kawhi.server.metrics import Metrics
+    from prometheus_client.metrics import MetricWrapperBase
 
     m = Metrics()
     from kawhi.models.prefix import PrefixCache

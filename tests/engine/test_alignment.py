@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from kawhi.engine.alignment import (
     alignment_scores,
     alignment_scores_reference,

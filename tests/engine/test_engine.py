@@ -8,12 +8,11 @@ import math
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
-
 from kawhi.engine.config import MethodConfig
 from kawhi.engine.engine import Engine, EngineLimits, GroupError, OptionsError
 from kawhi.engine.images import decode_image, sha256_hex
 from kawhi_client.schema import RolloutGroup
+from PIL import Image, ImageDraw
 from tiny_models import ARCHITECTURES, tiny_reference
 
 TEXTS = [

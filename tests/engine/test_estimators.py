@@ -2,7 +2,6 @@ import math
 
 import numpy as np
 import pytest
-
 from kawhi.engine.estimators import (
     ADVANTAGE_ESTIMATORS,
     InvalidRewardError,

@@ -10,10 +10,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from kawhi.engine.engine import DEMO_MODEL_DIR, Engine
-from kawhi.heads.files import (ALL_HEADS_SOURCE, FOLDER_HEADS_FILE, HeadsFileError, check_model_folder_heads,
-                               read_heads_file, resolve_head_set, write_heads_file)
+from kawhi.heads.files import (
+    ALL_HEADS_SOURCE,
+    FOLDER_HEADS_FILE,
+    HeadsFileError,
+    check_model_folder_heads,
+    read_heads_file,
+    resolve_head_set,
+    write_heads_file,
+)
 from kawhi.heads.identity import IdentityError, ModelIdentity
 from kawhi.heads.presets import PUBLISHED, published_heads
 from server_fixtures import ServerThread

@@ -11,15 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from kawhi.engine.engine import Engine
 from kawhi.heads.discover import DiscoveryError, DiscoverySettings, discover, load_vqa_jsonl
 from kawhi.heads.files import write_heads_file
-from kawhi.heads.masking import decoder_layers, masked_heads
+from kawhi.heads.masking import decoder_layers
 from kawhi.heads.scoring import AnswerScorer
 from kawhi.heads.stats import bootstrap_mean
 from kawhi.heads.synthetic import KINDS, synthetic_vqa, write_synthetic_vqa
+from PIL import Image
 from planted_heads import DECOY_HEAD, PLANTED, TEXT_HEAD, colour_items, planted_reference
 from tiny_models import tiny_reference
 

@@ -7,10 +7,9 @@ import struct
 import zlib
 
 import pytest
-from PIL import Image
-
 from kawhi.engine.errors import GroupError
 from kawhi.engine.images import ImageLimits, decode_base64, decode_image
+from PIL import Image
 
 
 def encode(image: Image.Image, fmt: str) -> bytes:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
-
 from kawhi.models.qwen import smart_resize
+from PIL import Image, ImageDraw
 from tiny_models import ARCHITECTURES, tiny_reference
 
 RESPONSES = ["First, the bar chart shows 42.\n\nTherefore the answer is 7.", "So the axis reads 3.", ""]

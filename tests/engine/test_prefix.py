@@ -10,10 +10,9 @@ import time
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
-
 from kawhi.models import prefix as prefix_module
 from kawhi.models.prefix import LayerInputs, PrefixCache, PrefixState
+from PIL import Image, ImageDraw
 from tiny_models import ARCHITECTURES, tiny_reference
 
 RESPONSES = ["First, the bar chart shows 42.\n\nTherefore the answer is 7.", "So the axis reads 3.", "",

@@ -15,10 +15,9 @@ import math
 
 import pytest
 import torch
-from PIL import Image
-
 from kawhi.engine.engine import Engine, OptionsError
 from kawhi.models.logprobs import logprobs_from_logits, response_logprobs
+from PIL import Image
 from test_models import RESPONSES, figure
 from tiny_models import ARCHITECTURES, tiny_reference
 
@@ -187,9 +186,8 @@ def test_bad_temperature_is_an_options_error(reference, options, field):
 
 
 def test_wire_options_refuse_non_booleans_and_bad_temperatures():
-    from pydantic import ValidationError
-
     from kawhi_client.schema import Options
+    from pydantic import ValidationError
 
     assert Options(return_ref_logprobs=True, logprob_temperature=0.5).return_ref_logprobs is True
     for bad in ({"return_ref_logprobs": "yes"}, {"return_entropy": 1}, {"logprob_temperature": 0},
@@ -228,7 +226,6 @@ def test_cli_flags(tmp_path):
 
 def test_http_round_trip_equals_the_engine():
     import httpx
-
     from server_fixtures import ServerThread, demo_engine
 
     engine = demo_engine()

@@ -13,10 +13,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image, ImageDraw
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
-
 from kawhi.engine import regions
 from kawhi.engine.config import SgufParams
 from kawhi.engine.regions import (
@@ -31,6 +27,9 @@ from kawhi.engine.regions import (
     sguf_key_mask,
     srgb_to_lightness,
 )
+from PIL import Image, ImageDraw
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 GRID = (8, 8)
 P = 28

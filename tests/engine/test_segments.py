@@ -2,7 +2,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from kawhi.engine.segments import Segment, segment_tokens, split_spans, token_segment_index
 
 

@@ -5,7 +5,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-
 from kawhi.engine.weights import normalize_weights, paragraph_weights, segment_means, token_weights
 
 PAPER = dict(temperature=0.1, smoothing=0.1, w_min=0.1, w_max=1.0)

@@ -13,18 +13,15 @@ import threading
 import time
 from typing import Any
 
+import grpc
 import pytest
-
+from google.protobuf import json_format
 from grpc_fixtures import GrpcServerThread, problem_of, retry_after, rpc_error, violations
+from kawhi_client import Client, GrpcClient
+from kawhi_client.errors import InvalidRequest, PayloadTooLarge
+from kawhi_client.grpc import convert
+from kawhi_client.grpc._proto import kawhi_pb2 as pb
 from server_fixtures import example_groups, metric, png_bytes, small_group
-
-import grpc  # noqa: E402  (after grpc_fixtures' importorskip)
-from google.protobuf import json_format  # noqa: E402
-
-from kawhi_client import Client, GrpcClient  # noqa: E402
-from kawhi_client.errors import InvalidRequest, PayloadTooLarge  # noqa: E402
-from kawhi_client.grpc import convert  # noqa: E402
-from kawhi_client.grpc._proto import kawhi_pb2 as pb  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -397,7 +394,6 @@ def test_reflection_lists_the_services(server: GrpcServerThread) -> None:
 
 def test_health_follows_loading_and_draining(monkeypatch: pytest.MonkeyPatch) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
-
     from kawhi.server.state import ServerState
 
     gate = threading.Event()

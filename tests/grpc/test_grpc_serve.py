@@ -5,10 +5,8 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
-
 from server_fixtures import ROOT, free_port, small_group, subprocess_env, wait_ready
 
 grpc = pytest.importorskip("grpc", reason="the gRPC tests need the [grpc] extra (bash scripts/setup.sh installs it)")
@@ -31,7 +29,6 @@ def test_committed_stubs_are_what_the_proto_generates() -> None:
 
 def test_serve_answers_http_and_grpc_and_drains_on_sigterm(tmp_path) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
-
     from kawhi_client import Client, GrpcClient
 
     port, grpc_port = free_port(), free_port()

@@ -9,7 +9,6 @@ import pytest
 grpc = pytest.importorskip("grpc", reason="the gRPC tests need the [grpc] extra")
 
 from grpc_status import rpc_status  # noqa: E402
-
 from kawhi.errors import CATALOGUE, KawhiError  # noqa: E402
 from kawhi_client.errors import error_class  # noqa: E402
 from kawhi_client.grpc.status import problem_from_status, retry_delay, status_for, unpack_details  # noqa: E402

@@ -8,9 +8,8 @@ import base64
 from typing import Any
 
 import pytest
-
-from test_integration_helpers import demo_engine, png, small_image
 from kawhi_client.integrations import InProcessBackend
+from test_integration_helpers import demo_engine, png, small_image
 
 
 class RecordingEngine:

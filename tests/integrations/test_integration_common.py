@@ -12,8 +12,6 @@ import warnings
 from typing import Any
 
 import pytest
-
-from test_integration_helpers import ROOT, demo_engine, free_port, kawhi_serve, png, small_image
 from kawhi_client import Client, GroupResult, Problem, ResponseResult
 from kawhi_client.integrations import (
     FailurePolicy,
@@ -21,12 +19,13 @@ from kawhi_client.integrations import (
     InProcessBackend,
     KawhiFallbackWarning,
     KawhiIntegrationError,
+    KawhiTokenizerWarning,
     Reweighter,
     Rollout,
     as_backend,
 )
-from kawhi_client.integrations import KawhiTokenizerWarning
 from kawhi_client.integrations.inputs import image_bytes, insert_image_placeholder, tokenizer_fingerprint, wire_messages
+from test_integration_helpers import ROOT, demo_engine, free_port, kawhi_serve, png, small_image
 
 
 class FakeBackend:
@@ -166,9 +165,8 @@ def test_options_and_policy_are_validated_up_front() -> None:
 
 
 def test_image_bytes_never_loses_pixels() -> None:
-    from PIL import Image
-
     import numpy as np
+    from PIL import Image
 
     img = small_image()
     data = image_bytes(img)
@@ -240,9 +238,8 @@ def test_in_process_and_http_backends_give_the_same_advantages_and_real_group_er
 
 
 def test_tokenizer_check_compares_the_trainers_tokenizer_with_the_services() -> None:
-    from transformers import AutoTokenizer
-
     from kawhi.engine.engine import DEMO_MODEL_DIR
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR, local_files_only=True)
     engine = demo_engine()

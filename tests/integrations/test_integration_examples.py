@@ -13,7 +13,6 @@ import sys
 from typing import Any
 
 import pytest
-
 from test_integration_helpers import ROOT
 
 TRL_EXAMPLE = ROOT / "examples" / "trl_grpo.py"
@@ -57,11 +56,10 @@ def launcher_kawhi_overrides(url: str) -> list[str]:
 def test_verl_launcher_overrides_compose_with_verls_config_and_resolve_to_kawhi() -> None:
     import verl
     from hydra import compose, initialize_config_dir
-    from verl.trainer.ppo import core_algos
-    from verl.trainer.ppo.reward import resolve_reward_manager_cls
-
     from kawhi_client.integrations import HttpBackend
     from kawhi_client.integrations import verl as kv
+    from verl.trainer.ppo import core_algos
+    from verl.trainer.ppo.reward import resolve_reward_manager_cls
 
     overrides = launcher_kawhi_overrides("http://kawhi.example:8000")
     assert len(overrides) == 8, overrides

@@ -23,15 +23,14 @@ import pytest
 
 pytest.importorskip("trl")
 
-import torch  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
-from trl import GRPOConfig  # noqa: E402
-
-from test_integration_helpers import demo_engine, demo_policy, demo_processor, free_port, kawhi_serve, png, small_image  # noqa: E402,I001
-from kawhi_client import Client  # noqa: E402
-from kawhi_client.integrations import InProcessBackend, KawhiFallbackWarning, KawhiIntegrationError  # noqa: E402
-from kawhi_client.integrations.trl import KawhiGRPOTrainer  # noqa: E402
+import torch
+from datasets import Dataset
+from kawhi_client import Client
+from kawhi_client.integrations import InProcessBackend, KawhiFallbackWarning, KawhiIntegrationError
+from kawhi_client.integrations.trl import KawhiGRPOTrainer
+from test_integration_helpers import demo_engine, demo_policy, demo_processor, free_port, kawhi_serve, png, small_image
+from transformers import TrainerCallback
+from trl import GRPOConfig
 
 PROMPTS = [("How long is the altitude CD?", "triangle.png"), ("Which bar is the tallest?", "bar_chart.png")]
 # Token granularity gives every token its own weight, so random 8-token completions (which

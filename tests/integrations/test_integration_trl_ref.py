@@ -20,12 +20,11 @@ import pytest
 
 pytest.importorskip("trl")
 
-import torch  # noqa: E402
-
-from test_integration_helpers import demo_policy, demo_processor, kawhi_serve, png, small_image  # noqa: E402,I001
-from test_integration_trl import PROMPTS, RecordingTrainer, alternating_reward, grpo_args, make_dataset, unshuffle  # noqa: E402
-from kawhi_client import Client  # noqa: E402
-from kawhi_client.integrations import InProcessBackend, KawhiIntegrationError  # noqa: E402
+import torch
+from kawhi_client import Client
+from kawhi_client.integrations import InProcessBackend, KawhiIntegrationError
+from test_integration_helpers import demo_policy, demo_processor, kawhi_serve, png, small_image
+from test_integration_trl import PROMPTS, RecordingTrainer, alternating_reward, grpo_args, make_dataset, unshuffle
 
 BETA, TEMPERATURE = 0.04, 0.7
 

@@ -22,10 +22,9 @@ import os
 from typing import Any
 
 import pytest
-
-from test_integration_helpers import ROOT, demo_engine, free_port, kawhi_serve, png, small_image
 from kawhi_client.integrations import KawhiFallbackWarning, KawhiIntegrationError
 from kawhi_client.integrations import verl as kv
+from test_integration_helpers import ROOT, demo_engine, free_port, kawhi_serve, png, small_image
 
 HAVE_VERL = importlib.util.find_spec("verl") is not None and importlib.util.find_spec("ray") is not None
 needs_verl = pytest.mark.skipif(not HAVE_VERL, reason="verl (and ray) not installed: see docs/integrations.md")
@@ -98,9 +97,8 @@ def test_settings_from_config_or_environment(monkeypatch: Any) -> None:
 
 
 def tokenizer() -> Any:
-    from transformers import AutoTokenizer
-
     from kawhi.engine.engine import DEMO_MODEL_DIR
+    from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(DEMO_MODEL_DIR, local_files_only=True)
 
@@ -151,9 +149,8 @@ def legacy_batch() -> Any:
 
 
 def verl_config(tmp_path: Any, kawhi: dict[str, Any]) -> Any:
-    from omegaconf import OmegaConf
-
     from kawhi.engine.engine import DEMO_MODEL_DIR
+    from omegaconf import OmegaConf
 
     score = tmp_path / "score.py"
     score.write_text(SCORE_FN)

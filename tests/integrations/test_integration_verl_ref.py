@@ -18,11 +18,10 @@ import base64
 from typing import Any
 
 import pytest
-
-from test_integration_helpers import demo_engine, demo_policy, png, small_image
-from test_integration_verl import PROMPTS, legacy_batch, needs_verl, ray_session, verl_config  # noqa: F401
 from kawhi_client.integrations import KawhiIntegrationError
 from kawhi_client.integrations import verl as kv
+from test_integration_helpers import demo_engine, demo_policy, png, small_image
+from test_integration_verl import PROMPTS, legacy_batch, needs_verl, ray_session, verl_config  # noqa: F401
 
 TEMPERATURE = 0.8
 
@@ -96,7 +95,7 @@ def policy_logprobs(batch: Any) -> Any:
 
 
 @needs_verl
-def test_verl_kl_stages_run_on_the_services_reference_logprobs(tmp_path: Any, ray_session: Any) -> None:  # noqa: F811
+def test_verl_kl_stages_run_on_the_services_reference_logprobs(tmp_path: Any, ray_session: Any) -> None:
     import numpy as np
     import torch
     from verl.experimental.reward_loop.reward_loop import RewardLoopManager

@@ -10,7 +10,6 @@ import base64
 from typing import Any
 
 import pytest
-
 from kawhi_client.integrations.common import Reweighter, Rollout, RowResult
 from kawhi_client.integrations.verl import SampleBatcher
 from server_fixtures import demo_engine, png_bytes

@@ -5,7 +5,6 @@ from __future__ import annotations
 import http
 
 import pytest
-
 from kawhi.errors import CATALOGUE, TYPE_BASE, KawhiError, grpc_code, http_status
 
 # The gRPC status codes (grpc/grpc doc/statuscodes.md), by name.

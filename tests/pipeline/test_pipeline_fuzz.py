@@ -16,7 +16,6 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from kawhi.errors import CATALOGUE
 from kawhi_client.options import OPTIONS, SGUF_OPTIONS
 from server_fixtures import ServerThread, small_group

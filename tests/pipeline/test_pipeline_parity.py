@@ -11,10 +11,10 @@ import copy
 import json
 import subprocess
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
-
 from server_fixtures import ROOT, ServerThread, b64, demo_engine, png_bytes, small_group, subprocess_env
 
 # The CLI has no limit flags: every front end runs with the default limits here.
@@ -176,7 +176,6 @@ def test_the_echoed_options_can_be_sent_back(server: ServerThread) -> None:
 def test_a_registered_estimator_is_reachable_by_name_over_http(server: ServerThread) -> None:
     """Estimators are chosen by registry name everywhere: one registered in Python is an HTTP option."""
     import numpy as np
-
     from kawhi.engine.estimators import ADVANTAGE_ESTIMATORS, register_advantage_estimator
 
     @register_advantage_estimator("test_rank")

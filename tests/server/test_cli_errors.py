@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from server_fixtures import ROOT, subprocess_env
 
 EXAMPLES = ROOT / "examples"

@@ -14,14 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from server_fixtures import assert_problem, demo_engine, example_groups
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 
-from kawhi.engine.alignment import alignment_scores_reference, visual_token_alignment, repeat_kv  # noqa: E402
-
+from kawhi.engine.alignment import alignment_scores_reference, repeat_kv, visual_token_alignment  # noqa: E402
 
 # ---------------------------------------------------------------------- the alignment map
 
@@ -60,7 +58,7 @@ def load(ref):
 
 
 def test_engine_explain_keeps_the_numbers_and_adds_a_consistent_map(engine):
-    from kawhi_client.explain import Explanation, ExplainedResult
+    from kawhi_client.explain import ExplainedResult, Explanation
 
     groups = [json.loads(line) for line in (EXAMPLES / "rollouts.jsonl").read_text().splitlines() if line.strip()]
     plain = engine.reweight(groups, base_dir=EXAMPLES)

@@ -12,11 +12,11 @@ import io
 import json
 import math
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
-
 from server_fixtures import (
     ServerThread,
     assert_problem,

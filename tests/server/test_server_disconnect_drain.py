@@ -16,7 +16,6 @@ from typing import Any
 
 import httpx
 import pytest
-
 from server_fixtures import demo_engine, metric, small_group
 
 
@@ -59,7 +58,7 @@ class ProductServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
-    def __enter__(self) -> "ProductServer":
+    def __enter__(self) -> ProductServer:
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:

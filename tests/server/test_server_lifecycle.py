@@ -14,7 +14,6 @@ from typing import Any
 
 import httpx
 import pytest
-
 from server_fixtures import (
     ROOT,
     ServerThread,
@@ -27,7 +26,6 @@ from server_fixtures import (
     subprocess_env,
     wait_ready,
 )
-
 
 # ====================================================================== loading / failed
 

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-
 import threading
 import time
-from typing import Any
 
 import httpx
-
 from server_fixtures import (
     RedisServer,
     ServerThread,

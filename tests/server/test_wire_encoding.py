@@ -8,12 +8,10 @@ import struct
 from typing import Any
 
 import pytest
-
-from server_fixtures import ServerThread, metric, small_group
-
 from kawhi_client.arrays import decode_float32, encode_float32, token_weights_from_paragraphs
 from kawhi_client.client import Client
 from kawhi_client.schema import ResponseResult
+from server_fixtures import ServerThread, metric, small_group
 
 
 @pytest.fixture(scope="module")

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 
 pytest.importorskip("grpc", reason="the gRPC tests need the [grpc] extra (bash scripts/setup.sh installs it)")
 
-import grpc  # noqa: E402
-from grpc_status import rpc_status  # noqa: E402
-
-from server_fixtures import ServerThread  # noqa: E402
+import grpc
+from grpc_status import rpc_status
+from server_fixtures import ServerThread
 
 
 class GrpcServerThread(ServerThread):
@@ -61,7 +60,7 @@ def problem_of(exc: grpc.RpcError) -> Any:
     return problem_from_status(exc.code(), exc.details() or "", rpc_status.from_call(exc))
 
 
-def retry_after(exc: grpc.RpcError) -> Optional[float]:
+def retry_after(exc: grpc.RpcError) -> float | None:
     from kawhi_client.grpc.status import retry_delay
 
     return retry_delay(rpc_status.from_call(exc))

@@ -31,13 +31,12 @@ import random
 
 import torch
 import transformers
-from PIL import Image
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
 from kawhi.heads.discover import VQAItem
 from kawhi.heads.scoring import AnswerScorer
 from kawhi.models.qwen import QwenVLReference, qwen_vl_token_ids
+from PIL import Image
 from tiny_models import demo_tokenizer
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 PLANTED = (1, 3)
 TEXT_HEAD, DECOY_HEAD = 0, 2

@@ -22,8 +22,9 @@ import tempfile
 import threading
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import httpx
 import pytest
@@ -85,7 +86,7 @@ def example_groups() -> list[dict[str, Any]]:
     return groups
 
 
-def small_group(seed: int = 0, n: int = 3, image: Optional[bytes] = None) -> dict[str, Any]:
+def small_group(seed: int = 0, n: int = 3, image: bytes | None = None) -> dict[str, Any]:
     """A cheap group: a 56x56 image and short two-paragraph responses, distinct per seed."""
     return {
         "id": f"g{seed}",
@@ -112,7 +113,7 @@ class RedisServer:
             )
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="kawhi-test-redis-")
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: subprocess.Popen | None = None
         self.start()
 
     @property
@@ -191,7 +192,6 @@ class ServerThread:
 
     def __init__(self, engine: Any = "demo", **overrides: Any) -> None:
         import uvicorn
-
         from kawhi.server.app import create_app
         from kawhi.server.settings import Settings
 
@@ -209,7 +209,7 @@ class ServerThread:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:
@@ -257,7 +257,7 @@ def metric(text: str, name: str, labels: str = "") -> float:
     return 0.0
 
 
-def assert_problem(resp: httpx.Response, status: int, pointer: Optional[str]) -> dict[str, Any]:
+def assert_problem(resp: httpx.Response, status: int, pointer: str | None) -> dict[str, Any]:
     """resp is an RFC 9457 problem with this status and (when given) this pointer."""
     assert resp.status_code == status, (resp.status_code, resp.text[:500])
     assert resp.headers["content-type"].startswith("application/problem+json"), resp.headers

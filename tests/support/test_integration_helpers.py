@@ -13,12 +13,12 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
-
-from server_fixtures import free_port  # noqa: F401  (re-exported: the integration tests import it from here)
+from server_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -63,7 +63,7 @@ def kawhi_serve(*extra_args: str, ready_timeout: float = 120.0) -> Iterator[str]
             proc.stderr.close()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def demo_engine() -> Any:
     from kawhi.engine.engine import Engine
 
@@ -88,10 +88,9 @@ def demo_processor() -> Any:
 
     Built by hand because AutoProcessor also wants the video processor, which needs
     torchvision (not installed: it would pull another torch)."""
+    from kawhi.engine.engine import DEMO_MODEL_DIR
     from transformers import AutoTokenizer, Qwen2_5_VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    from kawhi.engine.engine import DEMO_MODEL_DIR
 
     class _ImageOnlyProcessor(Qwen2_5_VLProcessor):
         def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
@@ -108,9 +107,8 @@ def demo_processor() -> Any:
 def demo_policy(seed: int = 0) -> Any:
     """The demo Qwen2.5-VL (random weights, about 1 MB) as a trainable float32 policy."""
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     from kawhi.engine.engine import DEMO_MODEL_DIR
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(seed)
     return Qwen2_5_VLForConditionalGeneration.from_pretrained(DEMO_MODEL_DIR, dtype=torch.float32,

@@ -11,16 +11,15 @@ import functools
 
 import torch
 import transformers
-from transformers import AutoTokenizer
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
 from kawhi.engine.engine import DEMO_MODEL_DIR
 from kawhi.models.qwen import QwenVLReference, qwen_vl_token_ids
+from transformers import AutoTokenizer
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 ARCHITECTURES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def demo_tokenizer():
     return AutoTokenizer.from_pretrained(DEMO_MODEL_DIR, local_files_only=True)
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 from kawhi_client.explain.view import (
     DEFAULT_PATCH_SIDE,
@@ -38,7 +39,7 @@ class Explanation:
     """One group's explain view; renders lazily."""
 
     view: GroupView
-    max_page_height: Optional[int] = None
+    max_page_height: int | None = None
 
     def render(self) -> Any:
         """kawhi_client.explain.png.Rendered: the pages and where tokens and segments were drawn."""
@@ -63,7 +64,7 @@ class Explanation:
 
         return render_html(self.view)
 
-    def save(self, folder: str | Path, stem: Optional[str] = None) -> list[Path]:
+    def save(self, folder: str | Path, stem: str | None = None) -> list[Path]:
         """Write ``<stem>.png`` (later pages ``<stem>.page2.png``...) and ``<stem>.html``."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -85,11 +86,11 @@ def explain(
     image: ImageLike,
     *,
     patch_side: int = DEFAULT_PATCH_SIDE,
-    heatmap_response: Optional[int] = None,
-    visual_alignment: Optional[Sequence[Sequence[float]]] = None,
-    model: Optional[str] = None,
+    heatmap_response: int | None = None,
+    visual_alignment: Sequence[Sequence[float]] | None = None,
+    model: str | None = None,
     is_demo: bool = False,
-    max_page_height: Optional[int] = None,
+    max_page_height: int | None = None,
 ) -> Explanation:
     """The explain view of ``group`` from its ``result`` and ``image`` (see build_view)."""
     view = build_view(group, result, image, patch_side=patch_side, heatmap_response=heatmap_response,
@@ -97,7 +98,7 @@ def explain(
     return Explanation(view, max_page_height)
 
 
-def file_stem(group_id: Optional[str], index: int) -> str:
+def file_stem(group_id: str | None, index: int) -> str:
     """A safe file name for a group: its id with odd characters replaced, else ``group-<index>``."""
     if not group_id:
         return f"group-{index}"

@@ -9,8 +9,9 @@ continue on another page, which repeats the image column.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 from kawhi_client.explain.style import (
     DEMO_RGB,
@@ -59,7 +60,7 @@ class Rendered:
     pages: list[Any]
     cell: int
     token_origin: tuple[int, int]
-    heat_origin: Optional[tuple[int, int]]
+    heat_origin: tuple[int, int] | None
     segment_boxes: dict[tuple[int, int], tuple[int, Box]] = field(default_factory=dict)
 
 
@@ -153,16 +154,16 @@ class _Item:
     """One row of the right column: its height and how to draw it at (x, y) on a page."""
 
     height: int
-    draw: Callable[[Any, int, int], Optional[Box]]
+    draw: Callable[[Any, int, int], Box | None]
     response: int
-    segment: Optional[int] = None
+    segment: int | None = None
     continues: bool = True  # part of a response (so a page break repeats its header)
     keep_with_next: bool = False  # a header or label: never the last row of a page
     spacer: bool = False  # dropped at a page break
-    resume: Optional["_Item"] = None  # drawn first on a new page when a break falls inside a segment
+    resume: _Item | None = None  # drawn first on a new page when a break falls inside a segment
 
 
-def _fmt(value: Optional[float], signed: bool = False) -> str:
+def _fmt(value: float | None, signed: bool = False) -> str:
     if value is None:
         return "none"
     return f"{value:+.2f}" if signed else f"{value:.2f}"
@@ -207,9 +208,9 @@ def _header_item(response: ResponseView, width: int, continued: bool) -> _Item:
     return _Item(HEAD_LINE + 4, draw, response.index, continues=False, keep_with_next=True)
 
 
-def _text_item(r: int, s: Optional[int], text: str, shade: Optional[tuple[Any, Any]], width: int, *,
+def _text_item(r: int, s: int | None, text: str, shade: tuple[Any, Any] | None, width: int, *,
                size: int = BODY, colour: Any = TEXT_RGB, line: int = BODY_LINE) -> _Item:
-    def draw(d: Any, x: int, y: int) -> Optional[Box]:
+    def draw(d: Any, x: int, y: int) -> Box | None:
         box = None
         if shade is not None:
             swatch, tint = shade
@@ -233,12 +234,12 @@ def _inline_items(view: GroupView, response: ResponseView, width: int) -> list[_
     top = view.weight_top
     body, small = font(BODY), font(SMALL)
     label_each = len(response.segments) <= 60
-    pieces: list[tuple[str, Optional[int]]] = []  # (text, segment) ; segment None = a label
+    pieces: list[tuple[str, int | None]] = []  # (text, segment) ; segment None = a label
     for seg in response.segments:
         pieces.extend((m.group(0), seg.index) for m in re.finditer(r"\S+\s*|\s+", seg.text))
         if label_each:
             pieces.append((f"w{seg.weight:.2f} ", None))
-    lines: list[list[tuple[int, str, Optional[int]]]] = [[]]
+    lines: list[list[tuple[int, str, int | None]]] = [[]]
     x, limit = 0, width - PAD
     for text, seg_index in pieces:
         f = small if seg_index is None else body
@@ -253,7 +254,7 @@ def _inline_items(view: GroupView, response: ResponseView, width: int) -> list[_
             x = 0
     items = []
     for fragments in (line for line in lines if line):
-        def draw(d: Any, x0: int, y: int, fragments: list = fragments) -> Optional[Box]:
+        def draw(d: Any, x0: int, y: int, fragments: list = fragments) -> Box | None:
             first = None
             for fx, text, seg_index in fragments:
                 if seg_index is None:

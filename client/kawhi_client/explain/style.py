@@ -70,7 +70,7 @@ def _heat_table() -> tuple[RGB, ...]:
 
 
 def css(rgb: RGB) -> str:
-    return "#%02x%02x%02x" % rgb
+    return "#{:02x}{:02x}{:02x}".format(*rgb)
 
 
 def _font_dir() -> Path | None:

@@ -9,9 +9,10 @@ wire answer of ``/v1/reweight`` never carries it.
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any
 
 from pydantic import Field
 
@@ -50,7 +51,7 @@ class SegmentView:
 class ResponseView:
     index: int
     text: str
-    reward: Optional[float]
+    reward: float | None
     advantage: float
     segments: tuple[SegmentView, ...]
 
@@ -65,7 +66,7 @@ class GroupView:
     """Everything one explain picture shows. ``image`` is the model's resized input,
     exactly ``grid`` tokens of ``patch_side`` px; ``heatmap`` is (rows * cols) values."""
 
-    id: Optional[str]
+    id: str | None
     prompt: str
     image: Any  # PIL.Image.Image, RGB
     grid: tuple[int, int]
@@ -73,9 +74,9 @@ class GroupView:
     key: frozenset[int]
     selected: frozenset[int]
     responses: list[ResponseView]
-    heatmap: Optional[list[float]] = None
-    heatmap_response: Optional[int] = None
-    model: Optional[str] = None
+    heatmap: list[float] | None = None
+    heatmap_response: int | None = None
+    model: str | None = None
     is_demo: bool = False
 
     def token_class(self, index: int) -> str:
@@ -96,7 +97,7 @@ class GroupView:
         return {"key": len(self.key), "sampled": len(self.selected - self.key), "other": n - len(self.selected)}
 
 
-ImageLike = Union[bytes, str, Path, Any]
+ImageLike = bytes | str | Path | Any
 
 
 def load_pil(image: ImageLike) -> Any:
@@ -121,9 +122,9 @@ def build_view(
     image: ImageLike,
     *,
     patch_side: int = DEFAULT_PATCH_SIDE,
-    heatmap_response: Optional[int] = None,
-    visual_alignment: Optional[Sequence[Sequence[float]]] = None,
-    model: Optional[str] = None,
+    heatmap_response: int | None = None,
+    visual_alignment: Sequence[Sequence[float]] | None = None,
+    model: str | None = None,
     is_demo: bool = False,
 ) -> GroupView:
     """The view of one reweighted group.

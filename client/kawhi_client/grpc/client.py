@@ -27,8 +27,9 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -103,20 +104,20 @@ class GrpcClient:
 
     def __init__(
         self,
-        target: Optional[str] = None,
-        api_key: Optional[str] = None,
+        target: str | None = None,
+        api_key: str | None = None,
         *,
         timeout: float = 60.0,
         timeout_per_token: float = 0.002,
         connect_timeout: float = 10.0,
         max_in_flight: int = 4,
-        retries: Union[int, RetryPolicy, None] = 5,
+        retries: int | RetryPolicy | None = 5,
         backoff: float = 0.5,
-        wait_ready: Union[bool, float] = True,
-        max_groups_per_request: Optional[int] = None,
-        metadata: Optional[Sequence[tuple[str, str]]] = None,
-        credentials: Optional[grpc.ChannelCredentials] = None,
-        options: Optional[Sequence[tuple[str, Any]]] = None,
+        wait_ready: bool | float = True,
+        max_groups_per_request: int | None = None,
+        metadata: Sequence[tuple[str, str]] | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] | None = None,
         rng: Any = None,
     ) -> None:
         if max_in_flight < 1:
@@ -133,8 +134,8 @@ class GrpcClient:
         self._ready_timeout = ready_timeout(wait_ready)
         self._ready = self._ready_timeout is None
         self.stats = ClientStats()
-        self.limits: Optional[Limits] = None
-        self._info: Optional[dict[str, Any]] = None
+        self.limits: Limits | None = None
+        self._info: dict[str, Any] | None = None
         self._known = HeldImages()  # the image hashes this server was sent
         self._rng = rng if rng is not None else random.Random()
         # the server enforces the message limits (the same as over HTTP); the client does not add its own
@@ -150,13 +151,13 @@ class GrpcClient:
 
     # ------------------------------------------------------------------ API
     def reweight(self, groups: Iterable[GroupLike], *, options: OptionsLike = None, per_group_errors: bool = False,
-                 request_id: Optional[str] = None, **option_kwargs: Any) -> list[GroupResult]:
+                 request_id: str | None = None, **option_kwargs: Any) -> list[GroupResult]:
         """As ``Client.reweight``: one ``GroupResult`` per group, in input order."""
         return self.reweight_response(groups, options=options, per_group_errors=per_group_errors,
                                       request_id=request_id, **option_kwargs).results
 
     def reweight_response(self, groups: Iterable[GroupLike], *, options: OptionsLike = None,
-                          per_group_errors: bool = False, request_id: Optional[str] = None,
+                          per_group_errors: bool = False, request_id: str | None = None,
                           **option_kwargs: Any) -> ReweightResponse:
         """As ``Client.reweight_response``: the whole envelope, usage summed over the calls."""
         groups = list(groups)
@@ -183,7 +184,7 @@ class GrpcClient:
         return merge_responses(len(groups), pieces, failed, info)
 
     def reweight_stream(self, groups: Iterable[GroupLike], *, options: OptionsLike = None,
-                        request_id: Optional[str] = None, **option_kwargs: Any) -> Iterator[tuple[int, GroupResult]]:
+                        request_id: str | None = None, **option_kwargs: Any) -> Iterator[tuple[int, GroupResult]]:
         """Send the groups on one ``ReweightStream`` (one per message, as they are read from
         ``groups``) and yield ``(index, result)`` as each finishes. A bad group is a result
         with ``error`` (always per-group errors), its pointer indexing the caller's list."""
@@ -243,7 +244,7 @@ class GrpcClient:
         self.limits = Limits.from_info(self._info)
         return self._info
 
-    def wait_ready(self, timeout: Optional[float] = None) -> dict[str, Any]:
+    def wait_ready(self, timeout: float | None = None) -> dict[str, Any]:
         """Block until grpc.health.v1 says SERVING; raises ServerNotReady after ``timeout`` s
         (at once if the model failed to load)."""
         limit = self._ready_timeout if timeout is None else timeout
@@ -278,7 +279,7 @@ class GrpcClient:
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> "GrpcClient":
+    def __enter__(self) -> GrpcClient:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -288,14 +289,14 @@ class GrpcClient:
         return f"GrpcClient({self.target!r}, max_in_flight={self.max_in_flight})"
 
     # ------------------------------------------------------------------ one call, retried
-    def _call_metadata(self, rid: str, route: Optional[str] = None) -> list[tuple[str, str]]:
+    def _call_metadata(self, rid: str, route: str | None = None) -> list[tuple[str, str]]:
         """Metadata of one call: the caller's, the request id and, for a reweight, the routing
         key of its first group (kawhi_client.routing: what replica affinity hashes on)."""
         extra = [(GRPC_METADATA_KEY, route)] if route else []
         return [*self._metadata, ("x-request-id", rid), *extra]
 
-    def _call(self, method: Any, request: Any, timeout: float, request_id: Optional[str] = None,
-              route: Optional[str] = None) -> Any:
+    def _call(self, method: Any, request: Any, timeout: float, request_id: str | None = None,
+              route: str | None = None) -> Any:
         """One unary call, retrying transient failures (module doc); the same x-request-id on every attempt."""
         rid = request_id or new_request_id()
         start = time.monotonic()
@@ -381,7 +382,7 @@ class GrpcClient:
             self._parallel([lambda img=img: self._upload(img) for img in missing])
 
     # ------------------------------------------------------------------ reweight
-    def _chunk(self, chunk: list[PreparedGroup], messages: Mapping[int, pb.RolloutGroup], opts: Optional[dict],
+    def _chunk(self, chunk: list[PreparedGroup], messages: Mapping[int, pb.RolloutGroup], opts: dict | None,
                per_group_errors: bool, images: Mapping[str, LoadedImage], rid: str, reuploaded: set[str],
                resend_evicted: bool = True) -> list[tuple[list[int], ReweightResponse]]:
         """One ``Reweight`` call for these groups, with ``Client``'s recoveries: an evicted image
@@ -394,7 +395,7 @@ class GrpcClient:
             log.info("kawhi: the server no longer holds image %s; uploading it again", sha)
             self._upload(images[sha], reupload=True)
 
-        def can_reupload(sha: Optional[str]) -> bool:
+        def can_reupload(sha: str | None) -> bool:
             img = images.get(sha or "")
             return img is not None and img.data is not None and sha not in reuploaded
 
@@ -460,13 +461,13 @@ class GrpcClient:
             return [f.result() for f in [pool.submit(self._in_slot, j) for j in jobs]]
 
 
-def _options(options: OptionsLike, overrides: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+def _options(options: OptionsLike, overrides: Mapping[str, Any]) -> dict[str, Any] | None:
     """Options validated as ``Client`` validates them (InvalidRequest at ``/options/<name>``)."""
     raw = options_json(options, overrides)
     return json.loads(raw) if raw is not None else None
 
 
-def _messages(prepared: Sequence[Optional[PreparedGroup]], failed: dict[int, GroupResult],
+def _messages(prepared: Sequence[PreparedGroup | None], failed: dict[int, GroupResult],
               per_group_errors: bool) -> tuple[list[PreparedGroup], dict[int, pb.RolloutGroup]]:
     """The groups to send and their messages; a group the message cannot hold fails like any
     group the client refuses (its error result with per-group errors, else InvalidRequest)."""

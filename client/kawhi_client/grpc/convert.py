@@ -15,7 +15,8 @@ from __future__ import annotations
 import base64
 import json
 import math
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
@@ -105,7 +106,7 @@ def group_to_message(g: Mapping[str, Any]) -> pb.RolloutGroup:
     return m
 
 
-def options_to_message(options: Optional[Mapping[str, Any]]) -> Optional[pb.Options]:
+def options_to_message(options: Mapping[str, Any] | None) -> pb.Options | None:
     if not options:
         return None
     m = pb.Options()
@@ -125,8 +126,8 @@ def options_to_message(options: Optional[Mapping[str, Any]]) -> Optional[pb.Opti
 
 
 def request_to_message(
-    groups: list[Mapping[str, Any]], options: Optional[Mapping[str, Any]] = None, per_group_errors: bool = False,
-    *, token_arrays: Optional[bool] = None,
+    groups: list[Mapping[str, Any]], options: Mapping[str, Any] | None = None, per_group_errors: bool = False,
+    *, token_arrays: bool | None = None,
 ) -> pb.ReweightRequest:
     req = pb.ReweightRequest(groups=[group_to_message(g) for g in groups], per_group_errors=per_group_errors)
     if token_arrays is not None:
@@ -273,7 +274,7 @@ def _group_result_dict(m: pb.GroupResult) -> dict[str, Any]:
     }
 
 
-def _array(x: pb.ResponseResult, name: str) -> Optional[list[float]]:
+def _array(x: pb.ResponseResult, name: str) -> list[float] | None:
     """A per-token array of a response, or None where it was not sent: an empty array of a
     response that has paragraphs (so at least one token) stands for an absent one; an empty
     response keeps its empty token arrays and has no log-probs."""

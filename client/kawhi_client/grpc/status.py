@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Optional
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -77,8 +77,8 @@ def _pack(message: Any) -> any_pb2.Any:
     return out
 
 
-def status_for(problem: Problem, retry_after: Optional[float] = None,
-               code: Optional[grpc.StatusCode] = None) -> status_pb2.Status:
+def status_for(problem: Problem, retry_after: float | None = None,
+               code: grpc.StatusCode | None = None) -> status_pb2.Status:
     """The google.rpc.Status of a problem (see the module doc); ``code`` overrides the code
     of its HTTP status (the server passes its error catalogue's)."""
     code = code if code is not None else code_for(problem.status)
@@ -108,7 +108,7 @@ def status_for(problem: Problem, retry_after: Optional[float] = None,
     return status_pb2.Status(code=code.value[0], message=message, details=details)
 
 
-def unpack_details(status: Optional[status_pb2.Status]) -> dict[str, Any]:
+def unpack_details(status: status_pb2.Status | None) -> dict[str, Any]:
     """{'info': ErrorInfo, 'bad_request': BadRequest, 'retry': RetryInfo} — those present."""
     found: dict[str, Any] = {}
     for d in status.details if status is not None else ():
@@ -121,14 +121,14 @@ def unpack_details(status: Optional[status_pb2.Status]) -> dict[str, Any]:
     return found
 
 
-def retry_delay(status: Optional[status_pb2.Status]) -> Optional[float]:
+def retry_delay(status: status_pb2.Status | None) -> float | None:
     retry = unpack_details(status).get("retry")
     if retry is None:
         return None
     return retry.retry_delay.seconds + retry.retry_delay.nanos / 1e9
 
 
-def problem_from_status(code: grpc.StatusCode, details: str, status: Optional[status_pb2.Status]) -> Problem:
+def problem_from_status(code: grpc.StatusCode, details: str, status: status_pb2.Status | None) -> Problem:
     """The problem a status stands for (ours, rebuilt exactly; or a synthetic one)."""
     found = unpack_details(status)
     info = found.get("info")

@@ -19,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from kawhi_client.schema import GroupResult
 
+
 @runtime_checkable
 class Backend(Protocol):
     """Anything that reweights wire groups: ``reweight(groups, options) -> list[GroupResult]``.

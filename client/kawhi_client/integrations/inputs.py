@@ -12,9 +12,10 @@ import io
 import json
 import os
 import threading
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-_PNG_CACHE: "collections.OrderedDict[tuple, bytes]" = collections.OrderedDict()
+_PNG_CACHE: collections.OrderedDict[tuple, bytes] = collections.OrderedDict()
 _PNG_CACHE_SIZE = 64
 _PNG_LOCK = threading.Lock()
 _PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
@@ -81,9 +82,8 @@ def image_bytes(image: Any) -> Any:
     if _is_pil(image):
         return _pil_png(image)
     if hasattr(image, "__array_interface__") or hasattr(image, "__array__"):
-        from PIL import Image
-
         import numpy as np
+        from PIL import Image
 
         array = np.asarray(image)
         if array.dtype != np.uint8 or array.ndim not in (2, 3):
@@ -149,19 +149,19 @@ def insert_image_placeholder(messages: list[dict[str, Any]]) -> list[dict[str, A
     return out
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> Optional[str]:
+def tokenizer_fingerprint(tokenizer: Any) -> str | None:
     """The fingerprint the engine reports as ``tokenizer_fingerprint`` in ``/v1/info``:
     sha256 (first 16 hex) of the tokenizer's full serialisation. None when unknown."""
     blob = _tokenizer_json(tokenizer)
     return None if blob is None else hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _tokenizer_json(tokenizer: Any) -> Optional[str]:
+def _tokenizer_json(tokenizer: Any) -> str | None:
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor -> its tokenizer
     backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
     try:
         return backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    except Exception:  # noqa: BLE001 - not a tokenizer we can serialise
+    except Exception:
         return None
 
 

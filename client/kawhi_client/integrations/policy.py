@@ -19,8 +19,9 @@ import logging
 import threading
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal
 
 log = logging.getLogger("kawhi_client.integrations")
 
@@ -81,8 +82,8 @@ class FailurePolicy:
         detail: str,
         *,
         rows: int,
-        group_ids: Sequence[Optional[str]] = (),
-        error: Optional[BaseException] = None,
+        group_ids: Sequence[str | None] = (),
+        error: BaseException | None = None,
     ) -> None:
         """Apply the policy to one failure affecting ``rows`` responses.
 

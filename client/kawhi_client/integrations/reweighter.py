@@ -15,8 +15,9 @@ import json
 import logging
 import math
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 from kawhi_client.arrays import token_weights_from_paragraphs
 from kawhi_client.integrations.backends import as_backend
@@ -39,12 +40,12 @@ class Rollout:
 
     token_ids: Sequence[int]
     image: Any = None
-    prompt: Optional[str] = None
-    messages: Optional[list[dict[str, Any]]] = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
     advantage: float = 1.0
     text: str = ""
-    group_id: Optional[str] = None
-    error: Optional[str] = None  # set by an adapter that could not build the rollout (reported under the policy)
+    group_id: str | None = None
+    error: str | None = None  # set by an adapter that could not build the rollout (reported under the policy)
 
 
 @dataclass
@@ -59,19 +60,19 @@ class RowResult:
     token_advantages: list[float]
     token_weights: list[float]
     reweighted: bool
-    reason: Optional[str] = None
+    reason: str | None = None
     paragraphs: list[Any] = field(default_factory=list)
     # the reference model's per-token log-probs / entropy, when the options asked for them
     # (None when not asked, or when this row fell back)
-    ref_logprobs: Optional[list[float]] = None
-    entropy: Optional[list[float]] = None
+    ref_logprobs: list[float] | None = None
+    entropy: list[float] | None = None
 
     @classmethod
-    def uniform(cls, advantage: float, n: int, reason: str) -> "RowResult":
+    def uniform(cls, advantage: float, n: int, reason: str) -> RowResult:
         return cls([float(advantage)] * n, [1.0] * n, False, reason)
 
 
-def check_options(options: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+def check_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     """API options as a plain dict, validated now (a typo fails at construction, not mid-run)."""
     if options is None:
         return {}
@@ -100,9 +101,9 @@ class Reweighter:
         self,
         backend: Any,
         *,
-        options: Optional[Mapping[str, Any]] = None,
+        options: Mapping[str, Any] | None = None,
         on_error: OnError = "raise",
-        policy: Optional[FailurePolicy] = None,
+        policy: FailurePolicy | None = None,
         skip_zero_advantage: bool = True,
         max_group_size: int = 32,
     ) -> None:
@@ -123,7 +124,7 @@ class Reweighter:
         """Whether the options ask the service for reference log-probs or entropy."""
         return bool(self.options.get("return_ref_logprobs") or self.options.get("return_entropy"))
 
-    def check_tokenizer(self, tokenizer: Any) -> Optional[bool]:
+    def check_tokenizer(self, tokenizer: Any) -> bool | None:
         """Compare the trainer's tokenizer with the service's (``tokenizer_fingerprint`` of
         ``info()``). Returns True (same), False (different: logged and warned with
         ``KawhiTokenizerWarning``, since different serialisations may still agree on the
@@ -134,7 +135,7 @@ class Reweighter:
             return None
         try:
             remote = info().get("tokenizer_fingerprint")
-        except Exception as exc:  # noqa: BLE001 - the reweight call reports service failures
+        except Exception as exc:
             log.debug("KAWHI tokenizer check skipped: %s", exc)
             return None
         if not remote:
@@ -151,7 +152,7 @@ class Reweighter:
 
     def reweight(self, rollouts: Sequence[Rollout]) -> list[RowResult]:
         """One RowResult per rollout, in order; applies the failure policy to every failure."""
-        results: list[Optional[RowResult]] = [None] * len(rollouts)
+        results: list[RowResult | None] = [None] * len(rollouts)
         buckets: dict[tuple[str, str], list[int]] = {}
         payloads: dict[str, Any] = {}
         for i, r in enumerate(rollouts):
@@ -211,7 +212,7 @@ class Reweighter:
         return [r for r in results]  # type: ignore[misc]
 
     def _call(self, groups: list[dict[str, Any]], members: list[list[int]], rollouts: Sequence[Rollout],
-              results: list[Optional[RowResult]]) -> None:
+              results: list[RowResult | None]) -> None:
         all_rows = [i for chunk in members for i in chunk]
         try:
             answers = self.backend.reweight(groups, dict(self.options))
@@ -269,7 +270,7 @@ class Reweighter:
                 ok += 1
         self.policy.succeeded(ok)
 
-    def _ref_problem(self, response: Any, n: int) -> Optional[str]:
+    def _ref_problem(self, response: Any, n: int) -> str | None:
         """What is wrong with the reference log-probs / entropy the options asked for, if anything."""
         for key in ("return_ref_logprobs", "return_entropy"):
             if not self.options.get(key):
@@ -288,5 +289,5 @@ class Reweighter:
             close()
 
 
-def _floats(values: Optional[Sequence[float]]) -> Optional[list[float]]:
+def _floats(values: Sequence[float] | None) -> list[float] | None:
     return None if values is None else [float(v) for v in values]

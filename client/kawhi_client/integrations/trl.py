@@ -49,7 +49,8 @@ also logged with TRL's metrics: ``kawhi/reweighted_frac``, ``kawhi/fallback_rows
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from trl import GRPOTrainer
@@ -101,9 +102,9 @@ class KawhiGRPOTrainer(GRPOTrainer):
         self,
         *args: Any,
         kawhi: Any,
-        kawhi_options: Optional[Mapping[str, Any]] = None,
+        kawhi_options: Mapping[str, Any] | None = None,
         kawhi_on_error: OnError = "raise",
-        kawhi_policy: Optional[FailurePolicy] = None,
+        kawhi_policy: FailurePolicy | None = None,
         kawhi_ref_logprobs: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -132,7 +133,7 @@ class KawhiGRPOTrainer(GRPOTrainer):
             super().__init__(*args, **kwargs)
         self.kawhi = reweighter
         self.kawhi_last: list[RowResult] = []
-        self.kawhi_tokenizer_ok: Optional[bool] = None  # checked against the service at the first batch
+        self.kawhi_tokenizer_ok: bool | None = None  # checked against the service at the first batch
         self._kawhi_checked = False
 
     # ------------------------------------------------------------------ the hook
@@ -254,7 +255,7 @@ def _check_left_padding(processing_class: Any) -> None:
                          "padding TRL misaligns mm_token_type_ids of shorter prompts")
 
 
-def _with_ref_options(options: Optional[Mapping[str, Any]], config: Any) -> dict[str, Any]:
+def _with_ref_options(options: Mapping[str, Any] | None, config: Any) -> dict[str, Any]:
     """The API options for service reference log-probs at TRL's own temperature; checks the config."""
     if config is None or not getattr(config, "beta", 0.0):
         raise ValueError("kawhi_ref_logprobs=True needs a GRPOConfig with beta > 0 (the KL term's weight); "

@@ -77,7 +77,8 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from kawhi_client.integrations.common import (
     FailurePolicy,
@@ -147,7 +148,7 @@ def encode_fallback(reason: str) -> str:
     return _FALLBACK_PREFIX + reason
 
 
-def decode_weights(value: Any) -> tuple[Optional[list[float]], Optional[str], str]:
+def decode_weights(value: Any) -> tuple[list[float] | None, str | None, str]:
     """A stored value -> (weights or None, fallback reason or None, on_error)."""
     if not isinstance(value, str):
         raise KawhiIntegrationError(f"{WEIGHTS_KEY} holds a {type(value).__name__}, not a KAWHI weights string")
@@ -174,7 +175,7 @@ def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
     if callable(getter):
         try:
             return getter(key, default)
-        except Exception:  # noqa: BLE001 - a struct DictConfig without the key
+        except Exception:
             return default
     return getattr(cfg, key, default)
 
@@ -198,7 +199,7 @@ def kawhi_settings(config: Any) -> dict[str, Any]:
             from omegaconf import OmegaConf
 
             section = OmegaConf.to_container(section, resolve=True)
-        except Exception:  # noqa: BLE001
+        except Exception:
             section = dict(section.items())
     section = dict(section or {})
     env_options = os.environ.get("KAWHI_OPTIONS")
@@ -292,7 +293,7 @@ def rollout_from_sample(data: Any, tokenizer: Any = None) -> Rollout:
     if tokenizer is not None and ids:
         try:
             text = tokenizer.decode(ids, skip_special_tokens=False)
-        except Exception:  # noqa: BLE001 - text is for logs only
+        except Exception:
             text = ""
     uid = non_tensor.get("uid")
     return Rollout(token_ids=ids, image=image, messages=messages, advantage=1.0, text=text,
@@ -332,7 +333,7 @@ def encode_ref_logprobs(values: Sequence[float]) -> str:
     return _REF_PREFIX + base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode()
 
 
-def decode_ref_logprobs(value: Any) -> tuple[Optional[list[float]], Optional[str]]:
+def decode_ref_logprobs(value: Any) -> tuple[list[float] | None, str | None]:
     """A stored value -> (log-probs, None) or (None, the fallback reason)."""
     import struct
 
@@ -381,7 +382,7 @@ class KawhiRewardManager(_Base):  # type: ignore[misc, valid-type]
             raise KawhiIntegrationError("reward.kawhi.inner cannot be the KAWHI reward manager itself")
         self.inner = inner_cls(config, tokenizer, compute_score, **kwargs)
         self.reweighter = reweighter_from_config(config)
-        self.tokenizer_ok: Optional[bool] = None
+        self.tokenizer_ok: bool | None = None
         self._checked = False
         self.samples = SampleBatcher(self._reweight_rows, max_wait_s=float(kawhi_settings(config)["batch_wait_s"]))
 
@@ -513,7 +514,7 @@ def compute_grpo_kawhi_advantage(
     response_mask: Any,
     index: Any,
     epsilon: float = 1e-6,
-    norm_adv_by_std_in_grpo: Optional[bool] = None,
+    norm_adv_by_std_in_grpo: bool | None = None,
     config: Any = None,
     kawhi_token_weights: Any = None,
     **kwargs: Any,
@@ -607,7 +608,7 @@ def service_ref_log_prob(batch: Any) -> Any:
 def _ref_from_service(config: Any) -> bool:
     try:
         return bool(kawhi_settings(config)["ref_logprobs"])
-    except Exception:  # noqa: BLE001 - a config without the reward section: not ours
+    except Exception:
         return False
 
 

@@ -17,7 +17,7 @@ kv head ``h // (H // H_kv)``, as Hugging Face's ``repeat_kv`` lays heads out.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -29,7 +29,7 @@ __all__ = [
 
 NORM_EPS = 1e-12
 
-IndexLike = Union[Tensor, Sequence[int]]
+IndexLike = Tensor | Sequence[int]
 
 
 def repeat_kv(keys: Tensor, n_rep: int) -> Tensor:
@@ -99,7 +99,7 @@ def mean_unit_keys(keys: Tensor, selected: IndexLike, heads: IndexLike, num_quer
 
 
 def alignment_scores(
-    queries: Tensor, keys: Tensor, selected: IndexLike, heads: Optional[IndexLike] = None
+    queries: Tensor, keys: Tensor, selected: IndexLike, heads: IndexLike | None = None
 ) -> Tensor:
     """alpha: (T,) float32 mean cosine of each response token with the selected visual tokens.
 
@@ -124,7 +124,7 @@ def alignment_scores(
     return torch.einsum("htd,hd->t", q, mean_keys.to(q.device)) / hs.numel()
 
 
-def visual_token_alignment(queries: Tensor, keys: Tensor, heads: Optional[IndexLike] = None) -> Tensor:
+def visual_token_alignment(queries: Tensor, keys: Tensor, heads: IndexLike | None = None) -> Tensor:
     """(N,) float32: each visual token's mean cosine with a response's tokens, over ``heads``.
 
     The transpose of ``alignment_scores``, for the explain view's heat map:
@@ -148,7 +148,7 @@ def visual_token_alignment(queries: Tensor, keys: Tensor, heads: Optional[IndexL
 
 
 def alignment_scores_reference(
-    queries: Tensor, keys: Tensor, selected: IndexLike, heads: Optional[IndexLike] = None
+    queries: Tensor, keys: Tensor, selected: IndexLike, heads: IndexLike | None = None
 ) -> Tensor:
     """The naive version of ``alignment_scores``, for tests only: repeats every kv
     head, builds the full (h, T, N_s) cosine matrix in float64 and averages it.

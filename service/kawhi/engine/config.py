@@ -8,12 +8,13 @@ optional; `MethodConfig.updated(options)` resolves a request against the default
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Optional, Union
+from typing import Any, Literal
 
 from kawhi_client.options import OPTIONS, SGUF_BY_NAME, SGUF_OPTIONS, check_combination, check_option
 
-HeadsSpec = Union[Literal["preset", "all"], tuple[int, ...]]
+HeadsSpec = Literal["preset", "all"] | tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class MethodConfig:
             object.__setattr__(self, "sguf", SgufParams(**self.sguf))
         check_combination({spec.name: getattr(self, spec.name) for spec in OPTIONS})
 
-    def updated(self, options: Mapping[str, Any] | None) -> "MethodConfig":
+    def updated(self, options: Mapping[str, Any] | None) -> MethodConfig:
         """A copy with every non-None entry of ``options`` applied (validated again);
         ``options["sguf"]`` may hold some SGUF thresholds."""
         if not options:
@@ -121,7 +122,7 @@ class MethodConfig:
         return out
 
 
-def _registered(registry: Optional[str]) -> Optional[tuple[str, ...]]:
+def _registered(registry: str | None) -> tuple[str, ...] | None:
     """The names a registry option accepts now (registries can grow at run time)."""
     if registry == "estimators":
         from kawhi.engine.estimators import ADVANTAGE_ESTIMATORS

@@ -14,13 +14,22 @@ Two steps, so a front end can validate on arrival and batch the heavy part:
 from __future__ import annotations
 
 import logging
-import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+from kawhi_client.schema import (
+    GroupResult,
+    ImageRef,
+    Options,
+    Paragraph,
+    Problem,
+    ResponseResult,
+    RolloutGroup,
+)
 from PIL import Image
 
 from kawhi import __version__
@@ -37,15 +46,6 @@ from kawhi.heads.identity import ModelIdentity
 from kawhi.models.logprobs import has_lm_head, response_logprobs
 from kawhi.models.prefix import PrefixCache, prefix_key
 from kawhi.models.qwen import PromptInputs, QwenVLReference, TokenizedText
-from kawhi_client.schema import (
-    GroupResult,
-    ImageRef,
-    Options,
-    Paragraph,
-    Problem,
-    ResponseResult,
-    RolloutGroup,
-)
 
 __all__ = ["Engine", "EngineLimits", "GroupError", "OptionsError", "PreparedGroup", "DEMO_MODEL_DIR"]
 
@@ -65,10 +65,10 @@ class EngineLimits:
     max_forward_tokens: int = 16384  # padded response tokens per batched forward (bounds activation memory)
     # Several groups' responses in one forward: None = on a GPU only. On CPU the forward is
     # compute-bound and merging measured 15-55 % slower per group (padding, masks, copies).
-    merge_groups: Optional[bool] = None
+    merge_groups: bool | None = None
     # Responses attend to the one stored copy of their prefix (split attention) instead of a
     # per-response copy of its KV cache: None = where it measured faster (CPU; bench/README.md).
-    split_attention: Optional[bool] = None
+    split_attention: bool | None = None
     # Prefixes (KV of layers 0..L-2 + visual states) kept across requests, on the model's device.
     prefix_cache_bytes: int = 256 * 1024 * 1024
     image: ImageLimits = field(default_factory=ImageLimits)
@@ -87,7 +87,7 @@ class PreparedGroup:
     """A validated group, ready for the forward. ``num_tokens`` = prefix + all responses."""
 
     index: int
-    id: Optional[str]
+    id: str | None
     config: MethodConfig
     heads: tuple[int, ...]
     prompt: PromptInputs
@@ -148,7 +148,7 @@ class Engine:
         defaults: MethodConfig | None = None,
         limits: EngineLimits | None = None,
         heads_file: str | Path | None = None,
-    ) -> "Engine":
+    ) -> Engine:
         """Load a local model folder or a hub id already in the local Hugging Face cache
         (never downloaded), or the embedded demo model when ``model`` is None."""
         from kawhi.models.locate import check_device, locate_model

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from kawhi.errors import KawhiError, escape_token, pointer, slug_for_status  # noqa: F401 (re-exported)
 

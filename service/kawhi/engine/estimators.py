@@ -37,7 +37,7 @@ Rules, the same for every estimator:
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -65,7 +65,7 @@ class InvalidRewardError(ValueError):
     end can point at ``/responses/{index}/reward`` or ``/advantages/{index}``.
     """
 
-    def __init__(self, message: str, index: Optional[int] = None, field: str = "reward"):
+    def __init__(self, message: str, index: int | None = None, field: str = "reward"):
         super().__init__(message)
         self.index = index
         self.field = field
@@ -100,7 +100,7 @@ def _as_finite(values: Sequence[float], field: str) -> np.ndarray:
     return out
 
 
-def _require_rewards(rewards: Optional[np.ndarray], estimator: str) -> np.ndarray:
+def _require_rewards(rewards: np.ndarray | None, estimator: str) -> np.ndarray:
     if rewards is None:
         raise InvalidRewardError(f"estimator {estimator!r} needs a reward for every response; got none")
     return rewards

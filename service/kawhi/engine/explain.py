@@ -4,18 +4,20 @@ their explain views (kawhi_client.explain draws them; one renderer for every fro
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any
 
-from kawhi.engine.images import decode_image
 from kawhi_client.explain import Explanation, explain
 from kawhi_client.schema import GroupResult, ImageRef, Options, Problem, RolloutGroup
+
+from kawhi.engine.images import decode_image
 
 __all__ = ["explain_groups", "explanation_for"]
 
 
 def explanation_for(engine: Any, group: RolloutGroup, result: GroupResult, image: Any, *,
-                    heatmap_response: Optional[int] = None, max_page_height: Optional[int] = None) -> Explanation:
+                    heatmap_response: int | None = None, max_page_height: int | None = None) -> Explanation:
     """The view of one reweighted group; ``image`` is its decoded PIL image (original size).
     Raises ValueError when the result is an error or ``heatmap_response`` does not exist."""
     resized, _ = engine.model.resize_image(image)
@@ -34,9 +36,9 @@ def explain_groups(
     options: Options | Mapping[str, Any] | None = None,
     *,
     load_image: Callable[[ImageRef], bytes] | None = None,
-    base_dir: Optional[Path] = None,
-    heatmap_response: Optional[int] = None,
-    max_page_height: Optional[int] = None,
+    base_dir: Path | None = None,
+    heatmap_response: int | None = None,
+    max_page_height: int | None = None,
 ) -> list[Explanation | GroupResult]:
     """Engine.reweight(..., explain=True), then one Explanation per group that succeeded;
     a group that failed (or asks for a heat map of a response it lacks) stays a

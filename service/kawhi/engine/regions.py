@@ -16,8 +16,9 @@ The selector is a pluggable strategy (``REGION_SELECTORS``): the paper's ablatio
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -25,7 +26,7 @@ from scipy import ndimage
 from kawhi.engine.config import SgufParams
 
 Grid = tuple[int, int]
-Seed = Union[int, Sequence[int], np.random.Generator, None]
+Seed = int | Sequence[int] | np.random.Generator | None
 # (image (H, W, 3) uint8, grid, rng, params) -> (rows, cols) bool key mask
 RegionSelector = Callable[[np.ndarray, Grid, np.random.Generator, SgufParams], np.ndarray]
 
@@ -366,7 +367,7 @@ class RegionSelection:
         return {"grid": list(self.grid), "key": self.key.tolist(), "selected": self.selected.tolist()}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "RegionSelection":
+    def from_dict(cls, d: Mapping[str, Any]) -> RegionSelection:
         """Inverse of ``to_dict`` (validates the same invariants as the constructor)."""
         try:
             return cls(grid=tuple(d["grid"]), key=d["key"], selected=d["selected"])

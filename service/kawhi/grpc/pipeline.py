@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any, Optional
+from typing import Any
 
 from kawhi.errors import KawhiError
 from kawhi.server import reweight as http_reweight
@@ -26,7 +26,7 @@ def _parse_and_admit(state: ServerState, pipeline: Any, doc: dict[str, Any]) -> 
     return pipeline.admit(parsed, queue_capacity=state.settings.queue_groups, allow_paths=False)
 
 
-async def reweight(state: ServerState, doc: dict[str, Any], timeout_s: Optional[float]) -> bytes:
+async def reweight(state: ServerState, doc: dict[str, Any], timeout_s: float | None) -> bytes:
     """``POST /v1/reweight`` for a request document: the JSON answer (as the idempotent result
     cache holds it). ``timeout_s`` (the caller's deadline) tightens the server's own
     per-request deadline. Cancelling the await drops the request's queued groups (the

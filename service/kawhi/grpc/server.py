@@ -13,13 +13,13 @@ answer may be as large as the per-token results of ``max_request_tokens`` tokens
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Optional
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
 from kawhi_client.grpc._proto import kawhi_pb2 as pb
 from kawhi_client.grpc._proto import kawhi_pb2_grpc as pb_grpc
 
@@ -51,12 +51,12 @@ def channel_options(settings: Any) -> list[tuple[str, Any]]:
 class GrpcFrontEnd:
     """The gRPC server of one ServerState."""
 
-    def __init__(self, state: ServerState, host: Optional[str] = None, port: Optional[int] = None) -> None:
+    def __init__(self, state: ServerState, host: str | None = None, port: int | None = None) -> None:
         self.state = state
         self.host = host if host is not None else state.settings.host
         self.requested_port = port if port is not None else state.settings.grpc_port
-        self.port: Optional[int] = None
-        self.server: Optional[grpc.aio.Server] = None
+        self.port: int | None = None
+        self.server: grpc.aio.Server | None = None
 
     @property
     def target(self) -> str:
@@ -86,7 +86,7 @@ class GrpcFrontEnd:
             self.server = None
 
 
-def attach(app: Any, *, host: Optional[str] = None, port: Optional[int] = None) -> GrpcFrontEnd:
+def attach(app: Any, *, host: str | None = None, port: int | None = None) -> GrpcFrontEnd:
     """Serve gRPC for this FastAPI app while it runs (see the module doc)."""
     front = GrpcFrontEnd(app.state.kawhi, host, port)
     inner = app.router.lifespan_context

@@ -14,11 +14,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, AsyncIterator, Optional
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 from grpc_status import rpc_status
-
 from kawhi_client.grpc import convert
 from kawhi_client.grpc._proto import kawhi_pb2 as pb
 from kawhi_client.grpc._proto import kawhi_pb2_grpc as pb_grpc
@@ -44,7 +44,7 @@ def _metadata(context: grpc.aio.ServicerContext, name: str) -> str:
     return ""
 
 
-def _retry_after(err: KawhiError) -> Optional[float]:
+def _retry_after(err: KawhiError) -> float | None:
     value = err.headers.get("Retry-After")
     try:
         return float(value) if value is not None else None
@@ -59,7 +59,7 @@ class _Rpc:
         self.state, self.context, self.route = state, context, f"/{SERVICE}/{method}"
         self.code = grpc.StatusCode.OK
 
-    async def __aenter__(self) -> "_Rpc":
+    async def __aenter__(self) -> _Rpc:
         self.rid = accept_request_id(_metadata(self.context, "x-request-id"))
         self.token = request_id_var.set(self.rid)
         self.started = time.perf_counter()
@@ -108,7 +108,7 @@ class _Rpc:
 def _into_message(problem: Any, j: int) -> Any:
     """A one-group request's problem (``/groups/0/...``) pointed at the group's place ``j`` in
     the stream message it came in."""
-    def move(ptr: Optional[str]) -> Optional[str]:
+    def move(ptr: str | None) -> str | None:
         if ptr and (ptr == "/groups/0" or ptr.startswith("/groups/0/")):
             return f"/groups/{j}" + ptr[len("/groups/0"):]
         return ptr
@@ -120,7 +120,7 @@ def _into_message(problem: Any, j: int) -> Any:
     return type(problem).model_validate(data)
 
 
-def _timeout(context: grpc.aio.ServicerContext) -> Optional[float]:
+def _timeout(context: grpc.aio.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else max(0.0, remaining)
 
@@ -180,7 +180,7 @@ class KawhiServicer(pb_grpc.KawhiServicer):
             done.put_nowait(exc)
 
     async def _one_group(
-        self, k: int, j: int, group: pb.RolloutGroup, options: Optional[dict[str, Any]],
+        self, k: int, j: int, group: pb.RolloutGroup, options: dict[str, Any] | None,
         context: grpc.aio.ServicerContext, done: asyncio.Queue,
     ) -> None:
         """One group of a stream through the pipeline as a one-group request; any problem
@@ -200,7 +200,7 @@ class KawhiServicer(pb_grpc.KawhiServicer):
         done.put_nowait(msg)
 
     async def _group_result(
-        self, k: int, j: int, group: pb.RolloutGroup, options: Optional[dict[str, Any]],
+        self, k: int, j: int, group: pb.RolloutGroup, options: dict[str, Any] | None,
         context: grpc.aio.ServicerContext,
     ) -> pb.ReweightStreamResult:
         wire = convert.group_from_message(group)

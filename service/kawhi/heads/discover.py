@@ -22,9 +22,10 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -73,13 +74,14 @@ class DiscoverySettings:
 # ---------------------------------------------------------------------- data
 
 
-def load_vqa_jsonl(path: str | Path, limit: Optional[int] = None) -> tuple[list[VQAItem], str]:
+def load_vqa_jsonl(path: str | Path, limit: int | None = None) -> tuple[list[VQAItem], str]:
     """Items of a JSONL file, one ``{"image": {...}, "question": ..., "answer": ...}`` a line
     (image: ``{"path": ...}`` relative to the file's folder, or ``{"data": <base64>}``).
     Returns the items and the data hash (sha256 over image bytes, question and answer)."""
+    from kawhi_client.schema import ImageRef
+
     from kawhi.engine.engine import GroupError, load_image_bytes
     from kawhi.engine.images import decode_image
-    from kawhi_client.schema import ImageRef
 
     path = Path(path)
     base = path.resolve().parent
@@ -139,10 +141,10 @@ def _hash_item(digest: Any, image_bytes: bytes, item: VQAItem) -> None:
 class _State:
     """The append-only JSON-lines record of a run (header, baseline, screen, one line per head)."""
 
-    def __init__(self, path: Optional[Path], header: dict[str, Any]) -> None:
+    def __init__(self, path: Path | None, header: dict[str, Any]) -> None:
         self.path = path
-        self.baseline: Optional[dict[str, Any]] = None
-        self.screen: Optional[list[float]] = None
+        self.baseline: dict[str, Any] | None = None
+        self.screen: list[float] | None = None
         self.heads: dict[int, dict[str, Any]] = {}
         if path is None:
             return
@@ -193,11 +195,11 @@ def discover(
     reference: Any,
     items: Sequence[VQAItem],
     *,
-    data_sha256: Optional[str] = None,
+    data_sha256: str | None = None,
     settings: DiscoverySettings = DiscoverySettings(),
     state_path: str | Path | None = None,
-    progress: Optional[Callable[[int], Any]] = None,
-    data_source: Optional[str] = None,
+    progress: Callable[[int], Any] | None = None,
+    data_source: str | None = None,
     batch_heads: int = 8,
 ) -> dict[str, Any]:
     """Run the causal test; returns the report (a heads file: ``model``, ``heads`` and the evidence).
@@ -255,7 +257,7 @@ def discover(
     image = np.array(state.baseline["image"])
     blank = np.array(state.baseline["blank"])
 
-    screen: Optional[np.ndarray] = None
+    screen: np.ndarray | None = None
     if screen_needed:
         if state.screen is None:
             shares = []

@@ -26,9 +26,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from kawhi.heads.identity import IdentityError, ModelIdentity
 from kawhi.heads.presets import published_heads
@@ -50,7 +51,7 @@ class HeadSet:
     ``published:<name>``, ``file:<path>`` or ``all (no set known)``.
     """
 
-    heads: Optional[tuple[int, ...]]
+    heads: tuple[int, ...] | None
     source: str
 
 

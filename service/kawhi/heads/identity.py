@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 SHAPE_FIELDS = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
                 "vocab_size")
@@ -31,10 +32,10 @@ class ModelIdentity:
     num_attention_heads: int
     num_key_value_heads: int
     vocab_size: int
-    name_or_path: Optional[str] = None
+    name_or_path: str | None = None
 
     @classmethod
-    def from_config(cls, config: Any, folder: str | Path | None = None) -> "ModelIdentity":
+    def from_config(cls, config: Any, folder: str | Path | None = None) -> ModelIdentity:
         """From a loaded transformers config; ``folder`` (its config.json) supplies ``_name_or_path``."""
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         name = None
@@ -51,7 +52,7 @@ class ModelIdentity:
         )
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any], where: str = "model") -> "ModelIdentity":
+    def from_dict(cls, raw: Mapping[str, Any], where: str = "model") -> ModelIdentity:
         """From a config.json's content (text fields top-level or under ``text_config``)
         or from a heads file's ``model`` object. Raises IdentityError naming the field."""
         if not isinstance(raw, Mapping):
@@ -73,7 +74,7 @@ class ModelIdentity:
         return cls(**values, name_or_path=_raw_name(raw))
 
     @classmethod
-    def from_folder(cls, folder: str | Path) -> "ModelIdentity":
+    def from_folder(cls, folder: str | Path) -> ModelIdentity:
         """From a model folder's config.json alone (no weights are read)."""
         folder = Path(folder)
         return cls.from_dict(_read_config_json(folder), where=f"{folder / 'config.json'}")
@@ -81,7 +82,7 @@ class ModelIdentity:
     def shape(self) -> tuple[Any, ...]:
         return tuple(getattr(self, name) for name in SHAPE_FIELDS)
 
-    def mismatches(self, other: "ModelIdentity") -> list[str]:
+    def mismatches(self, other: ModelIdentity) -> list[str]:
         """The shape fields in which ``other`` differs from this identity."""
         return [name for name in SHAPE_FIELDS if getattr(self, name) != getattr(other, name)]
 
@@ -109,6 +110,6 @@ def _read_config_json(folder: Path) -> dict[str, Any]:
     return raw
 
 
-def _raw_name(raw: Mapping[str, Any]) -> Optional[str]:
+def _raw_name(raw: Mapping[str, Any]) -> str | None:
     name = raw.get("_name_or_path", raw.get("name_or_path"))
     return name if isinstance(name, str) and name.strip() else None

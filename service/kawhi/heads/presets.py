@@ -9,7 +9,6 @@ models' published config.json files.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from kawhi.heads.identity import ModelIdentity
 
@@ -43,7 +42,7 @@ PUBLISHED: tuple[PublishedHeads, ...] = (
 )
 
 
-def published_heads(identity: ModelIdentity) -> Optional[PublishedHeads]:
+def published_heads(identity: ModelIdentity) -> PublishedHeads | None:
     """The published set for a model of this architecture and shape, or None."""
     for preset in PUBLISHED:
         if preset.identity.shape() == identity.shape():

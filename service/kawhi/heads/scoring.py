@@ -14,8 +14,9 @@ layer from that layer's own input (a pre-hook), for the answer rows only: an
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch

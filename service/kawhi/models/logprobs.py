@@ -23,8 +23,9 @@ Nothing here runs unless asked; the alignment path is unchanged.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

@@ -23,8 +23,9 @@ import contextvars
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -59,7 +60,7 @@ class PrefixState:
     visual: LayerInputs
     next_position: int
     length: int
-    states: Optional[LayerInputs] = None
+    states: LayerInputs | None = None
 
     @property
     def nbytes(self) -> int:
@@ -81,7 +82,7 @@ class _Flight:
 
     def __init__(self) -> None:
         self.done = threading.Event()
-        self.state: Optional[PrefixState] = None
+        self.state: PrefixState | None = None
 
 
 class PrefixCache:
@@ -159,7 +160,7 @@ class PrefixCache:
 
 
 def shared_prefixes(prompts: Sequence[Any], compute: Callable[[Any], PrefixState],
-                    cache: Optional[PrefixCache] = None) -> list[PrefixState]:
+                    cache: PrefixCache | None = None) -> list[PrefixState]:
     """One state per prompt (``compute(prompt)``); prompts with equal ``cache_key`` share one,
     from ``cache`` when given; a prompt without a key gets its own."""
     shared: dict[str, PrefixState] = {}
@@ -170,7 +171,7 @@ def shared_prefixes(prompts: Sequence[Any], compute: Callable[[Any], PrefixState
             out.append(compute(prompt))
             continue
         if key not in shared:
-            shared[key] = cache.get_or_compute(key, lambda: compute(prompt)) if cache is not None else compute(prompt)
+            shared[key] = cache.get_or_compute(key, lambda prompt=prompt: compute(prompt)) if cache is not None else compute(prompt)
         out.append(shared[key])
     return out
 
@@ -181,7 +182,7 @@ Row = tuple[int, int, list[int]]  # (group index, response index, token ids)
 
 
 def pack_rows(groups: Sequence[tuple[Any, Sequence[Sequence[int]]]], max_tokens: int, merge_groups: bool,
-              max_padding: float, prefix_of: Optional[Sequence[Any]] = None) -> list[list[Row]]:
+              max_padding: float, prefix_of: Sequence[Any] | None = None) -> list[list[Row]]:
     """Response rows packed into forward batches, longest first within a group.
 
     Groups that continue the same prefix (equal ``prefix_of[g]``, e.g. one group sent as
@@ -221,7 +222,7 @@ def pack_rows(groups: Sequence[tuple[Any, Sequence[Sequence[int]]]], max_tokens:
 
 
 def padded_prefix_cache(rows: list[Row], prefixes: list[PrefixState], longest: int, text_config: Any,
-                        device: Any) -> tuple[Any, Optional[torch.Tensor]]:
+                        device: Any) -> tuple[Any, torch.Tensor | None]:
     """The copying alternative to split attention: a KV cache with one copy of its prefix
     per row, right-padded to the longest prefix P, and the (rows, P + longest) mask hiding
     that padding (None when all prefixes are as long)."""
@@ -255,7 +256,7 @@ class SplitPlan:
     segments: list[tuple[int, int, PrefixState]]
 
     @classmethod
-    def of(cls, rows: Sequence[Row], prefixes: Sequence[PrefixState]) -> "SplitPlan":
+    def of(cls, rows: Sequence[Row], prefixes: Sequence[PrefixState]) -> SplitPlan:
         """Runs of consecutive rows continuing the same prefix (rows: (group, response, ids))."""
         segments: list[list[Any]] = []
         for i, (g, _, _) in enumerate(rows):
@@ -266,7 +267,7 @@ class SplitPlan:
         return cls([(a, b, p) for a, b, p in segments])
 
 
-_PLAN: contextvars.ContextVar[Optional[SplitPlan]] = contextvars.ContextVar("kawhi_split_plan", default=None)
+_PLAN: contextvars.ContextVar[SplitPlan | None] = contextvars.ContextVar("kawhi_split_plan", default=None)
 
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
@@ -294,7 +295,7 @@ def reference_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 
 def split_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any,
-                    dropout: float = 0.0, scaling: Optional[float] = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+                    dropout: float = 0.0, scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers attention function of the LM layers (registered as SPLIT_ATTENTION).
 
     Outside a continuation forward it IS transformers' SDPA attention. Inside one

@@ -26,9 +26,10 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal
 
 import torch
 from PIL import Image
@@ -108,7 +109,7 @@ class PromptInputs:
     image_grid_thw: torch.Tensor
     visual_positions: torch.Tensor
     grid: tuple[int, int]
-    cache_key: Optional[str] = None  # content key of the prefix (kawhi.models.prefix.prefix_key); None = not cached
+    cache_key: str | None = None  # content key of the prefix (kawhi.models.prefix.prefix_key); None = not cached
 
 
 @dataclass
@@ -127,7 +128,7 @@ class GroupStates:
 
     visual: LayerInputs
     responses: list[LayerInputs]
-    prefix: Optional[LayerInputs] = None  # every prefix position (for finishing the final layer)
+    prefix: LayerInputs | None = None  # every prefix position (for finishing the final layer)
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -212,7 +213,7 @@ class QwenVLReference:
         dtype: str = "auto",
         attn_implementation: str = "sdpa",
         name: str | None = None,
-    ) -> "QwenVLReference":
+    ) -> QwenVLReference:
         """Load a local checkpoint folder offline (config, weights, tokenizer, preprocessor)."""
         import transformers
         from transformers import AutoConfig, AutoTokenizer
@@ -394,8 +395,8 @@ class QwenVLReference:
         *,
         merge_groups: bool = True,
         max_padding: float = 1.25,
-        split_attention: Optional[bool] = None,
-        prefix_cache: Optional[PrefixCache] = None,
+        split_attention: bool | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> list[GroupStates]:
         """Final-layer inputs of several groups, with each prefix run once.
 
@@ -426,7 +427,7 @@ class QwenVLReference:
                                        prefixes[g].states))
         return results
 
-    def prefixes(self, prompts: Sequence[PromptInputs], cache: Optional[PrefixCache] = None) -> list[PrefixState]:
+    def prefixes(self, prompts: Sequence[PromptInputs], cache: PrefixCache | None = None) -> list[PrefixState]:
         """One PrefixState per prompt; prompts with equal ``cache_key`` share one (from ``cache``
         when given, computed once otherwise)."""
         return shared_prefixes(prompts, self._prefix, cache)
@@ -485,7 +486,7 @@ class QwenVLReference:
             states[(g, r)] = LayerInputs(out.hidden[i, :n], out.cos[i, :n], out.sin[i, :n])
 
     def _padded_prefix_cache(self, rows: list[Row], prefixes: list[PrefixState],
-                             longest: int) -> tuple[Any, Optional[torch.Tensor]]:
+                             longest: int) -> tuple[Any, torch.Tensor | None]:
         return padded_prefix_cache(rows, prefixes, longest, self.model.config.get_text_config(), self.device)
 
     @torch.inference_mode()

@@ -11,12 +11,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+
+from kawhi_client.schema import RolloutGroup
 
 from kawhi.engine.errors import GroupError
 from kawhi.engine.images import ImageLimits, decode_base64, probe_image, sha256_hex
 from kawhi.errors import KawhiError
-from kawhi_client.schema import RolloutGroup
 
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 
@@ -40,11 +40,11 @@ class Admitted:
     index: int
     group: RolloutGroup
     sha256: str
-    data: Optional[bytes]
+    data: bytes | None
     image_pointer: str  # "/image/data" | "/image/sha256" | "/image/path"
 
 
-def check_request_size(n_groups: int, limits: Limits, queue_capacity: Optional[int] = None) -> None:
+def check_request_size(n_groups: int, limits: Limits, queue_capacity: int | None = None) -> None:
     if n_groups > limits.max_groups:
         raise KawhiError("too-large", f"{n_groups} groups; the limit is {limits.max_groups}", "/groups")
     if queue_capacity is not None and n_groups > queue_capacity:
@@ -52,7 +52,7 @@ def check_request_size(n_groups: int, limits: Limits, queue_capacity: Optional[i
                          "split the request", "/groups")
 
 
-def admit_group(index: int, group: RolloutGroup, limits: Limits, *, base_dir: Optional[Path] = None,
+def admit_group(index: int, group: RolloutGroup, limits: Limits, *, base_dir: Path | None = None,
                 allow_paths: bool = False) -> Admitted:
     """Checks without the model; GroupError relative to the group."""
     n = len(group.responses)
@@ -75,7 +75,7 @@ def admit_group(index: int, group: RolloutGroup, limits: Limits, *, base_dir: Op
     return _admit_image(index, group, limits, base_dir, allow_paths)
 
 
-def _admit_image(index: int, group: RolloutGroup, limits: Limits, base_dir: Optional[Path],
+def _admit_image(index: int, group: RolloutGroup, limits: Limits, base_dir: Path | None,
                  allow_paths: bool) -> Admitted:
     ref = group.image
     max_bytes = limits.image.max_bytes

@@ -17,9 +17,12 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any
+
+from kawhi_client.schema import GroupResult, Problem, ReweightResponse, Usage
 
 from kawhi import __version__
 from kawhi.engine.config import MethodConfig
@@ -28,7 +31,6 @@ from kawhi.engine.images import decode_image
 from kawhi.errors import KawhiError
 from kawhi.pipeline.admit import Admitted, Limits, admit_group, check_request_size
 from kawhi.pipeline.parse import ParsedRequest, parse_groups, parse_json, parse_options, parse_request
-from kawhi_client.schema import GroupResult, Problem, ReweightResponse, Usage
 
 log = logging.getLogger("kawhi.pipeline")
 
@@ -58,14 +60,14 @@ def limits_of(engine: Any) -> Limits:
 class Pipeline:
     """The steps over one engine. ``region_cache``: optional ``get``/``set`` store of region selections."""
 
-    def __init__(self, engine: Any, limits: Optional[Limits] = None, *, region_cache: Any = None) -> None:
+    def __init__(self, engine: Any, limits: Limits | None = None, *, region_cache: Any = None) -> None:
         self.engine = engine
         self.limits = limits or limits_of(engine)
         self.region_cache = region_cache
 
     # ------------------------------------------------------------------ 1 parse
     @staticmethod
-    def parse_body(body: bytes, content_type: Optional[str] = "application/json") -> ParsedRequest:
+    def parse_body(body: bytes, content_type: str | None = "application/json") -> ParsedRequest:
         """A wire request body (HTTP, gRPC JSON)."""
         return parse_request(parse_json(body, content_type))
 
@@ -84,8 +86,8 @@ class Pipeline:
         """Wire options over the engine defaults; KawhiError at ``/options/<name>``."""
         return self.engine.resolve_options(dict(options or {}))
 
-    def admit(self, parsed: ParsedRequest, *, queue_capacity: Optional[int] = None, allow_paths: bool = False,
-              base_dir: Optional[Path] = None) -> Admission:
+    def admit(self, parsed: ParsedRequest, *, queue_capacity: int | None = None, allow_paths: bool = False,
+              base_dir: Path | None = None) -> Admission:
         """Options resolved, limits checked, image bytes decoded and their headers read."""
         check_request_size(len(parsed.groups), self.limits, queue_capacity)
         admission = Admission(parsed, self.resolve_options(parsed.options))
@@ -106,7 +108,7 @@ class Pipeline:
         parsed.errors[index] = exc
 
     # ------------------------------------------------------------------ 3 prepare
-    def prepare(self, admitted: Admitted, config: MethodConfig, data: Optional[bytes] = None) -> Any:
+    def prepare(self, admitted: Admitted, config: MethodConfig, data: bytes | None = None) -> Any:
         """Decode the image and ``Engine.prepare`` one group (CPU; the prepare thread).
 
         data: the image bytes when the group referenced them by hash. Raises KawhiError
@@ -188,8 +190,8 @@ class Pipeline:
             results=self.results(admission.parsed, outcomes))
 
     # ------------------------------------------------------------------ all steps
-    def reweight(self, parsed: ParsedRequest, *, allow_paths: bool = True, base_dir: Optional[Path] = None,
-                 load_image: Optional[Callable[[Any], bytes]] = None, explain: bool = False) -> ReweightResponse:
+    def reweight(self, parsed: ParsedRequest, *, allow_paths: bool = True, base_dir: Path | None = None,
+                 load_image: Callable[[Any], bytes] | None = None, explain: bool = False) -> ReweightResponse:
         """Every step, synchronously (in-process, CLI). Request-level errors raise KawhiError.
 
         load_image: resolves a hash-referenced ImageRef to bytes (default: none are held).

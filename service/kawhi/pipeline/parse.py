@@ -14,14 +14,15 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any
 
+from kawhi_client.schema import Options, RolloutGroup
 from pydantic import ValidationError
 
 from kawhi.engine.errors import GroupError, loc_to_pointer, validation_message
 from kawhi.errors import KawhiError, pointer
-from kawhi_client.schema import Options, RolloutGroup
 
 MAX_DEPTH = 128
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -48,7 +49,7 @@ def _constant(name: str) -> Any:
     return _Bad(NOT_FINITE)
 
 
-def parse_json(body: bytes, content_type: Optional[str] = "application/json") -> Any:
+def parse_json(body: bytes, content_type: str | None = "application/json") -> Any:
     """The checked document of a JSON body (KawhiError otherwise)."""
     if content_type is not None:
         ctype = content_type.split(";")[0].strip().lower()
@@ -120,8 +121,8 @@ class ParsedRequest:
     groups in-process, one group per CLI line).
     """
 
-    groups: list[Optional[RolloutGroup]]
-    ids: list[Optional[str]]
+    groups: list[RolloutGroup | None]
+    ids: list[str | None]
     options: dict[str, Any] = field(default_factory=dict)
     per_group_errors: bool = True
     errors: dict[int, KawhiError] = field(default_factory=dict)
@@ -147,7 +148,7 @@ def validation_error(exc: ValidationError | Iterable[Mapping[str, Any]], prefix:
     return KawhiError("validation", detail, first["pointer"], errors=listed)
 
 
-def _group_id(raw: Any) -> Optional[str]:
+def _group_id(raw: Any) -> str | None:
     if isinstance(raw, RolloutGroup):
         return raw.id
     if isinstance(raw, Mapping) and isinstance(raw.get("id"), str):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Optional
 
 from kawhi_client.routing import ROUTING_KEY_RE
 
@@ -30,7 +29,7 @@ class SeenKeys:
         self._keys: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
 
-    def observe(self, raw: Optional[str]) -> str:
+    def observe(self, raw: str | None) -> str:
         key = (raw or "").strip().lower()
         if not ROUTING_KEY_RE.match(key):
             return "none"

@@ -18,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Optional
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -48,7 +49,7 @@ def _make_lifespan(state: ServerState):
         state.build_limits()
         state.loop = asyncio.get_running_loop()
         await state.caches.start()
-        loader: Optional[asyncio.Task] = None
+        loader: asyncio.Task | None = None
         if state._given_engine is not None:
             state.engine_ready(state._given_engine)
         else:
@@ -182,8 +183,8 @@ def create_app(settings: Any = None, *, engine: Any = None) -> FastAPI:
 
         app.add_middleware(GZipMiddleware, minimum_size=settings.gzip_min_bytes)
 
-    from kawhi.server.routes import router, v1
     import kawhi.server.explain  # noqa: F401  (adds POST /v1/explain to v1)
+    from kawhi.server.routes import router, v1
 
     app.include_router(router)
     app.include_router(v1)

@@ -7,7 +7,7 @@ answer tells a caller nothing about which keys exist or what was wrong.
 from __future__ import annotations
 
 import hmac
-from typing import Sequence
+from collections.abc import Sequence
 
 from starlette.requests import Request
 

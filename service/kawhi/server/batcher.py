@@ -26,8 +26,9 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 from kawhi.server.metrics import Metrics
 
@@ -47,12 +48,12 @@ class Ticket:
 
     __slots__ = ("held", "cancelled", "_batcher")
 
-    def __init__(self, batcher: "Batcher", n: int) -> None:
+    def __init__(self, batcher: Batcher, n: int) -> None:
         self._batcher = batcher
         self.held = n
         self.cancelled = False
 
-    def release(self, n: Optional[int] = None) -> None:
+    def release(self, n: int | None = None) -> None:
         """Give back n slots (all remaining by default)."""
         self._batcher._release(self, self.held if n is None else n)
 
@@ -85,7 +86,7 @@ def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
         fut.set_exception(exc)
 
 
-def _deliver(it: "_Item", setter: Callable[[asyncio.Future, Any], None], value: Any) -> None:
+def _deliver(it: _Item, setter: Callable[[asyncio.Future, Any], None], value: Any) -> None:
     """Hand a result to the request's event loop; a loop already closed (shutdown past its
     drain deadline) has nobody left to answer."""
     try:
@@ -103,7 +104,7 @@ class Batcher:
         batch_tokens: int,
         max_wait_s: float,
         capacity: int,
-        thread_init: Optional[Callable[[], None]] = None,
+        thread_init: Callable[[], None] | None = None,
     ) -> None:
         self.engine = engine
         self.thread_init = thread_init
@@ -117,7 +118,7 @@ class Batcher:
         self._pending = 0  # admitted groups not yet in a forward
         self._busy = False
         self._stopping = False
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._rate = 0.0  # groups / second, exponentially averaged over forwards
 
     # ------------------------------------------------------------------ admission

@@ -20,9 +20,8 @@ import asyncio
 import json
 import logging
 import threading
-import time
 from collections import OrderedDict
-from typing import Any, Optional
+from typing import Any
 
 from kawhi.server.metrics import Metrics
 
@@ -76,11 +75,11 @@ class Caches:
         self,
         metrics: Metrics,
         *,
-        redis_url: Optional[str] = None,
+        redis_url: str | None = None,
         redis_timeout_s: float = 0.5,
         redis_retry_s: float = 2.0,
-        max_bytes: Optional[dict[str, int]] = None,
-        ttl_s: Optional[dict[str, int]] = None,
+        max_bytes: dict[str, int] | None = None,
+        ttl_s: dict[str, int] | None = None,
         namespace: str = "kawhi:v1",
     ) -> None:
         self.metrics = metrics
@@ -93,9 +92,9 @@ class Caches:
         self.retry_s = redis_retry_s
         self.redis_url = redis_url
         self._redis = None
-        self._degraded: Optional[str] = None
+        self._degraded: str | None = None
         self._lock = threading.Lock()
-        self._probe_task: Optional[asyncio.Task] = None
+        self._probe_task: asyncio.Task | None = None
         if redis_url:
             import redis  # the server extra installs it
 
@@ -113,7 +112,7 @@ class Caches:
         return self._redis is not None
 
     @property
-    def degraded(self) -> Optional[str]:
+    def degraded(self) -> str | None:
         """None when healthy (or no Redis configured), else why Redis is not used."""
         return self._degraded
 
@@ -139,7 +138,7 @@ class Caches:
         return f"{self.namespace}:{kind}:{key}"
 
     # ------------------------------------------------------------------ sync API
-    def get(self, kind: str, key: str) -> Optional[bytes]:
+    def get(self, kind: str, key: str) -> bytes | None:
         value = self.lru[kind].get(key)
         if value is not None:
             self.metrics.cache_hits.labels(kind).inc()
@@ -169,7 +168,7 @@ class Caches:
         return self.get(kind, key) is not None
 
     # ------------------------------------------------------------------ async API
-    async def aget(self, kind: str, key: str) -> Optional[bytes]:
+    async def aget(self, kind: str, key: str) -> bytes | None:
         value = self.lru[kind].get(key)  # fast path without a thread hop
         if value is not None:
             self.metrics.cache_hits.labels(kind).inc()
@@ -186,7 +185,7 @@ class Caches:
         await asyncio.to_thread(self.set, kind, key, value)
 
     # ------------------------------------------------------------------ regions
-    def region_cache(self) -> "RegionCache":
+    def region_cache(self) -> RegionCache:
         return RegionCache(self)
 
     # ------------------------------------------------------------------ lifecycle
@@ -237,7 +236,7 @@ class RegionCache:
     def __init__(self, caches: Caches) -> None:
         self.caches = caches
 
-    def get(self, key: str) -> Optional[dict]:
+    def get(self, key: str) -> dict | None:
         raw = self.caches.get("region", key)
         if raw is None:
             return None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Optional
+from typing import Any
 
 from fastapi import Depends, Request
 from starlette.responses import Response
@@ -28,7 +28,7 @@ __all__ = ["choose_media_type", "explain"]
 PNG, HTML = "image/png", "text/html"
 
 
-def choose_media_type(accept: Optional[str]) -> Optional[str]:
+def choose_media_type(accept: str | None) -> str | None:
     """image/png or text/html by the Accept header (PNG when both rank equal or none is
     named); None when the caller accepts neither."""
     if not accept or not accept.strip():
@@ -55,7 +55,7 @@ def choose_media_type(accept: Optional[str]) -> Optional[str]:
     return HTML if html > png else PNG
 
 
-def _query_int(request: Request, name: str, minimum: int) -> Optional[int]:
+def _query_int(request: Request, name: str, minimum: int) -> int | None:
     raw = request.query_params.get(name)
     if raw is None or raw == "":
         return None
@@ -96,7 +96,7 @@ async def explain(request: Request, state: ServerState = Depends(get_state)) -> 
         state.leave()
 
 
-async def _explain(request: Request, state: ServerState, pipeline: Pipeline, media: str, heatmap: Optional[int],
+async def _explain(request: Request, state: ServerState, pipeline: Pipeline, media: str, heatmap: int | None,
                    page: int) -> Response:
     deadline = time.monotonic() + state.settings.request_timeout_s
     body = await read_body(request, state.settings.body_timeout_s)
@@ -142,21 +142,21 @@ async def _explain(request: Request, state: ServerState, pipeline: Pipeline, med
                     headers={"X-Kawhi-Pages": str(pages)})
 
 
-def _prepare(pipeline: Pipeline, admission: Any, data: Optional[bytes]) -> Any:
+def _prepare(pipeline: Pipeline, admission: Any, data: bytes | None) -> Any:
     """Runs in the prepare thread: the pipeline's prepare, marked for explaining."""
     prepared = pipeline.prepare(admission.groups[0], admission.config, data)
     prepared.explain = True
     return prepared
 
 
-def _decode(data: Optional[bytes], state: ServerState) -> Any:
+def _decode(data: bytes | None, state: ServerState) -> Any:
     """The group's image, decoded again for drawing (the prepared group keeps only its tensors)."""
     from kawhi.engine.images import decode_image
 
     return decode_image(data, state.image_limits)
 
 
-def _draw(engine: Any, group: Any, result: Any, image: Any, media: str, heatmap: Optional[int],
+def _draw(engine: Any, group: Any, result: Any, image: Any, media: str, heatmap: int | None,
           page: int) -> tuple[bytes, int]:
     from kawhi.engine.explain import explanation_for
 

@@ -9,9 +9,9 @@ import logging
 import re
 import sys
 import uuid
-from typing import Any, Optional
+from typing import Any
 
-request_id_var: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("kawhi_request_id", default=None)
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("kawhi_request_id", default=None)
 
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 
@@ -19,7 +19,7 @@ _VALID_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "color_message"}
 
 
-def accept_request_id(value: Optional[str]) -> str:
+def accept_request_id(value: str | None) -> str:
     """The caller's X-Request-ID when it is a sane token, else a fresh one."""
     if value and _VALID_ID.match(value):
         return value

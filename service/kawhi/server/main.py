@@ -22,7 +22,7 @@ import threading
 import time
 import typing
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from pydantic import SecretStr
 
@@ -46,7 +46,7 @@ _GROUPS = {
 }
 
 
-def _flag_type(annotation: Any) -> tuple[Any, Optional[list[Any]], bool]:
+def _flag_type(annotation: Any) -> tuple[Any, list[Any] | None, bool]:
     """(argparse type, choices, is_bool) for a settings annotation."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
@@ -246,7 +246,7 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kawhi")
     sub = parser.add_subparsers(dest="command")
     add_serve_parser(sub)

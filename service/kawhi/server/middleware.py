@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
-from kawhi.server.logs import accept_request_id, request_id_var
 from kawhi.errors import KawhiError
+from kawhi.server.logs import accept_request_id, request_id_var
 from kawhi.server.problems import problem_response
 
 log = logging.getLogger("kawhi.server.access")
@@ -57,7 +58,7 @@ class RequestContextMiddleware:
         started = time.perf_counter()
         status_holder: dict[str, Any] = {"status": 500, "started": False}
         rid_header = (b"x-request-id", rid.encode())
-        routing: Optional[str] = None
+        routing: str | None = None
         if scope.get("path") == "/v1/reweight" and scope.get("method") == "POST":
             routing = metrics.observe_routing_key(headers.get(b"x-kawhi-routing-key", b"").decode("latin-1"))
 
@@ -83,7 +84,7 @@ class RequestContextMiddleware:
 
         metrics.in_flight.inc()
         try:
-            declared: Optional[int] = None
+            declared: int | None = None
             raw_len = headers.get(b"content-length")
             if raw_len is not None:
                 try:
@@ -119,7 +120,7 @@ class RequestContextMiddleware:
             )
             request_id_var.reset(token)
 
-    async def _too_large(self, send: Callable, rid: str, declared: Optional[int]) -> None:
+    async def _too_large(self, send: Callable, rid: str, declared: int | None) -> None:
         limit = self.state.settings.max_body_bytes
         size = f"{declared} bytes" if declared is not None else "more"
         err = KawhiError("too-large", f"request body is {size}; the limit is {limit} bytes")

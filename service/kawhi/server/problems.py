@@ -11,7 +11,7 @@ RFC 9457 extensions.
 from __future__ import annotations
 
 import json
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 from starlette.responses import Response
 
@@ -20,7 +20,7 @@ from kawhi.errors import PROBLEM_MEDIA_TYPE, TYPE_BASE, KawhiError  # noqa: F401
 
 
 def problem_response(
-    err: KawhiError, request_id: Optional[str] = None, headers: Optional[Mapping[str, str]] = None
+    err: KawhiError, request_id: str | None = None, headers: Mapping[str, str] | None = None
 ) -> Response:
     body = err.to_problem()
     if request_id:

@@ -20,7 +20,8 @@ import hashlib
 import json
 import logging
 import time
-from typing import Any, Awaitable, Callable, Optional
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -60,7 +61,7 @@ async def wait_disconnect(request: Request) -> None:
             return
 
 
-def parse_and_admit(state: ServerState, pipeline: Pipeline, body: bytes, content_type: Optional[str]) -> Admission:
+def parse_and_admit(state: ServerState, pipeline: Pipeline, body: bytes, content_type: str | None) -> Admission:
     """Pure CPU, thread-safe: the pipeline's parse and admit steps."""
     parsed = pipeline.parse_body(body, content_type)
     return pipeline.admit(parsed, queue_capacity=state.settings.queue_groups, allow_paths=False)
@@ -114,14 +115,14 @@ def reserve(batcher: Any, n: int) -> Any:
                          headers={"Retry-After": str(exc.retry_after)}) from None
 
 
-async def answer_once(state: ServerState, key: Optional[str], deadline: float, limit_s: float,
+async def answer_once(state: ServerState, key: str | None, deadline: float, limit_s: float,
                       compute: Callable[[], Awaitable[tuple[bytes, bool]]]) -> tuple[bytes, str]:
     """The answer of a request with idempotency ``key`` (None: not idempotent) and where it
     came from: stored (``"hit"``), the same request's attempt in flight (``"joined"``), or
     ``compute()`` (``"miss"``, stored when it says it is cacheable). A retry that arrives
     while the first attempt runs waits for it; if that attempt fails, it computes itself.
     Every front end (HTTP, gRPC) answers through here."""
-    owner: Optional[asyncio.Future] = None
+    owner: asyncio.Future | None = None
     if key is not None:
         while True:
             stored = await state.caches.aget("result", key)
@@ -139,7 +140,7 @@ async def answer_once(state: ServerState, key: Optional[str], deadline: float, l
             if done is not None:
                 return done, "joined"
             # the first attempt failed: try again ourselves
-    out: Optional[bytes] = None
+    out: bytes | None = None
     try:
         out, cacheable = await compute()
         if key is not None and cacheable:
@@ -221,7 +222,7 @@ async def _compute(state: ServerState, pipeline: Pipeline, admission: Admission,
         ticket.cancel("error")
         raise
     ticket.release()
-    for i, err in admission.errors.items():
+    for err in admission.errors.values():
         state.count_error(err)
     response = pipeline.assemble(admission, outcomes, tokens, started)
     for i, res in enumerate(response.results):

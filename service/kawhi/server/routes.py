@@ -12,6 +12,7 @@ import logging
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
+from kawhi_client.schema import Problem, ReweightResponse
 from starlette.responses import JSONResponse, Response
 
 from kawhi import __version__
@@ -20,7 +21,6 @@ from kawhi.server import reweight as reweight_call
 from kawhi.server.auth import require_api_key
 from kawhi.server.problems import problem_response
 from kawhi.server.state import ServerState, get_state
-from kawhi_client.schema import Problem, ReweightResponse
 
 log = logging.getLogger("kawhi.server")
 

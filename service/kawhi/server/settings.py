@@ -14,14 +14,14 @@ becomes a server setting, with its range, without touching this file.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
+from kawhi_client.options import OPTIONS, SGUF_OPTIONS
 from pydantic import Field, SecretStr, create_model, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kawhi.engine.config import MethodConfig, SgufParams
-from kawhi_client.options import OPTIONS, SGUF_OPTIONS
 from kawhi.engine.images import ImageLimits
 
 _IMAGE = ImageLimits()  # the engine's image limits are the defaults here
@@ -40,13 +40,13 @@ class _ServerSettings(BaseSettings):
     )
 
     # --- model -------------------------------------------------------------------
-    model: Optional[str] = Field(
+    model: str | None = Field(
         None, description="reference model: a local checkpoint folder (loaded offline); unset = the embedded tiny demo model"
     )
     device: str = Field("cpu", description="torch device of the reference model (cpu, cuda, cuda:1 ...)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="torch dtype of the reference model")
-    heads_file: Optional[str] = Field(
+    heads_file: str | None = Field(
         None, description="vision-critical heads file (from `kawhi heads discover`) for heads=preset; wins over "
         "kawhi_heads.json in the model folder and the published sets; made for another model -> refused at start-up"
     )
@@ -54,12 +54,12 @@ class _ServerSettings(BaseSettings):
     # --- network -----------------------------------------------------------------
     host: str = Field("127.0.0.1", description="interface to bind")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to bind (0 = any free port)")
-    grpc_port: Optional[int] = Field(
+    grpc_port: int | None = Field(
         None, ge=0, le=65535,
         description="TCP port of the gRPC front end (kawhi.v1.Kawhi, health, reflection) on the same host; "
         "unset = HTTP only, 0 = any free port",
     )
-    api_keys: Optional[SecretStr] = Field(
+    api_keys: SecretStr | None = Field(
         None, description="comma-separated bearer API keys; unset or empty = no authentication"
     )
     root_path: str = Field("", description="ASGI root_path when served behind a path-prefixing proxy")
@@ -104,7 +104,7 @@ class _ServerSettings(BaseSettings):
     prepare_threads: int = Field(
         1, ge=1, description="threads that decode images and tokenize (the forward has its own thread)"
     )
-    torch_threads: Optional[int] = Field(
+    torch_threads: int | None = Field(
         None,
         ge=1,
         description="torch intra-op threads (unset = auto: on cpu, the usable cores minus the prepare and "
@@ -114,7 +114,7 @@ class _ServerSettings(BaseSettings):
     )
 
     # --- caches ------------------------------------------------------------------
-    redis_url: Optional[str] = Field(
+    redis_url: str | None = Field(
         None, description="redis://host:port/db; unset = in-process LRU caches only"
     )
     redis_timeout_s: float = Field(0.5, gt=0, description="socket timeout of every Redis call")
@@ -127,7 +127,7 @@ class _ServerSettings(BaseSettings):
         description="LRU budget, in the model's device memory, for image + prompt prefixes (KV of layers 0..L-2 and "
         "visual states) kept across requests, so single-response requests of one group share one prefix; 0 = off",
     )
-    split_attention: Optional[bool] = Field(
+    split_attention: bool | None = Field(
         None, description="responses attend to the one stored copy of their prefix instead of a per-response copy "
         "of its KV cache (exact); unset = where it measured faster (CPU)",
     )
@@ -167,7 +167,7 @@ class _ServerSettings(BaseSettings):
             return []
         return [k.strip().encode() for k in self.api_keys.get_secret_value().split(",") if k.strip()]
 
-    def resolved_torch_threads(self) -> Optional[int]:
+    def resolved_torch_threads(self) -> int | None:
         """torch intra-op threads to set, or None to leave torch's default (see ``torch_threads``).
 
         On CPU, OpenMP workers that compete with the prepare thread and the event loop

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Optional
+from typing import Any
 
 from fastapi import Request
 
@@ -82,9 +82,9 @@ class ServerState:
         )
         self.region_cache = self.caches.region_cache()
         self.engine: Any = None
-        self.batcher: Optional[Batcher] = None
+        self.batcher: Batcher | None = None
         self.phase = "loading"  # loading | ready | failed | draining | stopped
-        self.load_error: Optional[str] = None
+        self.load_error: str | None = None
         self.draining = False
         self.prepare_pool = ThreadPoolExecutor(settings.prepare_threads, thread_name_prefix="kawhi-prepare")
         self.inflight: dict[str, asyncio.Future] = {}  # idempotency key -> response bytes being computed
@@ -94,9 +94,9 @@ class ServerState:
         self.started_at = time.time()
         self.image_limits: Any = None
         self._pipeline: Any = None
-        self.loop: Optional[asyncio.AbstractEventLoop] = None  # set by the lifespan
+        self.loop: asyncio.AbstractEventLoop | None = None  # set by the lifespan
         self.drain_expired = asyncio.Event()  # set when the drain deadline is near: in-flight work answers 503
-        self.drain_deadline: Optional[float] = None  # time.monotonic() by which the process is gone
+        self.drain_deadline: float | None = None  # time.monotonic() by which the process is gone
 
     # ------------------------------------------------------------------ engine
     def build_limits(self) -> None:
