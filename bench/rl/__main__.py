@@ -34,10 +34,10 @@ ARMS = {
     "kawhi_kl_service": Arm("kawhi_kl_service", {}, beta=0.04, ref_from_service=True),
 }
 MODES: dict[str, dict[str, Any]] = {
-    "quick": {"arms": ["grpo", "kawhi", "kawhi_random"], "seeds": [0], "kl_arms": [], "heldout": 48,
+    "quick": {"arms": ["grpo", "kawhi", "kawhi_random"], "seeds": [0], "kl_arms": [], "train_per_kind": 100, "heldout_per_kind": 8,
               "hyper": Hyper(steps=12, eval_every=6)},
     "full": {"arms": ["grpo", "kawhi", "kawhi_random", "kawhi_mean"], "seeds": [0, 1, 2],
-             "kl_arms": ["grpo", "grpo_kl_trl", "kawhi_kl_service"], "kl_steps": 6, "heldout": 96,
+             "kl_arms": ["grpo", "grpo_kl_trl", "kawhi_kl_service"], "kl_steps": 6, "train_per_kind": 200, "heldout_per_kind": 16,
              "hyper": Hyper(steps=40, eval_every=10)},
 }
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--title", default="", help="figure title")
     args = parser.parse_args(argv)
 
-    from bench.rl.task import default_models, load_items, split_seeds
+    from bench.rl.task import default_models, heldout_items, train_items
     from bench.run import loadavg, machine
     from bench.server import Server
 
@@ -73,9 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     kl_arms = [] if args.no_kl else spec["kl_arms"]
     policy, reference = default_models()
     policy, reference = args.policy or policy, args.reference or reference
-    train_seed, heldout_seed = split_seeds()
-    train = load_items(None, 512, seed=train_seed)
-    heldout = load_items(None, spec["heldout"], seed=heldout_seed)
+    train = train_items(spec["train_per_kind"])
+    heldout = heldout_items(spec["heldout_per_kind"])
     out = args.out or REPO / "bench" / "results" / f"rl-{mode}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     work = out.with_suffix("")
@@ -83,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         "title": args.title, "mode": mode, "command": "python -m bench.rl " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": machine(), "loadavg_start": loadavg(), "policy": str(policy), "reference": str(reference),
         "hyper": asdict(hyper), "arms": arms, "seeds": seeds, "kl_arms": kl_arms,
-        "split": {"train_seed": train_seed, "heldout_seed": heldout_seed, "train": len(train), "heldout": len(heldout)},
+        "split": {"train": f"kawhi-tiny train split, {len(train)} items", "heldout": f"test split, {len(heldout)} items"},
         "records": []}
 
     def save() -> None:

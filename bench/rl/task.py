@@ -1,46 +1,26 @@
-"""The RL task: items (image, question, gold answer, kind), the chat prompt, the reward and the
+"""The RL task: kawhi-tiny's items (docs/tiny.md; :mod:`kawhi.tiny.task`), the reward and the
 response statistics the experiment reports.
 
-A response is paragraphs separated by blank lines; the last one is ``Answer: X``. The reward
-is exact match of that paragraph's answer with the gold answer (1.0 or 0.0): nothing for
-format, nothing for length.
+A response is paragraphs separated by blank lines, the last one ``Answer: X``. The reward is
+:func:`kawhi.tiny.responses.answer_reward`: 1.0 when the last paragraph is exactly
+``Answer: <gold>``, else 0.0 (nothing for format, nothing for length).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-_ANSWER = re.compile(r"^\s*Answer:\s*(.*?)\s*$", re.DOTALL)
+from kawhi.tiny.responses import answer_reward
+from kawhi.tiny.task import TinyItem, tiny_items
 
-
-@dataclass(frozen=True)
-class Item:
-    image: Any  # PIL image
-    question: str
-    answer: str
-    kind: str
+TRAIN_SEED, HELDOUT_SEED = 0, 0  # splits differ by name ("train" / "test"): never the same generator seed
 
 
 def paragraphs(text: str) -> list[str]:
-    """Non-empty blank-line-separated paragraphs of a response."""
-    return [p for p in re.split(r"\n\s*\n", text.strip()) if p.strip()]
-
-
-def final_answer(text: str) -> str | None:
-    """The X of a last paragraph ``Answer: X``; None when the response has no such paragraph."""
-    parts = paragraphs(text)
-    if not parts:
-        return None
-    match = _ANSWER.match(parts[-1])
-    return match.group(1) if match else None
-
-
-def is_correct(text: str, gold: str) -> bool:
-    answer = final_answer(text)
-    return answer is not None and answer.strip().lower() == gold.strip().lower()
+    """Non-empty paragraphs of a response, split as the answer check splits them (blank lines)."""
+    return [p for p in text.split("\n\n") if p.strip()]
 
 
 def completion_text(completion: Any) -> str:
@@ -53,29 +33,28 @@ def completion_text(completion: Any) -> str:
     return str(completion)
 
 
+def is_correct(text: str, gold: str) -> bool:
+    return answer_reward(text, gold) == 1.0
+
+
 def exact_match_reward(completions: Sequence[Any], answer: Sequence[str], **_: Any) -> list[float]:
-    """TRL reward function: 1.0 when the ``Answer:`` paragraph equals the gold answer, else 0.0."""
-    return [float(is_correct(completion_text(c), gold)) for c, gold in zip(completions, answer, strict=True)]
+    """TRL reward function: :func:`answer_reward` of each completion against its row's ``answer``."""
+    return [answer_reward(completion_text(c), gold) for c, gold in zip(completions, answer, strict=True)]
 
 
-def load_items(kinds: Sequence[str] | None, n: int, seed: int, size: int = 112) -> list[Item]:
-    """``n`` items of the synthetic visual task, reproducible from (kinds, n, seed, size)."""
-    from kawhi.heads.synthetic import KINDS, synthetic_vqa
-
-    names = list(KINDS)
-    items = [Item(it.image, it.question, it.answer, names[i % len(names)])
-             for i, it in enumerate(synthetic_vqa(n * len(names), seed=seed, size=size))]
-    if kinds:
-        items = [it for it in items if it.kind in kinds]
-    return items[:n]
+def train_items(per_kind: int, kinds: Sequence[str] | None = None) -> list[TinyItem]:
+    """The RL prompts: the task's train split, kinds interleaved so every step sees a mix."""
+    by_kind = tiny_items(per_kind, seed=TRAIN_SEED, split="train", kinds=tuple(kinds) if kinds else None)
+    n_kinds = len(by_kind) // per_kind
+    return [by_kind[k * per_kind + i] for i in range(per_kind) for k in range(n_kinds)]
 
 
-def split_seeds() -> tuple[int, int]:
-    """(train seed, held-out seed): disjoint item streams of the same generator."""
-    return 1000, 2000
+def heldout_items(per_kind: int, kinds: Sequence[str] | None = None) -> list[TinyItem]:
+    """Held-out accuracy is measured on the task's test split (the trained model was validated on "val")."""
+    return tiny_items(per_kind, seed=HELDOUT_SEED, split="test", kinds=tuple(kinds) if kinds else None)
 
 
-def default_models() -> tuple[Any, Any]:
+def default_models() -> tuple[Path, Path | None]:
     """(policy checkpoint, reference model folder or None for the embedded model)."""
     from kawhi.engine.engine import DEMO_MODEL_DIR
 

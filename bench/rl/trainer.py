@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.rl.task import Item, completion_text, exact_match_reward, is_correct, paragraphs
+from bench.rl.task import completion_text, exact_match_reward, is_correct, paragraphs
 
 
 @dataclass(frozen=True)
@@ -65,9 +65,10 @@ def image_only_processor(model_dir: str | Path) -> Any:
     model_dir = Path(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     tokenizer.padding_side = "left"  # TRL's own default; kawhi_ref_logprobs needs it
+    template = model_dir / "chat_template.jinja"
     return ImageOnlyProcessor(image_processor=Qwen2VLImageProcessorPil.from_pretrained(model_dir, local_files_only=True),
                               tokenizer=tokenizer, video_processor=None,
-                              chat_template=(model_dir / "chat_template.jinja").read_text())
+                              chat_template=template.read_text() if template.exists() else tokenizer.chat_template)
 
 
 def load_policy(model_dir: str | Path) -> Any:
@@ -81,7 +82,7 @@ def user_messages(question: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
 
 
-def make_dataset(items: Sequence[Item]) -> Any:
+def make_dataset(items: Sequence[Any]) -> Any:
     """TRL's VLM GRPO rows: a conversational prompt (TRL inserts the image part), the image, and
     the columns the reward reads."""
     from datasets import Dataset
@@ -90,7 +91,7 @@ def make_dataset(items: Sequence[Item]) -> Any:
                                "answer": it.answer, "kind": it.kind} for it in items])
 
 
-def evaluate(model: Any, processor: Any, items: Sequence[Item], max_new_tokens: int,
+def evaluate(model: Any, processor: Any, items: Sequence[Any], max_new_tokens: int,
              batch_size: int = 16) -> dict[str, Any]:
     """Greedy answers of ``model`` on ``items``: accuracy, accuracy per kind, paragraphs per response."""
     import torch
@@ -187,30 +188,38 @@ class RewardLog:
         return rewards
 
 
-def progress_callback(clock: StepClock, on_eval: Callable[[int, Any], None], eval_every: int) -> Any:
+def step_timer(clock: StepClock) -> Any:
+    """Files each optimiser step's wall time (and its parts) into ``clock``."""
     from transformers import TrainerCallback
 
-    class Progress(TrainerCallback):
-        """Files each step's time (before any evaluation runs) and evaluates every ``eval_every`` steps."""
-
-        def __init__(self) -> None:
-            self.started = 0.0
-
-        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-            on_eval(0, model)
+    class StepTimer(TrainerCallback):
+        started = 0.0
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self.started = time.perf_counter()
 
-        def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             clock.close(time.perf_counter() - self.started)
+
+    return StepTimer()
+
+
+def eval_callback(on_eval: Callable[[int, Any], None], eval_every: int) -> Any:
+    """Evaluates before the first step and every ``eval_every`` steps (after the step timer filed the step)."""
+    from transformers import TrainerCallback
+
+    class Evaluate(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+            on_eval(0, model)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
             if state.global_step % eval_every == 0 or state.global_step == state.max_steps:
                 on_eval(state.global_step, model)
 
-    return Progress()
+    return Evaluate()
 
 
-def build_trainer(arm: Arm, seed: int, hyper: Hyper, policy_dir: str | Path, train: Sequence[Item],
+def build_trainer(arm: Arm, seed: int, hyper: Hyper, policy_dir: str | Path, train: Sequence[Any],
                   url: str | None, out_dir: Path, reward: Callable[..., list[float]],
                   clock: StepClock, callbacks: Sequence[Any] = (), base: type | None = None) -> Any:
     """The arm's trainer (not trained yet), its parts timed into ``clock`` (``trainer.clock``)."""
@@ -227,7 +236,7 @@ def build_trainer(arm: Arm, seed: int, hyper: Hyper, policy_dir: str | Path, tra
         dataloader_num_workers=0, disable_tqdm=True, **hyper.extra)
     kwargs: dict[str, Any] = {"model": load_policy(policy_dir), "reward_funcs": reward, "args": config,
                               "train_dataset": make_dataset(train), "processing_class": image_only_processor(policy_dir),
-                              "callbacks": list(callbacks)}
+                              "callbacks": [step_timer(clock), *callbacks]}
     if arm.kawhi_options is None:
         cls = timed(base or GRPOTrainer)
         trainer = cls(**kwargs)
@@ -241,6 +250,9 @@ def build_trainer(arm: Arm, seed: int, hyper: Hyper, policy_dir: str | Path, tra
         trainer = cls(**kwargs, kawhi=Client(url, timeout=300), kawhi_options=dict(arm.kawhi_options),
                       kawhi_ref_logprobs=arm.ref_from_service)
     trainer.clock = clock
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # TRL's metrics are in the record; keep the log readable
     if arm.kawhi_options is not None:
         reweight = trainer.kawhi.reweight
 
@@ -252,8 +264,8 @@ def build_trainer(arm: Arm, seed: int, hyper: Hyper, policy_dir: str | Path, tra
     return trainer
 
 
-def run_arm(arm: Arm, seed: int, hyper: Hyper, policy_dir: str | Path, train: Sequence[Item],
-            heldout: Sequence[Item], url: str | None, out_dir: Path,
+def run_arm(arm: Arm, seed: int, hyper: Hyper, policy_dir: str | Path, train: Sequence[Any],
+            heldout: Sequence[Any], url: str | None, out_dir: Path,
             log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train one (arm, seed) and return its record (evaluations, per-step times and stats)."""
     import torch
@@ -273,7 +285,7 @@ def run_arm(arm: Arm, seed: int, hyper: Hyper, policy_dir: str | Path, train: Se
     processor = image_only_processor(policy_dir)
     clock = StepClock()
     trainer = build_trainer(arm, seed, hyper, policy_dir, train, url, out_dir, reward, clock,
-                            callbacks=[progress_callback(clock, on_eval, hyper.eval_every)])
+                            callbacks=[eval_callback(on_eval, hyper.eval_every)])
     started = time.perf_counter()
     trainer.train()
     record = {"arm": arm.name, "seed": seed, "options": arm.kawhi_options, "beta": arm.beta,
