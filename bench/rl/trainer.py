@@ -40,12 +40,12 @@ class Hyper:
     steps: int = 30
     prompts_per_step: int = 4
     num_generations: int = 4
-    max_completion_length: int = 160
-    learning_rate: float = 5e-5
+    max_completion_length: int = 128
+    learning_rate: float = 1e-4
     temperature: float = 1.0
     loss_type: str = "grpo"
     eval_every: int = 10
-    eval_max_new_tokens: int = 160
+    eval_max_new_tokens: int = 128
     threads: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -122,7 +122,7 @@ def evaluate(model: Any, processor: Any, items: Sequence[Any], max_new_tokens: i
         by_kind[it.kind].append(ok)
     return {"accuracy": sum(correct) / len(correct),
             "by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
-            "paragraphs": sum(n_paragraphs) / len(n_paragraphs), "sample": texts[:2]}
+            "paragraphs": sum(n_paragraphs) / len(n_paragraphs), "sample": [t[:300] for t in texts[:2]]}
 
 
 class StepClock:
