@@ -53,13 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, help="override the mode's seeds")
     parser.add_argument("--steps", type=int, help="override the mode's GRPO steps")
     parser.add_argument("--no-kl", action="store_true", help="skip the KL timing part")
-    parser.add_argument("--policy", type=Path, help="policy checkpoint (default: the task's imperfect checkpoint)")
-    parser.add_argument("--reference", type=Path, help="reference model served by kawhi serve (default: the embedded one)")
+    parser.add_argument("--policy", type=Path,
+                        help="policy checkpoint (default: kawhi-tiny after 600 steps, trained once into bench/results/)")
+    parser.add_argument("--reference", type=Path,
+                        help="reference model folder for kawhi serve (default: its embedded model)")
+    parser.add_argument("--only-kl", action="store_true", help="run only the KL timing part")
     parser.add_argument("--out", type=Path, help="results JSON (default bench/results/rl-<mode>-<time>.json)")
     parser.add_argument("--title", default="", help="figure title")
     args = parser.parse_args(argv)
 
-    from bench.rl.task import default_models, heldout_items, train_items
+    from bench.rl.task import heldout_items, policy_checkpoint, train_items
     from bench.run import loadavg, machine
     from bench.server import Server
 
@@ -68,15 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     hyper: Hyper = spec["hyper"]
     if args.steps:
         hyper.steps = args.steps
-    arms = args.arms or spec["arms"]
+    arms = [] if args.only_kl else args.arms or spec["arms"]
     seeds = args.seeds or spec["seeds"]
-    kl_arms = [] if args.no_kl else spec["kl_arms"]
-    policy, reference = default_models()
-    policy, reference = args.policy or policy, args.reference or reference
-    train = train_items(spec["train_per_kind"])
-    heldout = heldout_items(spec["heldout_per_kind"])
+    kl_arms = [] if args.no_kl else MODES["full"]["kl_arms"] if args.only_kl else spec["kl_arms"]
     out = args.out or REPO / "bench" / "results" / f"rl-{mode}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    policy = args.policy or policy_checkpoint(REPO / "bench" / "results", log)
+    reference = args.reference  # None: the embedded model of `kawhi serve`
+    train = train_items(spec["train_per_kind"])
+    heldout = heldout_items(spec["heldout_per_kind"])
     work = out.with_suffix("")
     result: dict[str, Any] = {
         "title": args.title, "mode": mode, "command": "python -m bench.rl " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -91,9 +94,10 @@ def main(argv: list[str] | None = None) -> int:
 
     threads = {"torch_threads": hyper.threads, "prepare_threads": 1}
     with contextlib.ExitStack() as stack:
-        srv = stack.enter_context(Server(reference, flags=threads, threads=hyper.threads))
-        result["service"] = {"url": srv.url, "info": srv.info, "startup_s": srv.startup_s}
-        log(f"kawhi serve ready at {srv.url} ({reference or 'embedded model'}); policy {policy}")
+        if arms:
+            srv = stack.enter_context(Server(reference, flags=threads, threads=hyper.threads))
+            result["service"] = {"url": srv.url, "info": srv.info, "startup_s": srv.startup_s}
+            log(f"kawhi serve ready at {srv.url} ({reference or 'embedded model'}); policy {policy}")
         for seed in seeds:  # seed-major: an interrupted run still has every arm of the first seeds
             for name in arms:
                 log(f"arm {name}, seed {seed}: {hyper.steps} steps")
@@ -103,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         if kl_arms:
             # the KL reference is the initial policy: service log-probs need the service to serve it
             kl_srv = stack.enter_context(Server(policy, flags=threads, threads=hyper.threads))
-            kl_hyper = Hyper(**{**asdict(hyper), "steps": spec["kl_steps"], "eval_every": 10**6})
+            result["kl_service"] = {"info": kl_srv.info, "startup_s": kl_srv.startup_s}
+            kl_hyper = Hyper(**{**asdict(hyper), "steps": MODES["full"]["kl_steps"], "eval_every": 10**6})
             for name in kl_arms:
                 arm = ARMS[name]
                 arm = Arm(f"{name} (KL part)", arm.kawhi_options, arm.beta, arm.ref_from_service)

@@ -54,8 +54,21 @@ def heldout_items(per_kind: int, kinds: Sequence[str] | None = None) -> list[Tin
     return tiny_items(per_kind, seed=HELDOUT_SEED, split="test", kinds=tuple(kinds) if kinds else None)
 
 
-def default_models() -> tuple[Path, Path | None]:
-    """(policy checkpoint, reference model folder or None for the embedded model)."""
-    from kawhi.engine.engine import DEMO_MODEL_DIR
+POLICY_STEPS = 600  # scripts/train_tiny_model.py's own "short, imperfect policy"
 
-    return DEMO_MODEL_DIR, None
+
+def policy_checkpoint(cache: Path, log: Any = print) -> Path:
+    """The RL policy: kawhi-tiny trained for only POLICY_STEPS steps (deterministic), built into
+    ``cache`` by scripts/train_tiny_model.py the first time (a few minutes on 2 cores)."""
+    import subprocess
+    import sys
+
+    folder = cache / f"rl-policy-{POLICY_STEPS}"
+    if (folder / "model.safetensors").exists():
+        return folder
+    repo = Path(__file__).resolve().parents[2]
+    command = [sys.executable, str(repo / "scripts" / "train_tiny_model.py"), "--out", str(folder),
+               "--steps", str(POLICY_STEPS), "--threads", "1", "--eval-every", str(POLICY_STEPS), "-q"]
+    log("training the policy checkpoint once: " + " ".join(command[1:]))
+    subprocess.run(command, check=True, cwd=repo)
+    return folder
