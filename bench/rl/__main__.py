@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.measure import REPO
+from bench.rl.probe import probe_table, weight_probe
 from bench.rl.report import figure, render
 from bench.rl.trainer import Arm, Hyper, run_arm
 
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             srv = stack.enter_context(Server(reference, flags=threads, threads=hyper.threads))
             result["service"] = {"url": srv.url, "info": srv.info, "startup_s": srv.startup_s}
             log(f"kawhi serve ready at {srv.url} ({reference or 'embedded model'}); policy {policy}")
+            result["probe"] = weight_probe(srv.url)
+            log("weights on planted responses:\n" + probe_table(result["probe"]))
         for seed in seeds:  # seed-major: an interrupted run still has every arm of the first seeds
             for name in arms:
                 log(f"arm {name}, seed {seed}: {hyper.steps} steps")

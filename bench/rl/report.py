@@ -106,7 +106,10 @@ def figure(records: Sequence[dict[str, Any]], path: Path, title: str = "") -> Pa
 def render(result: dict[str, Any]) -> str:
     records = result["records"]
     train = [r for r in records if r["evals"]]
-    return "\n\n".join(x for x in (accuracy_table(train) if train else "", time_table(records)) if x)
+    from bench.rl.probe import probe_table
+
+    probe = probe_table(result["probe"]) if result.get("probe") else ""
+    return "\n\n".join(x for x in (accuracy_table(train) if train else "", time_table(records), probe) if x)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -290,7 +290,8 @@ def run_arm(arm: Arm, seed: int, hyper: Hyper, policy_dir: str | Path, train: Se
     trainer.train()
     record = {"arm": arm.name, "seed": seed, "options": arm.kawhi_options, "beta": arm.beta,
               "ref_from_service": arm.ref_from_service, "evals": evals, "steps": clock.steps,
-              "train": reward.calls, "seconds": time.perf_counter() - started}
+              "train": reward.calls, "seconds": time.perf_counter() - started,
+              "trl_log": trainer.state.log_history}  # TRL's own metrics per step (kawhi/weight_mean among them)
     if arm.kawhi_options is not None:
         record["kawhi"] = trainer.kawhi.policy.stats()
     return record
