@@ -37,7 +37,7 @@ ARMS = {
 MODES: dict[str, dict[str, Any]] = {
     "quick": {"arms": ["grpo", "kawhi", "kawhi_random"], "seeds": [0], "kl_arms": [], "train_per_kind": 100,
               "heldout_per_kind": 8, "hyper": Hyper(steps=12, eval_every=6)},
-    "full": {"arms": ["grpo", "kawhi", "kawhi_random", "kawhi_mean"], "seeds": [0, 1, 2],
+    "full": {"arms": ["grpo", "kawhi", "kawhi_random", "kawhi_mean", "kawhi_rope_before"], "seeds": [0, 1, 2],
              "kl_arms": ["grpo", "grpo_kl_trl", "kawhi_kl_service"], "kl_steps": 6, "train_per_kind": 200,
              "heldout_per_kind": 16, "hyper": Hyper(steps=30, eval_every=10)},
 }

@@ -84,11 +84,12 @@ def figure(records: Sequence[dict[str, Any]], path: Path, title: str = "") -> Pa
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    arms = {name: runs for name, runs in by_arm(records).items() if len(curve(runs)) >= 2}
+    if not arms:
+        return None
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for name, runs in by_arm(records).items():
+    for name, runs in arms.items():
         c = curve(runs)
-        if len(c) < 2:
-            continue
         steps = [x[0] for x in c]
         ax.plot(steps, [x[1] for x in c], marker="o", label=f"{name} (n={len(runs)})")
         ax.fill_between(steps, [x[2] for x in c], [x[3] for x in c], alpha=0.2)
