@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         if arms:
             srv = stack.enter_context(Server(reference, flags=threads, threads=hyper.threads))
             result["service"] = {"url": srv.url, "info": srv.info, "startup_s": srv.startup_s}
+            if srv.info.get("is_demo"):
+                raise SystemExit("kawhi serve's embedded model is the random demo model (its weights and its "
+                                 "tokenizer are not kawhi-tiny's): pass --reference <a trained kawhi-tiny folder>")
             log(f"kawhi serve ready at {srv.url} ({reference or 'embedded model'}); policy {policy}")
             result["probe"] = weight_probe(srv.url)
             log("weights on planted responses:\n" + probe_table(result["probe"]))

@@ -293,5 +293,5 @@ def run_arm(arm: Arm, seed: int, hyper: Hyper, policy_dir: str | Path, train: Se
               "train": reward.calls, "seconds": time.perf_counter() - started,
               "trl_log": trainer.state.log_history}  # TRL's own metrics per step (kawhi/weight_mean among them)
     if arm.kawhi_options is not None:
-        record["kawhi"] = trainer.kawhi.policy.stats()
+        record["kawhi"] = {**trainer.kawhi.policy.stats(), "tokenizer_matches_service": trainer.kawhi_tokenizer_ok}
     return record
