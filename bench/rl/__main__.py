@@ -43,6 +43,11 @@ MODES: dict[str, dict[str, Any]] = {
 }
 
 
+def metrics_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """The service's own counters over one run: forward and prepare seconds, process CPU."""
+    return {k: round(after[k] - before.get(k, 0.0), 4) for k in after}
+
+
 def log(msg: str) -> None:
     print(f"[bench.rl {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -65,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.rl.task import heldout_items, policy_checkpoint, train_items
     from bench.run import loadavg, machine
-    from bench.server import Server
+    from bench.server import Server, metrics_snapshot
 
     mode = "quick" if args.quick else "full"
     spec = MODES[mode]
@@ -107,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:  # seed-major: an interrupted run still has every arm of the first seeds
             for name in arms:
                 log(f"arm {name}, seed {seed}: {hyper.steps} steps")
+                before = metrics_snapshot(srv.url)
                 record = run_arm(ARMS[name], seed, hyper, policy, train, heldout, srv.url, work / f"{name}-{seed}", log)
+                record["service_metrics"] = metrics_delta(before, metrics_snapshot(srv.url))
                 result["records"].append(record)
                 save()
         if kl_arms:
@@ -119,8 +126,10 @@ def main(argv: list[str] | None = None) -> int:
                 arm = ARMS[name]
                 arm = Arm(f"{name} (KL part)", arm.kawhi_options, arm.beta, arm.ref_from_service)
                 log(f"KL part: {arm.name}, {kl_hyper.steps} steps")
-                result["records"].append(run_arm(arm, seeds[0], kl_hyper, policy, train, [], kl_srv.url,
-                                                 work / f"kl-{name}", log))
+                before = metrics_snapshot(kl_srv.url)
+                record = run_arm(arm, seeds[0], kl_hyper, policy, train, [], kl_srv.url, work / f"kl-{name}", log)
+                record["service_metrics"] = metrics_delta(before, metrics_snapshot(kl_srv.url))
+                result["records"].append(record)
                 save()
     save()
     print(render(result))
