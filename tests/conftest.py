@@ -39,6 +39,8 @@ collect_ignore = ["support"]
 FILE_MARKS: dict[str, tuple[str, ...]] = {
     # engine: several tiny-model loads per architecture, or real forwards per test
     "test_heads_discover.py": ("slow",),
+    # kawhi-tiny: the shipped model's accuracy with and without the image; a 2-step training run
+    "test_tiny_model.py": ("slow",),
     # server: demo model loads, subprocess servers
     "test_server.py": ("slow",),
     "test_server_lifecycle.py": ("slow",),
