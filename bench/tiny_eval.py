@@ -49,7 +49,13 @@ from kawhi.tiny.model import accuracy_by_kind
 from kawhi.tiny.responses import GENERIC, READS, paired_responses, reading_paragraph
 from kawhi.tiny.task import CELL, KINDS, TinyItem, chance, tiny_items
 
+ROOT = Path(__file__).resolve().parents[1]
 ROLE_VARIANTS = {"default": {}, "rope_before": {"rope": "before"}, "key_key": {"similarity": "key_key"}}
+
+
+def _repo_relative(text: str) -> str:
+    """Paths inside the repository as repo-relative (a recorded report names no machine's folders)."""
+    return text.replace(str(ROOT) + "/", "")
 
 
 def sguf_figures(items: list[TinyItem]) -> dict:
@@ -155,7 +161,7 @@ def masking_figures(engine: Engine, items: list[TinyItem]) -> dict:
     found_acc = mean_accuracy(tuple(found))
     other_acc = {",".join(map(str, h)): round(mean_accuracy(h), 4) for h in others}
     base = float(np.mean(list(baseline.values())))
-    return {"found_heads": list(found), "heads_source": engine.head_set.source, "items": len(items),
+    return {"found_heads": list(found), "heads_source": _repo_relative(engine.head_set.source), "items": len(items),
             "accuracy_unmasked": round(base, 4), "accuracy_found_masked": round(found_acc, 4),
             "accuracy_other_sets_masked": other_acc,
             "drop_found": round(base - found_acc, 4),
@@ -181,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     reference = engine.model
     alpha_items = tiny_items(args.alpha_items, seed=0, split="test")
     if args.alpha_only:  # the position/content figures alone, e.g. over a run's checkpoints
-        report = {"model": engine.model_name, "model_folder": str(reference.source_dir),
+        report = {"model": engine.model_name, "model_folder": _repo_relative(str(reference.source_dir)),
                   "steps": (engine.model_card or {}).get("steps"),
                   "alpha_by_role": {name: role_figures(paired_alphas(engine, alpha_items, opts))
                                     for name, opts in ROLE_VARIANTS.items()},
@@ -193,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
     test = tiny_items(args.items, seed=0, split="test")
     accuracy = accuracy_by_kind(reference, test)
     report = {
-        "model": engine.model_name, "model_folder": str(reference.source_dir), "heads": list(engine.resolve_heads(engine.defaults)),
+        "model": engine.model_name, "model_folder": _repo_relative(str(reference.source_dir)), "heads": list(engine.resolve_heads(engine.defaults)),
         "accuracy": {k: {"accuracy": round(accuracy[k], 4), "chance": round(chance(k), 4)} for k in KINDS},
         "accuracy_goal_met": all(v >= 0.9 for v in accuracy.values()),
         "sguf": sguf_figures(test),
