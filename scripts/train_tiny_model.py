@@ -24,8 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
-
 from kawhi.models.qwen import QwenVLReference
 from kawhi.tiny.model import (
     MODEL_NAME,
@@ -39,6 +37,7 @@ from kawhi.tiny.model import (
     training_response,
 )
 from kawhi.tiny.task import KINDS, chance, make_item, tiny_items
+from tqdm import tqdm
 
 SEED = 20260327
 

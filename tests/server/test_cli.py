@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 
@@ -22,16 +24,18 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_reweight_examples(tmp_path):
+@pytest.mark.parametrize("examples", ["rollouts.jsonl", "tiny_rollouts.jsonl"])
+def test_reweight_examples(tmp_path, examples):
     out = tmp_path / "out.jsonl"
-    run = kawhi("reweight", str(EXAMPLES / "rollouts.jsonl"), "-o", str(out), "--quiet")
+    run = kawhi("reweight", str(EXAMPLES / examples), "-o", str(out), "--quiet")
     assert run.returncode == 0, run.stderr
-    assert "DEMO" in run.stderr
-    inputs = read_jsonl(EXAMPLES / "rollouts.jsonl")
+    assert "DEMO" not in run.stderr  # no --model: the embedded, trained kawhi-tiny
+    inputs = read_jsonl(EXAMPLES / examples)
     results = read_jsonl(out)
     assert [r["id"] for r in results] == [g["id"] for g in inputs]
     for group, result in zip(inputs, results):
         assert "error" not in result
+        assert result["kawhi"]["model"] == "kawhi-tiny-qwen2.5-vl"
         assert len(result["grid"]) == 2 and result["selected_tokens"]
         assert len(result["responses"]) == len(group["responses"])
         for response in result["responses"]:

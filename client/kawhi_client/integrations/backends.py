@@ -116,7 +116,7 @@ def as_backend(obj: Any) -> Any:
     * a ``kawhi_client.Client`` — wrapped in ``HttpBackend``;
     * a ``kawhi.engine.engine.Engine`` — wrapped in ``InProcessBackend``;
     * a URL string (``"http://kawhi:8000"``) — ``HttpBackend(url)``;
-    * ``"in-process"`` — ``InProcessBackend()`` (the embedded demo model).
+    * ``"in-process"`` — ``InProcessBackend()`` (the embedded kawhi-tiny model, docs/tiny.md).
     """
     if obj is None:
         raise TypeError("a KAWHI backend is required: a URL, a kawhi_client.Client, a kawhi Engine, "

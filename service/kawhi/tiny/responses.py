@@ -32,7 +32,7 @@ _RESTATE = {
     "bar_count": "The question asks how many bars there are, as a number.",
     "bar_value": "The question asks how tall the {colour} bar is, as a number.",
 }
-_GENERIC = (
+GENERIC = (
     "So the answer follows from that.",
     "Nothing else in the question changes this.",
     "I will give the answer in the requested form.",
@@ -97,10 +97,10 @@ def make_response(item: TinyItem, rng: random.Random, correct: bool = True, para
     body = [(reading_paragraph(item, answer), READS)]
     if n == 3:
         first = rng.random() < 0.5 if reading_first is None else reading_first
-        other = (restating_paragraph(item), INDEPENDENT) if rng.random() < 0.5 else (rng.choice(_GENERIC), INDEPENDENT)
+        other = (restating_paragraph(item), INDEPENDENT) if rng.random() < 0.5 else (rng.choice(GENERIC), INDEPENDENT)
         body = body + [other] if first else [other] + body
     elif n == 4:
-        body = [(restating_paragraph(item), INDEPENDENT), *body, (rng.choice(_GENERIC), INDEPENDENT)]
+        body = [(restating_paragraph(item), INDEPENDENT), *body, (rng.choice(GENERIC), INDEPENDENT)]
     body.append((f"Answer: {answer}", ANSWER))
     return Response(tuple(p for p, _ in body), tuple(r for _, r in body), answer, correct)
 
