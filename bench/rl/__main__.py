@@ -48,6 +48,14 @@ def metrics_delta(before: dict[str, float], after: dict[str, float]) -> dict[str
     return {k: round(after[k] - before.get(k, 0.0), 4) for k in after}
 
 
+def shown(path: Path | None) -> str | None:
+    """A path as the results show it: relative to the repository when inside it."""
+    if path is None:
+        return None
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def log(msg: str) -> None:
     print(f"[bench.rl {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -89,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     work = out.with_suffix("")
     result: dict[str, Any] = {
         "title": args.title, "mode": mode, "command": "python -m bench.rl " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": machine(), "loadavg_start": loadavg(), "policy": str(policy), "reference": str(reference),
+        "machine": machine(), "loadavg_start": loadavg(), "policy": shown(policy), "reference": shown(reference),
         "hyper": asdict(hyper), "arms": arms, "seeds": seeds, "kl_arms": kl_arms,
         "split": {"train": f"kawhi-tiny train split, {len(train)} items", "heldout": f"test split, {len(heldout)} items"},
         "records": []}

@@ -2,8 +2,8 @@
 per rollout group (one request per step, every group in it once), and the advantages TRL's loss
 trained with are GRPO's own (B,) advantages times the service's token weights.
 
-Plumbing only: the policy and the served reference are the random demo model, and the reward
-is planted (rows alternate 0 / 1, so every group has a nonzero advantage and every group is
+Plumbing only: the policy starts from the served reference itself (the embedded kawhi-tiny),
+and the reward is planted (rows alternate 0 / 1, so every group has a nonzero advantage and every group is
 sent). ``granularity: token`` gives every token its own weight, so a uniform weight (which a
 one-paragraph random completion would get) cannot pass for a reweight.
 """
@@ -18,7 +18,7 @@ pytest.importorskip("trl")
 
 import httpx
 import torch
-from kawhi.engine.engine import DEMO_MODEL_DIR
+from kawhi.engine.engine import TINY_MODEL_DIR
 from kawhi_client.integrations.trl import KawhiGRPOTrainer
 
 from bench.rl.task import heldout_items, train_items
@@ -75,11 +75,12 @@ def test_two_steps_one_call_per_group_and_advantages_are_grpo_times_weights(tmp_
     arm = Arm("kawhi", {"granularity": "token", "temperature": 0.05})
     clock = StepClock()
     with Server(None, flags={"torch_threads": 1}) as srv:
-        trainer = build_trainer(arm, 0, hyper, DEMO_MODEL_DIR, train_items(4), srv.url, tmp_path, alternating_reward,
+        trainer = build_trainer(arm, 0, hyper, TINY_MODEL_DIR, train_items(4), srv.url, tmp_path, alternating_reward,
                                 clock, base=Recording)
         trainer.train()
         metrics = httpx.get(srv.url + "/metrics", timeout=10).text
     assert trainer.state.global_step == STEPS
+    assert trainer.kawhi_tokenizer_ok is True  # the policy's tokenizer is the service's
 
     # once per group: one /v1/reweight request per step, each of its PROMPTS groups reweighted once
     assert counter(metrics, "kawhi_groups_total") == STEPS * PROMPTS
