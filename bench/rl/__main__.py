@@ -1,6 +1,6 @@
 """GRPO against GRPO + KAWHI, through a live ``kawhi serve``, with TRL's real GRPOTrainer, on CPU.
 
-    python -m bench.rl --quick       # 3 arms x 1 seed, ~10 min on 2 cores: prints the tables
+    python -m bench.rl --quick       # 3 arms x 1 seed x 12 steps, 6-13 min on 2 shared cores: prints the tables
     python -m bench.rl               # the recorded protocol (docs/experiments.md): all arms, 3 seeds, KL part
 
 Every run writes one JSON (``--out``, default ``bench/results/rl-<mode>-<time>.json``) with every

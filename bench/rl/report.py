@@ -1,6 +1,6 @@
 """Tables and the figure of the RL experiment, from the records ``bench.rl`` writes.
 
-    python -m bench.rl.report bench/recorded/rl-quick.json     # print the tables again (and the PNG)
+    python -m bench.rl.report bench/recorded/rl-quick-default.json   # print the tables again (and the PNG)
 """
 
 from __future__ import annotations

@@ -107,13 +107,14 @@ def test_two_steps_one_call_per_group_and_advantages_are_grpo_times_weights(tmp_
         assert weights.min() >= 0.1 - 1e-6 and weights.max() <= 1.0 + 1e-6
         assert weights.std() > 1e-3  # a real reweight, not all ones
 
-        # what the loss multiplied is that tensor (TRL shuffles rows before the loss: match them)
+        # what the loss multiplied is that tensor (TRL shuffles rows before the loss: match them;
+        # a trained policy can sample the same completion twice, with different planted rewards)
         loss_in = trainer.loss_inputs[step]
         for j in range(loss_in["completion_ids"].shape[0]):
-            i = next(i for i in range(out["completion_ids"].shape[0])
-                     if torch.equal(out["completion_ids"][i], loss_in["completion_ids"][j])
-                     and torch.equal(out["prompt_ids"][i], loss_in["prompt_ids"][j]))
-            torch.testing.assert_close(loss_in["advantages"][j], trained[i], rtol=0, atol=0)
+            same = [i for i in range(out["completion_ids"].shape[0])
+                    if torch.equal(out["completion_ids"][i], loss_in["completion_ids"][j])
+                    and torch.equal(out["prompt_ids"][i], loss_in["prompt_ids"][j])]
+            assert same and any(torch.equal(loss_in["advantages"][j], trained[i]) for i in same)
 
     # the bench's step split saw the service call in every step
     assert len(clock.steps) == STEPS and all(s["kawhi"] > 0 and s["step"] >= s["kawhi"] for s in clock.steps)
