@@ -114,10 +114,7 @@ def load_engine(args: argparse.Namespace) -> Any:
         raise UserError(str(exc)) from None
     except (OSError, ValueError) as exc:  # a folder that looks like a model but does not load
         raise UserError(f"cannot load the model {args.model}: {str(exc).splitlines()[0][:200]}") from None
-    if engine.is_demo:
-        print("kawhi: using the embedded DEMO model (random weights): results are for plumbing, "
-              "not for training. Pass --model PATH for real use.", file=sys.stderr)
-    return engine
+    return engine  # the demo model is announced once, by Engine.load's warning
 
 
 # ---------------------------------------------------------------------- reweight

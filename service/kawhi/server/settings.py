@@ -140,7 +140,8 @@ class _ServerSettings(BaseSettings):
 
     # --- logging -----------------------------------------------------------------
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
-    log_json: bool = Field(True, description="structured JSON logs (one object per line)")
+    log_json: bool | None = Field(
+        None, description="structured JSON logs (one object per line); unset: text on a terminal, JSON otherwise")
 
     @field_validator("api_keys", mode="before")
     @classmethod
