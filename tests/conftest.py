@@ -56,6 +56,7 @@ FILE_MARKS: dict[str, tuple[str, ...]] = {
     # integrations: real trainers and subprocess servers
     "test_integration_backends.py": ("slow",),
     "test_integration_common.py": ("slow",),
+    "test_trl_version.py": ("slow",),  # importing trl alone takes ~15 s on two cores
     "test_integration_examples.py": ("slow",),
     "test_integration_trl.py": ("slow",),
     "test_integration_verl.py": ("slow",),
