@@ -84,7 +84,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         "model": parser.add_argument_group("model"),
         "network": parser.add_argument_group("network and auth"),
         "server": parser.add_argument_group("limits, scheduling, caches, logging"),
-        "method": parser.add_argument_group("method defaults (kawhi/engine/config.py)"),
+        "method": parser.add_argument_group("method defaults (a request's options override them, docs/api.md)"),
     }
     for name, field in Settings.model_fields.items():
         group = groups["method" if name in METHOD_FIELDS else _GROUPS.get(name, "server")]
@@ -93,7 +93,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         default = field.default
         if isinstance(default, SecretStr):
             default = "<redacted>"
-        help_text = f"{field.description or ''} [env {env}; default {default!r}]"
+        help_text = f"{field.description or ''} [env {env}" + ("]" if default is None else f"; default {default!r}]")
         tp, choices, is_bool = _flag_type(field.annotation)
         if is_bool:
             group.add_argument(flag, dest=_DEST + name, action=argparse.BooleanOptionalAction,

@@ -237,7 +237,7 @@ def redact_url(url: str) -> str:
 
 def _setting_field(spec: Any, name: str, what: str) -> tuple[Any, Any]:
     """A settings field from one option of the one definition (kawhi_client/options.py)."""
-    description = f"{what} `{spec.name}`: {spec.help} (kawhi_client/options.py)"
+    description = f"{what} `{spec.name}`: {spec.help}"
     if spec.kind == "float":
         bound = {"gt" if spec.exclusive_minimum else "ge": spec.minimum, "le": spec.maximum}
         return float, Field(spec.default, description=description, allow_inf_nan=False,
