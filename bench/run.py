@@ -1,7 +1,7 @@
 """The benchmark harness: P1-P3, scaling curves and a load test -> one JSON file + one PNG.
 
     python -m bench.run --model bench                  # everything on the CPU bench model
-    python -m bench.run --quick                        # = python -m bench.quick: P1-P3 on the demo model, < 1 min
+    python -m bench.run --quick                        # = python -m bench.quick: P1-P3 on the demo model, ~30 s quiet
     python -m bench.run --device cuda                  # the GPU profile: qwen7b shapes, bf16, MFU
     python -m bench.run --tiny                         # smoke sizes (tests/repo/test_bench_smoke.py)
 
