@@ -238,6 +238,8 @@ def serve(settings: Any) -> int:
     from kawhi.server.app import create_app
     from kawhi.server.logs import configure_logging
 
+    if settings.grpc_port and settings.grpc_port == settings.port:
+        raise StartupError(f"--grpc-port {settings.grpc_port} is the HTTP port too; give gRPC a port of its own")
     listener = bind_listener(settings.host, settings.port)
     if settings.grpc_port:  # gRPC binds once the app starts; a taken port is refused now, in one line
         bind_listener(settings.host, settings.grpc_port, "gRPC").close()
