@@ -29,7 +29,14 @@ def test_reweight_examples(tmp_path, examples):
     out = tmp_path / "out.jsonl"
     run = kawhi("reweight", str(EXAMPLES / examples), "-o", str(out), "--quiet")
     assert run.returncode == 0, run.stderr
-    assert "DEMO" not in run.stderr  # no --model: the embedded, trained kawhi-tiny
+    announced = [line for line in run.stderr.splitlines() if "DEMO" in line or "head set" in line]
+    assert announced == [], run.stderr  # no --model: kawhi-tiny, trained and with its heads file
+    if examples == "rollouts.jsonl":  # the random demo, asked for, is announced once, not three times
+        demo = kawhi("reweight", str(EXAMPLES / examples), "-o", str(tmp_path / "demo.jsonl"), "--quiet",
+                     "--model", str(ROOT / "service" / "kawhi" / "models" / "demo"))
+        assert demo.returncode == 0, demo.stderr
+        demo_lines = [line for line in demo.stderr.splitlines() if "DEMO" in line or "head set" in line]
+        assert len(demo_lines) == 1, demo.stderr
     inputs = read_jsonl(EXAMPLES / examples)
     results = read_jsonl(out)
     assert [r["id"] for r in results] == [g["id"] for g in inputs]

@@ -69,8 +69,8 @@ class InProcessBackend:
     """The KAWHI engine inside this process: no HTTP, no server.
 
     ``engine``: a loaded ``kawhi.engine.engine.Engine``; when None, one is loaded with
-    ``Engine.load(model, **load_kwargs)`` (``model=None``: the embedded demo model —
-    plumbing only, its advantages mean nothing). The engine is not thread-safe; calls
+    ``Engine.load(model, **load_kwargs)`` (``model=None``: the embedded kawhi-tiny model —
+    trained on a synthetic task, docs/tiny.md: for trying kawhi, not a real reference). The engine is not thread-safe; calls
     are serialised by a lock.
     """
 

@@ -13,7 +13,6 @@ Two steps, so a front end can validate on arrival and batch the heavy part:
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -58,25 +57,6 @@ TINY_MODEL_NAME = "kawhi-tiny-qwen2.5-vl"
 # Random weights, kept for tests that need an untrained model (pass it as --model).
 DEMO_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "demo"
 DEMO_MODEL_NAME = "kawhi-demo-qwen2.5-vl-tiny"
-MODEL_CARD_FILE = "KAWHI_MODEL_CARD.json"
-DEMO_MARKER_FILE = "KAWHI_DEMO.json"
-
-
-def embedded_label(folder: Path) -> tuple[str | None, bool, dict[str, Any] | None]:
-    """(name, is_demo, model card) a model folder declares: its KAWHI_MODEL_CARD.json (a trained
-    embedded model) or its KAWHI_DEMO.json (random weights); (None, False, None) for neither."""
-    for file, demo in ((MODEL_CARD_FILE, False), (DEMO_MARKER_FILE, True)):
-        path = folder / file
-        if path.is_file():
-            try:
-                card = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
-            if isinstance(card, dict):
-                return card.get("name"), bool(card.get("demo", demo)), None if demo else card
-    return None, False, None
-
-
 @dataclass(frozen=True)
 class EngineLimits:
     """Sizes a group may have; larger ones are refused (413) before any model work."""
@@ -156,7 +136,7 @@ class Engine:
         self._merge_groups = model.device.type == "cuda" if merge is None else merge
         self.identity = ModelIdentity.from_config(model.model.config, model.source_dir)
         self.head_set: HeadSet = resolve_head_set(self.identity, heads_file=heads_file, model_dir=model.source_dir)
-        if self.head_set.heads is None:
+        if self.head_set.heads is None and not is_demo:  # the demo's random heads: its one warning says enough
             log.warning("no vision-critical head set known for %s: 'preset' means all %d heads "
                         "(docs/heads.md: run `kawhi heads discover` and pass its output as --heads-file)",
                         self.model_name, model.num_heads)
@@ -178,7 +158,7 @@ class Engine:
 
         A folder holding KAWHI_MODEL_CARD.json (kawhi-tiny) or KAWHI_DEMO.json (the
         random-weight demo) is named by it, and ``info()`` reports the card / ``is_demo``."""
-        from kawhi.models.locate import check_device, locate_model
+        from kawhi.models.locate import check_device, embedded_label, locate_model
 
         check_device(device)  # ModelNotFound / DeviceUnavailable: a message for the user
         folder = TINY_MODEL_DIR if model is None else locate_model(model)
