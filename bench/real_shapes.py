@@ -71,7 +71,6 @@ MAX_VISUAL_TOKENS = 1280
 def build_config(shape: str, tokenizer: Any, *, layers: int | None = None, vision_depth: int | None = None) -> Any:
     """The transformers config of ``shape``, optionally cut to ``layers`` / ``vision_depth``."""
     import transformers
-
     from kawhi.models.qwen import qwen_vl_token_ids
 
     spec = SHAPES[shape]
@@ -133,7 +132,6 @@ def build_model(shape: str, *, dtype: torch.dtype = torch.float32, device: str =
                 layers: int | None = None, vision_depth: int | None = None, attn: str = "sdpa") -> Any:
     """(model, tokenizer, image processor) of ``shape`` with seeded random weights, made in place."""
     import transformers
-
     from kawhi.models.qwen_tokenizer import build_qwen2_vl_tokenizer
 
     transformers.utils.logging.set_verbosity_error()

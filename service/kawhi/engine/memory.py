@@ -29,10 +29,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-# fitted to bench/recorded/shapes-*.json (docs/memory.md): elements of (D + I) per padded response token
-ACTIVATION_WIDTHS = 4.0
-# fitted constant of the CPU process (Python, torch, transformers, the server) in bytes
-CPU_RUNTIME_BYTES = 600 * 2**20
+# fitted by `python -m bench.memory_fit` to bench/recorded/shapes-quick.json (docs/memory.md):
+# elements of (D + I) per padded response token, and the CPU server process's own bytes
+ACTIVATION_WIDTHS = 2.8
+CPU_RUNTIME_BYTES = 870 * 2**20
 # CUDA context + allocator fragmentation allowance on a GPU (not measured here: no GPU)
 GPU_RUNTIME_BYTES = 3 * 2**30
 LOGITS_LIVE_COPIES = 3
