@@ -184,18 +184,18 @@ def measure_shape(args: argparse.Namespace, shape: str, points: list[tuple[int, 
                                                       seed=1000 + tokens + group_size + 7 * ref_on))
                     try:
                         out = measure_request(srv.url, pid, group, f"{shape}-{group_size}x{tokens}-{ref_on}",
-                                              ref_on, args.device)
+                                              ref_on, args.device, args.max_load)
                     except RuntimeError as exc:  # recorded, and the other points still run
                         out = {"error": str(exc)[:300]}
                     out.update(group_size=group_size, tokens=tokens, logprobs=ref_on, prefix_hit=False)
                     if "error" not in out:
-                        out["predicted"] = predict(model_shape, out, prefix, visual)
+                        out["predicted"] = predict(model_shape, out, prefix, visual, args.device)
                     out["activation_widths"] = ACTIVATION_WIDTHS
                     record["requests"].append(out)
                     print(json.dumps({"shape": shape, **{k: v for k, v in out.items() if k != "answer"}}), flush=True)
                     last = group if "error" not in out else last
             if last is not None:  # the same image + prompt again: the prefix comes from the cache
-                out = measure_request(srv.url, pid, last, f"{shape}-hit", True, args.device)
+                out = measure_request(srv.url, pid, last, f"{shape}-hit", True, args.device, args.max_load)
                 out.update(group_size=points[-1][0], tokens=points[-1][1], logprobs=True, prefix_hit=True)
                 out["prefix_cache_hits"] = metrics_snapshot(srv.url).get("kawhi_prefix_cache_hits_total")
                 record["requests"].append(out)
@@ -206,7 +206,8 @@ def measure_shape(args: argparse.Namespace, shape: str, points: list[tuple[int, 
     return record
 
 
-def measure_request(url: str, pid: int, group: Any, group_id: str, ref_on: bool, device: str) -> dict[str, Any]:
+def measure_request(url: str, pid: int, group: Any, group_id: str, ref_on: bool, device: str,
+                    max_load: float) -> dict[str, Any]:
     import httpx
 
     load_before = load_avg()
@@ -230,11 +231,8 @@ def measure_request(url: str, pid: int, group: Any, group_id: str, ref_on: bool,
             out["prefix_cache_bytes"] = int(float(line.split()[1]))
     if ref_on:
         out["logprob_check"] = check_logprobs(answer, len(group.responses[0]))
-    out["under_load"] = load_before > ARGS_MAX_LOAD[0]
+    out["under_load"] = load_before > max_load
     return out
-
-
-ARGS_MAX_LOAD = [1.5]
 
 
 def prefix_tokens(tokenizer: Any, shape: str) -> tuple[int, int]:
@@ -249,13 +247,14 @@ def prefix_tokens(tokenizer: Any, shape: str) -> tuple[int, int]:
     return len(ids) - 1 + visual, visual
 
 
-def predict(shape: Any, out: dict[str, Any], prefix: int, visual: int) -> dict[str, int]:
+def predict(shape: Any, out: dict[str, Any], prefix: int, visual: int, device: str) -> dict[str, int]:
     """The memory model's parts for this request (``kawhi.engine.memory.estimate``)."""
-    from kawhi.engine.memory import estimate
+    from kawhi.engine.memory import CPU_RUNTIME_BYTES, GPU_RUNTIME_BYTES, estimate
 
     return estimate(shape, prefix_tokens=prefix, visual_tokens=visual,
                     response_tokens=[out["tokens"]] * out["group_size"], logprobs=out["logprobs"],
-                    prefix_cache_bytes=out.get("prefix_cache_bytes", 0))
+                    prefix_cache_bytes=out.get("prefix_cache_bytes", 0),
+                    runtime_bytes=CPU_RUNTIME_BYTES if device == "cpu" else GPU_RUNTIME_BYTES)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -273,7 +272,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-load", type=float, default=1.5, help="flag requests started above this load")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    ARGS_MAX_LOAD[0] = args.max_load
     shapes = args.shape or ["qwen2.5-vl-3b"]
     if args.quick:
         shapes, args.tokens = ["qwen2.5-vl-3b"], "64,256"

@@ -39,6 +39,8 @@ collect_ignore = ["support"]
 FILE_MARKS: dict[str, tuple[str, ...]] = {
     # engine: several tiny-model loads per architecture, or real forwards per test
     "test_heads_discover.py": ("slow",),
+    # the real 151,936-token vocabulary: 2 x 1,024 tokens scored, and 1.2 GB of logits in the control arm
+    "test_logprobs_vocab_memory.py": ("slow",),
     # server: demo model loads, subprocess servers
     "test_server.py": ("slow",),
     "test_server_lifecycle.py": ("slow",),
