@@ -175,6 +175,14 @@ class GroupResult(BaseModel):
     error: Problem | None = None
 
 
+class ExplainedResult(GroupResult):
+    """A GroupResult with ``visual_alignment[r][v]``: the mean cosine of visual token v
+    (flat row-major in ``grid``) with response r's tokens over the alignment heads; an
+    empty list for an empty response."""
+
+    visual_alignment: list[list[float]] = Field(default_factory=list)
+
+
 class Usage(BaseModel):
     tokens: int = 0
     milliseconds: float = 0.0

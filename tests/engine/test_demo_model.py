@@ -30,8 +30,8 @@ def test_demo_is_small_and_labelled():
 
 def test_demo_loads_with_the_hub_switched_off():
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": "/nonexistent"}
-    code = ("from kawhi.engine.engine import Engine; e = Engine.load(); "
-            "r = e.reweight([{'image': {'path': 'examples/images/triangle.png'}, 'prompt': 'p', "
+    code = ("from kawhi.engine.engine import Engine; from kawhi.pipeline.local import LocalService; e = Engine.load(); "
+            "r = LocalService(e).reweight([{'image': {'path': 'examples/images/triangle.png'}, 'prompt': 'p', "
             "'responses': [{'text': 'a\\n\\nb', 'reward': 1.0}, {'text': 'c', 'reward': 0.0}]}]); "
             "assert r[0].error is None, r[0].error; print(e.info()['is_demo'])")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
