@@ -78,7 +78,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from kawhi.heads.synthetic import write_synthetic_vqa
+    from kawhi.discovery.synthetic import write_synthetic_vqa
 
     path = write_synthetic_vqa(args.output, args.items, args.seed, args.size)
     print(f"kawhi: {args.items} labelled items -> {path}", file=sys.stderr)
@@ -88,10 +88,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_discover(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from kawhi.discovery.discover import DiscoveryError, DiscoverySettings, discover, items_hash, load_vqa_jsonl
+    from kawhi.discovery.synthetic import synthetic_vqa
     from kawhi.engine.engine import DEMO_MODEL_DIR
-    from kawhi.heads.discover import DiscoveryError, DiscoverySettings, discover, items_hash, load_vqa_jsonl
     from kawhi.heads.files import write_heads_file
-    from kawhi.heads.synthetic import synthetic_vqa
     from kawhi.models.qwen import QwenVLReference
 
     try:
