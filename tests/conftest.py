@@ -67,6 +67,7 @@ FILE_MARKS: dict[str, tuple[str, ...]] = {
     "test_grpc_serve.py": ("slow",),
     # deploy: helm/promtool/hadolint, one live server, a real NGINX in front of three replicas
     "test_deploy.py": ("deploy", "slow"),
+    "test_deploy_image.py": ("deploy", "slow"),
     "test_deploy_affinity.py": ("deploy", "slow"),
     "test_ingress_hash.py": ("deploy", "slow"),
     # repo: bench scripts on the demo model
