@@ -37,7 +37,7 @@ from typing import Any
 
 import pytest
 import yaml
-from deploy_support import (
+from deploy_support import (  # noqa: F401  (the fixtures hadolint, helm, kubernetes_validate, promtool, rendered are used by name)
     CHART,
     CONTAINER_PORT,
     DEPLOY,
@@ -51,9 +51,14 @@ from deploy_support import (
     SCHEMA,
     by_kind,
     container_env,
+    hadolint,
+    helm,
     helm_schema,
     kawhi_container,
+    kubernetes_validate,
     one,
+    promtool,
+    rendered,
     run,
     scenario_args,
     settings_from_env,

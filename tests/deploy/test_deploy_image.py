@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import yaml
-from deploy_support import (
+from deploy_support import (  # noqa: F401  (the fixtures hadolint, helm, promtool, rendered are used by name)
     CONTAINER_PORT,
     DEPLOY,
     DOCKERFILE,
@@ -34,9 +34,13 @@ from deploy_support import (
     ROOT,
     container_env,
     docs_values_example,
+    hadolint,
+    helm,
     helm_schema,
     kawhi_container,
     one,
+    promtool,
+    rendered,
     run,
 )
 

@@ -1,6 +1,6 @@
 """Shared by the deployment tests (tests/deploy): paths, tools, the chart's rendering helpers.
 
-Fixtures (the tools, ``rendered``) are in tests/deploy/conftest.py; the values.schema.json
+Fixtures: the tools and ``rendered`` (imported by name into each test module); the values.schema.json
 generator is scripts/helm_schema.py.
 """
 
