@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
         import kawhi.server  # noqa: F401  (a client-only install stops here: no [server] extra)
         from kawhi.serve import add_serve_parser
     except ImportError as exc:  # the server extra is not installed
-        serve = sub.add_parser("serve", help="run the HTTP service (needs: pip install 'kawhi[server]')")
+        serve = sub.add_parser("serve", help="run the HTTP service (needs: pip install 'kawhi-rl[server]')")
         serve.set_defaults(func=lambda _args, _exc=exc: _missing_server(_exc))
     else:
         add_serve_parser(sub)
@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _missing_server(exc: ImportError) -> int:
-    print(f"kawhi serve needs the server extra: pip install 'kawhi[server]' (missing: {exc.name})", file=sys.stderr)
+    print(f"kawhi serve needs the server extra: pip install 'kawhi-rl[server]' (missing: {exc.name})", file=sys.stderr)
     return 2
 
 
@@ -382,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"kawhi {args.command}: {exc}", file=sys.stderr)
         return 2
-    except ModuleNotFoundError as exc:  # a client-only install (pip install kawhi) running an engine command
+    except ModuleNotFoundError as exc:  # a client-only install (pip install kawhi-rl) running an engine command
         message = missing_extra_message(exc, f"kawhi {args.command}")
         if message is None:
             raise

@@ -15,7 +15,7 @@ for _p in (ROOT / "service", ROOT / "client"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-PIL = pytest.importorskip("PIL", reason="the explain view needs Pillow (pip install 'kawhi[explain]')")
+PIL = pytest.importorskip("PIL", reason="the explain view needs Pillow (pip install 'kawhi-rl[explain]')")
 from kawhi_client.explain import ExplainedResult, build_view, explain  # noqa: E402
 from kawhi_client.explain.png import TEXT_WIDTH, display_cell, render_pages, wrap  # noqa: E402
 from kawhi_client.explain.style import (  # noqa: E402
