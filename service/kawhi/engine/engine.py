@@ -43,6 +43,7 @@ from kawhi.engine.images import ImageLimits, decode_base64
 from kawhi.engine.regions import RegionSelection, select_regions
 from kawhi.engine.segments import Segment, segment_tokens, token_segment_index
 from kawhi.engine.weights import normalize_weights, paragraph_weights, segment_means, token_weights
+from kawhi.errors import KawhiError
 from kawhi.heads.files import HeadSet, resolve_head_set
 from kawhi.heads.identity import ModelIdentity
 from kawhi.models.logprobs import has_lm_head, response_logprobs
@@ -368,10 +369,10 @@ class Engine:
                         max_batch_tokens=self.limits.max_forward_tokens,
                         split_attention=self.limits.split_attention, prefix_cache=self.prefix_cache)[0]
                 results.append(self._score_group(group, states))
-            except Exception as exc:
-                log.exception("group %s failed in the forward", group.id)
-                results.append(GroupResult(id=group.id, error=Problem(
-                    title="Internal error", status=500, detail=f"{type(exc).__name__}: {exc}", pointer="")))
+            except Exception:
+                log.exception("group %s failed in the forward", group.id)  # the cause stays in the log
+                results.append(GroupResult(id=group.id, error=Problem(**KawhiError(
+                    "internal", "the reference forward failed for this group; it has been logged").to_problem())))
         return results
 
     def _score_group(self, group: PreparedGroup, states: Any) -> GroupResult:

@@ -17,6 +17,7 @@ from typing import Any
 from kawhi_client.schema import GroupResult, ImageRef, Options, Problem, RolloutGroup
 
 from kawhi.engine.images import decode_image
+from kawhi.errors import KawhiError
 from kawhi.pipeline.core import Pipeline
 
 
@@ -77,8 +78,7 @@ class LocalService:
                 out.append(explanation_for(engine, group, result, image, heatmap_response=heatmap_response,
                                            max_page_height=max_page_height))
             except ValueError as exc:
-                out.append(GroupResult(id=group.id, error=Problem(title="Cannot explain this group", status=422,
-                                                                  detail=str(exc), pointer="")))
+                out.append(GroupResult(id=group.id, error=Problem(**KawhiError("validation", str(exc)).to_problem())))
         return out
 
     def info(self) -> dict[str, Any]:
