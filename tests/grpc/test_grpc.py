@@ -130,6 +130,23 @@ def test_round_trip_equals_http(server: GrpcServerThread, stub: Any) -> None:
         assert g.upload_image(png_bytes(60, 60, 7)) == h.upload_image(png_bytes(60, 60, 7))
 
 
+def test_grpc_client_token_arrays_false_like_the_http_client(server: GrpcServerThread) -> None:
+    """GrpcClient(token_arrays=False): answers without the per-token arrays, unary and streamed,
+    with the same paragraphs as the HTTP client's."""
+    groups = [small_group(61), small_group(62)]
+    with GrpcClient(server.target, wait_ready=30, token_arrays=False) as g, \
+            Client(server.url, wait_ready=30, token_arrays=False) as h:
+        unary, http = g.reweight(groups), h.reweight(groups)
+        streamed = [r for _, r in sorted(g.reweight_stream(groups), key=lambda item: item[0])]
+    assert len(unary) == len(streamed) == len(http) == 2
+    for results in (unary, streamed):
+        for got, want in zip(results, http):
+            assert got.error is None
+            for a, b in zip(got.responses, want.responses):
+                assert a.token_advantages is None and a.token_weights is None
+                assert [p.model_dump() for p in a.paragraphs] == [p.model_dump() for p in b.paragraphs]
+
+
 def test_log_probs_and_omitted_arrays_round_trip_like_http(server: GrpcServerThread, stub: Any) -> None:
     """Reference log-probs and entropy travel as packed arrays; token_arrays=false leaves the
     token arrays out, and the client sees None for them as over HTTP."""

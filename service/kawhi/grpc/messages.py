@@ -99,9 +99,11 @@ def parse_request_message(m: pb.ReweightRequest) -> ParsedRequest:
     return parsed
 
 
-def parse_group_message(m: pb.RolloutGroup, options: dict[str, Any] | None) -> ParsedRequest:
+def parse_group_message(m: pb.RolloutGroup, options: dict[str, Any] | None, token_arrays: bool = True) -> ParsedRequest:
     """One group of a stream as a one-group request with per-group errors."""
-    return _parse_groups([m], _options(options) if options else {}, True)
+    parsed = _parse_groups([m], _options(options) if options else {}, True)
+    parsed.token_arrays = token_arrays
+    return parsed
 
 
 def _options(raw: dict[str, Any]) -> dict[str, Any]:

@@ -175,8 +175,9 @@ class KawhiServicer(pb_grpc.KawhiServicer):
             k = 0
             async for message in requests:
                 options = convert.options_from_message(message.options) if message.HasField("options") else None
+                arrays = message.token_arrays if message.HasField("token_arrays") else True
                 for j, group in enumerate(message.groups):
-                    task = asyncio.ensure_future(self._one_group(k, j, group, options, context, done))
+                    task = asyncio.ensure_future(self._one_group(k, j, group, options, arrays, context, done))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                 k += 1
@@ -187,14 +188,14 @@ class KawhiServicer(pb_grpc.KawhiServicer):
             done.put_nowait(exc)
 
     async def _one_group(
-        self, k: int, j: int, group: pb.RolloutGroup, options: dict[str, Any] | None,
+        self, k: int, j: int, group: pb.RolloutGroup, options: dict[str, Any] | None, token_arrays: bool,
         context: grpc.aio.ServicerContext, done: asyncio.Queue,
     ) -> None:
         """One group of a stream through the pipeline as a one-group request; any problem
         becomes that group's error, pointing into its message (``/groups/j/...``). Always puts
         one message on ``done`` (the stream waits for it), whatever fails."""
         try:
-            msg = await self._group_result(k, j, group, options, context)
+            msg = await self._group_result(k, j, group, options, token_arrays, context)
         except asyncio.CancelledError:
             raise
         except Exception:  # converting the group or its answer failed: a bug of ours, this group only
@@ -207,14 +208,14 @@ class KawhiServicer(pb_grpc.KawhiServicer):
         done.put_nowait(msg)
 
     async def _group_result(
-        self, k: int, j: int, group: pb.RolloutGroup, options: dict[str, Any] | None,
+        self, k: int, j: int, group: pb.RolloutGroup, options: dict[str, Any] | None, token_arrays: bool,
         context: grpc.aio.ServicerContext,
     ) -> pb.ReweightStreamResult:
         service = self.state
         try:
             service.require_engine()
             deadline = service.deadline(_timeout(context))
-            admission = await service.admit_parsed(lambda: parse_group_message(group, options), 1)
+            admission = await service.admit_parsed(lambda: parse_group_message(group, options, token_arrays), 1)
             answer = await service.reweight(admission, deadline, PROTOBUF)
         except KawhiError as err:
             service.count_error(err)
