@@ -1,5 +1,5 @@
-"""The suite's one conftest: the support modules on sys.path, the shared fixtures, and
-the cost markers.
+"""The suite's one conftest: the shared fixtures and the cost markers (the support modules
+are on sys.path through pyproject.toml's ``pythonpath``).
 
 Layout: tests/engine (library), tests/server (FastAPI server, CLI), tests/client (SDK),
 tests/integrations (trainers), tests/deploy (Dockerfile, chart, packaging), tests/repo
@@ -18,7 +18,6 @@ costly file inherits its cost:
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,6 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 SUPPORT = TESTS / "support"
-if str(SUPPORT) not in sys.path:
-    sys.path.insert(0, str(SUPPORT))
 
 # test_integration_helpers.py keeps its old name (other branches import it by that name)
 # but holds no tests: do not collect the support folder.

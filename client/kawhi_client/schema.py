@@ -22,13 +22,6 @@ from pydantic import (
 
 from kawhi_client.options import OPTIONS, SGUF_OPTIONS, OptionSpec
 
-Estimator = Literal["grpo", "drgrpo", "rloo", "given"]
-StdKind = Literal["population", "unbiased"]
-Normalize = Literal["none", "mean"]
-RegionStrategy = Literal["sguf", "all", "random", "inverse"]
-Similarity = Literal["query_key", "key_key"]
-Granularity = Literal["paragraph", "sentence", "token"]
-RopeMode = Literal["after", "before"]
 EncodingFormat = Literal["float", "base64"]
 
 
