@@ -1,7 +1,8 @@
 """The suite's one conftest: the shared fixtures and the cost markers (the support modules
 are on sys.path through pyproject.toml's ``pythonpath``).
 
-Layout: tests/engine (library), tests/server (FastAPI server, CLI), tests/client (SDK),
+Layout: tests/engine (library), tests/models, tests/heads (head sets, discovery), tests/server
+(FastAPI server), tests/cli, tests/client (SDK), tests/grpc, tests/pipeline,
 tests/integrations (trainers), tests/deploy (Dockerfile, chart, packaging), tests/repo
 (docs links, bench scripts); helpers live in tests/support and are imported by their
 module names (`from server_fixtures import ...`, `from tiny_models import ...`,
