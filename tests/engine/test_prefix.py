@@ -207,7 +207,7 @@ def test_one_group_sent_as_single_response_groups_costs_one_prefix(engine, monke
 
 
 def test_server_settings_reach_the_engine():
-    from kawhi.pipeline.service import engine_limits
+    from kawhi.pipeline.limits import engine_limits
     from kawhi.settings import Settings
 
     limits = engine_limits(Settings(cache_prefix_bytes=0, split_attention=False))

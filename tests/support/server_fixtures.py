@@ -172,7 +172,7 @@ def demo_engine(settings: Any = None) -> Any:
     """
     global _MODEL
     from kawhi.engine.engine import Engine
-    from kawhi.pipeline.service import engine_limits, load_engine
+    from kawhi.pipeline.limits import engine_limits, load_engine
     from kawhi.settings import Settings
 
     settings = settings if settings is not None else Settings()

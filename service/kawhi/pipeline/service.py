@@ -27,25 +27,23 @@ built straight from the model) and whose ``response`` is the model itself.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from kawhi_client.schema import ReweightResponse
 
 from kawhi import __version__
 from kawhi.errors import KawhiError
-from kawhi.pipeline.admit import Limits
+from kawhi.pipeline.answers import JSON, Answer, Codec, ImageInfo, Info, ServerInfo, idempotency_key
 from kawhi.pipeline.batcher import Batcher, QueueFull
 from kawhi.pipeline.cache import Caches
 from kawhi.pipeline.core import Admission, Pipeline, outcome
-from kawhi.pipeline.encoding import WireFormat, encode_answer, wire_of
+from kawhi.pipeline.encoding import wire_of
+from kawhi.pipeline.limits import limits_of_settings, load_engine
 from kawhi.pipeline.metrics import Metrics
 from kawhi.pipeline.parse import ParsedRequest
 
@@ -61,146 +59,6 @@ INLINE_ENCODE_TOKENS = 16384
 
 class ClientClosed(Exception):
     """The client went away before its answer was ready (its queued groups were dropped)."""
-
-
-class Codec(Protocol):
-    """How a front end wants an answer: ``encode`` gives (payload, bytes to store), ``decode``
-    turns stored bytes back into a payload. ``name`` is part of the idempotency key."""
-
-    name: str
-
-    def encode(self, response: ReweightResponse, wire: WireFormat) -> tuple[Any, bytes]: ...
-
-    def decode(self, data: bytes) -> Any: ...
-
-
-class JsonCodec:
-    """The JSON bytes of docs/api.md, in the encoding the request asked for (HTTP)."""
-
-    name = "json"
-
-    def encode(self, response: ReweightResponse, wire: WireFormat) -> tuple[bytes, bytes]:
-        data = encode_answer(response, wire)
-        return data, data
-
-    def decode(self, data: bytes) -> bytes:
-        return data
-
-
-JSON = JsonCodec()
-
-
-@dataclass
-class Answer:
-    """One reweight answer: the codec's ``payload``; where it came from (``"hit"``: stored,
-    ``"joined"``: the same request's attempt in flight, ``"miss"``: computed); ``response``:
-    the model when this request computed it."""
-
-    payload: Any
-    source: str
-    response: ReweightResponse | None = None
-
-
-@dataclass(frozen=True)
-class ImageInfo:
-    sha256: str
-    bytes: int
-    width: int
-    height: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"sha256": self.sha256, "bytes": self.bytes, "width": self.width, "height": self.height}
-
-
-@dataclass(frozen=True)
-class ServerInfo:
-    batch_tokens: int
-    batch_wait_ms: float
-    queue_groups: int
-    request_timeout_s: float
-    redis: bool
-    redis_degraded: bool
-    auth: bool
-
-
-@dataclass(frozen=True)
-class Info:
-    """``GET /v1/info`` / ``Info``: the engine's description, the limits a request must keep,
-    the server's scheduling. ``to_dict`` is the wire object (docs/api.md)."""
-
-    engine: dict[str, Any]
-    limits: dict[str, Any]
-    server: ServerInfo
-    version: str = __version__
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dict(self.engine)
-        out["version"] = self.version
-        out["limits"] = dict(self.limits)
-        out["server"] = dict(vars(self.server))
-        return out
-
-
-def limits_of_settings(settings: Any, max_positions: int | None = None) -> Limits:
-    """The request limits the settings describe: the one place they are built (the engine's
-    own limits are derived from these, :func:`engine_limits`)."""
-    from kawhi.engine.images import ImageLimits
-
-    s = settings
-    group_tokens = s.batch_tokens if max_positions is None else min(s.batch_tokens, max_positions)
-    return Limits(max_groups=s.max_groups, max_responses=s.max_responses_per_group,
-                  max_response_tokens=s.max_tokens_per_response, max_group_tokens=group_tokens,
-                  max_request_tokens=s.max_request_tokens,
-                  image=ImageLimits(max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels,
-                                    min_side=s.min_image_side))
-
-
-def engine_limits(settings: Any) -> Any:
-    """The engine's limits (kawhi.engine.engine.EngineLimits): the request limits plus the forward's."""
-    from kawhi.engine.engine import EngineLimits
-
-    s, limits = settings, limits_of_settings(settings)
-    return EngineLimits(max_responses=limits.max_responses, max_response_tokens=limits.max_response_tokens,
-                        max_group_tokens=limits.max_group_tokens, max_forward_tokens=s.batch_tokens,
-                        split_attention=s.split_attention, prefix_cache_bytes=s.cache_prefix_bytes,
-                        image=limits.image)
-
-
-def load_engine(settings: Any) -> Any:
-    """The engine the settings describe (model, device, dtype, limits, method defaults).
-
-    Imports torch and loads weights: call it off the event loop.
-    """
-    from kawhi.engine.engine import Engine
-
-    s = settings
-    threads = s.resolved_torch_threads()
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    return Engine.load(s.model, device=s.device, dtype=s.dtype, defaults=s.method_config(),
-                       limits=engine_limits(s), heads_file=s.heads_file)
-
-
-def idempotency_key(pipeline: Pipeline, admission: Admission, codec: str) -> str:
-    groups = []
-    for a in admission.groups:
-        g = a.group.model_dump(mode="python")
-        g["image"] = {"sha256": a.sha256}
-        groups.append(g)
-    canonical = {
-        "v": 2, "version": __version__, "model": pipeline.engine.model_name,
-        "tokenizer": pipeline.engine.tokenizer_fingerprint, "options": admission.config.to_dict(),
-        "per_group_errors": admission.parsed.per_group_errors, "groups": groups,
-    }
-    wire = wire_of(admission.parsed)
-    if not wire.is_default:  # a stored answer is stored in the encoding it was asked in
-        canonical["wire"] = [wire.encoding_format, wire.token_arrays]
-    if codec != JSON.name:
-        canonical["codec"] = codec
-    blob = json.dumps(canonical, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 class ReweightService:
@@ -616,5 +474,4 @@ class ReweightService:
         return Info(engine=described, limits=limits, server=server)
 
 
-__all__ = ["JSON", "Answer", "ClientClosed", "Codec", "ImageInfo", "Info", "JsonCodec", "ReweightService",
-           "ServerInfo", "engine_limits", "limits_of_settings", "load_engine"]
+__all__ = ["ClientClosed", "ReweightService"]

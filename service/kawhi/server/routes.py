@@ -20,7 +20,8 @@ from starlette.responses import JSONResponse, Response
 
 from kawhi import __version__
 from kawhi.errors import PROBLEM_MEDIA_TYPE, KawhiError, pointer
-from kawhi.pipeline.service import JSON, ClientClosed, ReweightService
+from kawhi.pipeline.answers import JSON
+from kawhi.pipeline.service import ClientClosed, ReweightService
 from kawhi.server.auth import require_api_key
 from kawhi.server.problems import problem_response
 
