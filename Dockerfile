@@ -29,7 +29,7 @@
 # `kawhi serve` setting is a KAWHI_* environment variable (docs/server.md).
 # This file is linted by hadolint in tests/deploy/test_deploy.py and built with
 # podman in CI (scripts/build_image.sh), then smoke-tested by mounting the
-# image and running its entry point under chroot (scripts/smoke_image.sh).
+# image and running its entry point under chroot (scripts/smoke_image.py).
 
 ARG VARIANT=cpu
 ARG CPU_BASE_IMAGE=python:3.12-slim-bookworm

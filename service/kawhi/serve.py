@@ -5,10 +5,14 @@ setting (``kawhi.settings.Settings``) is a flag named after it (``--batch-tokens
 ``--temperature``, ``--sguf-delta-s`` ...). Precedence: flag > ``KAWHI_*`` environment
 variable > default. ``python -m kawhi.serve`` runs the same command on its own.
 
-``build(settings)`` is the whole composition: one ``ReweightService``
+``serve(settings)`` is the whole composition: one ``ReweightService``
 (kawhi.pipeline.service), the HTTP app over it (kawhi.server), and, with ``--grpc-port``,
 the gRPC listener over the same service on the same event loop (kawhi.grpc), started
 and stopped with the app. Neither front end knows the other.
+
+Start-up mistakes are one line on stderr and a non-zero exit, never a traceback in a log
+line: a taken HTTP or gRPC port (exit 2, checked before the model loads) and a model
+that does not load (exit 1, once the load fails: a pod crash-loops with the reason).
 
 SIGTERM drains (kawhi.server.main.DrainingServer): the first signal flips the service
 to *draining* (``/readyz`` 503, new work 503 + Retry-After on both listeners), in-flight
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import socket
 import sys
 import typing
 from pathlib import Path
@@ -78,7 +83,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         "model": parser.add_argument_group("model"),
         "network": parser.add_argument_group("network and auth"),
         "server": parser.add_argument_group("limits, scheduling, caches, logging"),
-        "method": parser.add_argument_group("method defaults (kawhi/engine/config.py)"),
+        "method": parser.add_argument_group("method defaults (a request's options override them, docs/api.md)"),
     }
     for name, field in Settings.model_fields.items():
         group = groups["method" if name in METHOD_FIELDS else _GROUPS.get(name, "server")]
@@ -87,7 +92,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         default = field.default
         if isinstance(default, SecretStr):
             default = "<redacted>"
-        help_text = f"{field.description or ''} [env {env}; default {default!r}]"
+        help_text = f"{field.description or ''} [env {env}" + ("]" if default is None else f"; default {default!r}]")
         tp, choices, is_bool = _flag_type(field.annotation)
         if is_bool:
             group.add_argument(flag, dest=_DEST + name, action=argparse.BooleanOptionalAction,
@@ -123,24 +128,66 @@ def make_server(settings: Any, app: Any) -> Any:
     return uvicorn_server(settings, app, app.state.kawhi)
 
 
-def build(settings: Any) -> Any:
-    """The service and its listeners for ``settings``: the uvicorn server to run."""
+class StartupError(Exception):
+    """A start-up mistake `kawhi serve` reports in one line (exit 2)."""
+
+
+def _address(host: str, port: int) -> tuple[int, tuple]:
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return family, address
+
+
+def bind_listener(host: str, port: int, what: str = "HTTP") -> socket.socket:
+    """A socket bound to ``host:port`` as uvicorn binds it (SO_REUSEADDR), before any model loads:
+    a taken port is one line at once, not an error among the model's load warnings."""
+    family, address = _address(host, port)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        hint = f" (--{what.lower()}-port or KAWHI_{what.upper()}_PORT picks another)" if what == "gRPC" else \
+            " (--port or KAWHI_PORT picks another)"
+        raise StartupError(f"cannot listen for {what} on {host}:{port}: {exc.strerror or exc}{hint}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(settings: Any) -> int:
+    """Build the service and its listeners and run them in this (main) thread until SIGTERM/SIGINT.
+    Returns the exit status: 0 after a drain, 1 when the model failed to load (the reason on stderr)."""
+    from kawhi.logs import configure_logging
     from kawhi.pipeline.service import ReweightService
     from kawhi.server.app import create_app
 
-    return make_server(settings, create_app(service=ReweightService(settings)))
-
-
-def serve(settings: Any) -> None:
-    """Run the server in this (main) thread until SIGTERM/SIGINT."""
-    from kawhi.logs import configure_logging
-
+    if settings.grpc_port and settings.grpc_port == settings.port:
+        raise StartupError(f"--grpc-port {settings.grpc_port} is the HTTP port too; give gRPC a port of its own")
+    listener = bind_listener(settings.host, settings.port)
+    if settings.grpc_port:  # gRPC binds once the app starts; a taken port is refused now, in one line
+        bind_listener(settings.host, settings.grpc_port, "gRPC").close()
     configure_logging(settings.log_level, settings.log_json)
-    server = build(settings)
+    service = ReweightService(settings)
+    server = make_server(settings, create_app(service=service))
+    failed: list[str] = []
+
+    def stop_on_load_failure(reason: str) -> None:
+        failed.append(reason)
+        server.should_exit = True
+
+    service.on_load_failure = stop_on_load_failure
     # uvicorn re-raises the captured signal once it has shut down; exit 0 then (a clean drain).
     signal.signal(signal.SIGTERM, _exit_zero)
     signal.signal(signal.SIGINT, _exit_zero)
-    server.run()
+    server.run(sockets=[listener])
+    if failed:
+        print(f"kawhi serve: cannot load the model {settings.model or '(the demo model)'}: {failed[0]}",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -174,8 +221,11 @@ def run_serve(args: argparse.Namespace) -> int:
     except HeadsFileError as exc:
         print(f"kawhi serve: {exc}", file=sys.stderr)
         return 2
-    serve(settings)
-    return 0
+    try:
+        return serve(settings)
+    except StartupError as exc:
+        print(f"kawhi serve: {exc}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,12 +8,22 @@ from typing import Any
 from kawhi_client.explain import Explanation, explain
 from kawhi_client.schema import GroupResult, RolloutGroup
 
-__all__ = ["explanation_for"]
+__all__ = ["explain_settings", "explanation_for"]
+
+
+def explain_settings(engine: Any, config: Any = None) -> dict[str, Any]:
+    """The settings block of a view: the resolved method config (the engine's defaults when
+    None) and where the preset heads came from."""
+    settings = (config if config is not None else engine.defaults).to_dict()
+    settings["heads_source"] = engine.head_set.source if settings.get("heads") == "preset" else "the request"
+    return settings
 
 
 def explanation_for(engine: Any, group: RolloutGroup, result: GroupResult, image: Any, *,
-                    heatmap_response: int | None = None, max_page_height: int | None = None) -> Explanation:
-    """The view of one reweighted group; ``image`` is its decoded PIL image (original size).
+                    heatmap_response: int | None = None, max_page_height: int | None = None,
+                    config: Any = None) -> Explanation:
+    """The view of one reweighted group; ``image`` is its decoded PIL image (original size);
+    ``config`` the resolved method config that produced ``result`` (None: the engine's defaults).
     Raises ValueError when the result is an error or ``heatmap_response`` does not exist."""
     resized, _ = engine.model.resize_image(image)
     if any(r.token_ids is not None for r in group.responses):
@@ -22,4 +32,5 @@ def explanation_for(engine: Any, group: RolloutGroup, result: GroupResult, image
                      for r in group.responses]
         group = group.model_copy(update={"responses": responses})
     return explain(group, result, resized, patch_side=engine.model.patch_side, heatmap_response=heatmap_response,
-                   model=engine.model_name, is_demo=engine.is_demo, max_page_height=max_page_height)
+                   model=engine.model_name, is_demo=engine.is_demo, max_page_height=max_page_height,
+                   settings=explain_settings(engine, config))

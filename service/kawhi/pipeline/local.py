@@ -67,6 +67,7 @@ class LocalService:
         engine = self.engine
         load_image = load_image or functools.partial(load_image_bytes, base_dir=base_dir)
         results = self.reweight(groups, options, load_image=load_image, explain=True, base_dir=base_dir)
+        config = engine.resolve_options(options)
         out: list[Any] = []
         for raw, result in zip(groups, results):
             if result.error is not None:
@@ -76,7 +77,7 @@ class LocalService:
             image = decode_image(load_image(group.image), engine.limits.image)
             try:
                 out.append(explanation_for(engine, group, result, image, heatmap_response=heatmap_response,
-                                           max_page_height=max_page_height))
+                                           max_page_height=max_page_height, config=config))
             except ValueError as exc:
                 out.append(GroupResult(id=group.id, error=Problem(**KawhiError("validation", str(exc)).to_problem())))
         return out

@@ -61,6 +61,12 @@ class ClientClosed(Exception):
     """The client went away before its answer was ready (its queued groups were dropped)."""
 
 
+def load_failure_reason(exc: BaseException) -> str:
+    """One line for an operator: the exception's type and the first line of its message."""
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first[:300]}" if first else type(exc).__name__
+
+
 class ReweightService:
     """The serving core (see the module doc). One per process; every front end shares it."""
 
@@ -84,6 +90,9 @@ class ReweightService:
         self.batcher: Batcher | None = None
         self.phase = "loading"  # loading | ready | failed | draining | stopped
         self.load_error: str | None = None
+        # kawhi serve sets this: a model that cannot load ends the process (exit 1, one line) so a
+        # pod crash-loops with a readable reason; a service built in-process keeps answering /readyz.
+        self.on_load_failure: Any = None
         self.draining = False
         self.prepare_pool = ThreadPoolExecutor(settings.prepare_threads, thread_name_prefix="kawhi-prepare")
         self.inflight: dict[str, asyncio.Future] = {}  # idempotency key -> payload being computed
@@ -113,8 +122,11 @@ class ReweightService:
                 engine = await asyncio.to_thread(self.load_engine)
             except Exception as exc:  # keep answering the probes with the reason
                 self.phase = "failed"
-                self.load_error = str(exc)[:300]
-                log.exception("model failed to load")
+                self.load_error = load_failure_reason(exc)
+                log.error("model failed to load: %s", self.load_error)
+                log.debug("model load traceback", exc_info=True)
+                if self.on_load_failure is not None:
+                    self.on_load_failure(self.load_error)
                 return
             log.info("model loaded", extra={"seconds": round(time.perf_counter() - t0, 3)})
             self.engine_ready(engine)
@@ -182,7 +194,9 @@ class ReweightService:
             if self.caches.degraded:  # the reason (host, port, exception) is in the log, not here
                 return "degraded", ["redis is unreachable; serving from the in-process cache"]
             return "ready", []
-        reasons = {"failed": ["the model failed to load; see the server log"],
+        failed = f"the model failed to load: {self.load_error}" if self.load_error else \
+            "the model failed to load; see the server log"
+        reasons = {"failed": [failed],
                    "loading": ["the reference model is loading"],
                    "draining": ["shutting down; in-flight work is finishing"]}.get(self.phase, [])
         return self.phase, list(reasons)
@@ -433,7 +447,8 @@ class ReweightService:
             from kawhi.engine.images import decode_image
 
             image = decode_image(data, self.image_limits)
-            return explanation_for(pipeline.engine, admitted.group, result, image, heatmap_response=heatmap)
+            return explanation_for(pipeline.engine, admitted.group, result, image, heatmap_response=heatmap,
+                                   config=admission.config)
 
         return await self._until(deadline, asyncio.to_thread(build))
 
