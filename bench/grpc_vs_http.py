@@ -3,6 +3,8 @@ and client + server serialisation time.
 
     python -m bench.grpc_vs_http                                  # 16 x 5 x 1024 end to end, 64 x 5 x 1024 offline
     python -m bench.grpc_vs_http --groups 64 --serialise-groups 64 # the full batch end to end (slow on 2 cores)
+    python -m bench.grpc_vs_http --serialise-only --groups 1       # serialisation mode only: no server, one
+                                                                  # group computed in-process, tiled to 64
 
 1. ``kawhi serve --model <bench model> --grpc-port P`` in a subprocess (bench.server.Server);
 2. ``--groups`` groups of ``--responses`` responses of ``--tokens`` token ids each
@@ -14,9 +16,13 @@ and client + server serialisation time.
 3. serialisation, offline in this process on the real answer tiled to
    ``--serialise-groups`` groups (the per-token arrays are what grows): each step the
    client and the server perform to turn wire objects into bytes and back, median of
-   ``--serialise-reps``. The server's gRPC answer is built from the JSON the idempotent
-   result cache holds (kawhi/grpc/pipeline.py: model -> JSON -> message); the encoding
-   straight from the model is timed too.
+   ``--serialise-reps``. Each step is the code the server and the clients run: the
+   server parses and admits a request (HTTP: JSON body -> ``Pipeline.parse_body``;
+   gRPC: message -> ``kawhi.grpc.messages.parse_request_message``, image bytes as
+   bytes) and encodes the answer from the model (HTTP: the JSON bytes; gRPC: the
+   ``ProtobufCodec``'s serialised message, the very bytes sent and stored).
+   ``--serialise-only`` skips steps 1-2: the answer is computed in-process
+   (kawhi.pipeline.local) on ``--groups`` groups of the bench model.
 
 The last line printed is one JSON object; ``--out`` writes it to a file as well.
 """
@@ -59,9 +65,12 @@ def _results_close(a: Any, b: Any) -> float:
     return worst
 
 
-def serialisation(wire: list[dict], http_answer: bytes, grpc_answer: Any, scale: int, reps: int) -> dict[str, Any]:
-    """Every encode/decode step of both transports on a batch ``scale`` times the measured one."""
+def serialisation(wire: list[dict], http_answer: bytes, scale: int, reps: int, pipeline: Any) -> dict[str, Any]:
+    """Every encode/decode step of both transports on a batch ``scale`` times the measured one;
+    ``pipeline``: a kawhi.pipeline.Pipeline whose admit step both servers run."""
+    from kawhi.grpc.messages import PROTOBUF, parse_request_message
     from kawhi.pipeline import Pipeline
+    from kawhi.pipeline.encoding import WireFormat, encode_answer
     from kawhi_client.grpc import convert
     from kawhi_client.grpc._proto import kawhi_pb2 as pb
     from kawhi_client.schema import ReweightResponse
@@ -71,15 +80,14 @@ def serialisation(wire: list[dict], http_answer: bytes, grpc_answer: Any, scale:
     response = response.model_copy(update={"results": [r.model_copy(update={"id": f"{r.id}-x{k}"})
                                                        for k in range(scale) for r in response.results]})
     body = json.dumps({"groups": groups}).encode()
-    answer_json = response.model_dump_json().encode()
-    request_msg = convert.request_to_message(groups)
-    request_bytes = request_msg.SerializeToString()
-    answer_msg = convert.response_to_message(response)
-    answer_bytes = answer_msg.SerializeToString()
+    answer_json = encode_answer(response, WireFormat())
+    request_bytes = convert.request_to_message(groups).SerializeToString()
+    answer_bytes, _ = PROTOBUF.encode(response, WireFormat())
+    limits = pipeline.limits
+    pipeline = Pipeline(pipeline.engine, type(limits)(**{**vars(limits), "max_groups": len(groups)}))
 
-    def server_grpc_encode_cached() -> bytes:
-        cached = response.model_dump_json().encode()  # what _compute stores and hands back
-        return convert.response_json_to_message(cached).SerializeToString()
+    def admit(parsed: Any) -> Any:
+        return pipeline.admit(parsed, allow_paths=False)
 
     t = {
         "client_http_encode": _median_time(lambda: json.dumps({"groups": groups}).encode(), reps),
@@ -87,29 +95,38 @@ def serialisation(wire: list[dict], http_answer: bytes, grpc_answer: Any, scale:
         "client_grpc_encode": _median_time(lambda: convert.request_to_message(groups).SerializeToString(), reps),
         "client_grpc_decode": _median_time(
             lambda: convert.response_from_message(pb.ReweightResponse.FromString(answer_bytes)), reps),
-        "server_http_decode": _median_time(lambda: Pipeline.parse_body(body), reps),
-        "server_http_encode": _median_time(lambda: response.model_dump_json().encode(), reps),
+        "server_http_decode": _median_time(lambda: admit(Pipeline.parse_body(body)), reps),
+        "server_http_encode": _median_time(lambda: encode_answer(response, WireFormat()), reps),
         "server_grpc_decode": _median_time(
-            lambda: Pipeline.parse_document(convert.request_from_message(pb.ReweightRequest.FromString(request_bytes))),
-            reps),
-        "server_grpc_encode_as_shipped": _median_time(server_grpc_encode_cached, reps),
-        "server_grpc_encode_direct": _median_time(lambda: convert.response_to_message(response).SerializeToString(),
-                                                  reps),
+            lambda: admit(parse_request_message(pb.ReweightRequest.FromString(request_bytes))), reps),
+        "server_grpc_encode": _median_time(lambda: PROTOBUF.encode(response, WireFormat()), reps),
     }
+    # answers equal to the last bit, whichever way they travelled
+    via_http = ReweightResponse.model_validate_json(answer_json)
+    via_grpc = convert.response_from_message(pb.ReweightResponse.FromString(answer_bytes))
+    http_total = t["client_http_encode"] + t["client_http_decode"] + t["server_http_decode"] + t["server_http_encode"]
+    grpc_total = t["client_grpc_encode"] + t["client_grpc_decode"] + t["server_grpc_decode"] + t["server_grpc_encode"]
     return {
         "groups": len(groups),
         "bytes": {"http_request": len(body), "http_answer": len(answer_json),
                   "grpc_request": len(request_bytes), "grpc_answer": len(answer_bytes)},
         "seconds": {k: round(v, 4) for k, v in t.items()},
-        "totals": {
-            "http": round(t["client_http_encode"] + t["client_http_decode"] + t["server_http_decode"]
-                          + t["server_http_encode"], 4),
-            "grpc_as_shipped": round(t["client_grpc_encode"] + t["client_grpc_decode"] + t["server_grpc_decode"]
-                                     + t["server_grpc_encode_as_shipped"], 4),
-            "grpc_direct": round(t["client_grpc_encode"] + t["client_grpc_decode"] + t["server_grpc_decode"]
-                                 + t["server_grpc_encode_direct"], 4),
-        },
+        "totals": {"http": round(http_total, 4), "grpc": round(grpc_total, 4),
+                   "grpc_over_http": round(grpc_total / http_total, 3)},
+        "answers_equal": via_http == via_grpc == response,
     }
+
+
+def _in_process(reference: Any, groups: list[Any]) -> bytes:
+    """The JSON answer for ``groups``, computed in this process (serialisation mode)."""
+    from kawhi.engine.engine import Engine
+    from kawhi.pipeline.encoding import WireFormat, encode_answer
+    from kawhi.pipeline.local import LocalService
+
+    local = LocalService(Engine(reference))
+    wire = [g.api(f"s-{i}") for i, g in enumerate(groups)]
+    parsed = local.pipeline.parse_document({"groups": wire})
+    return encode_answer(local.pipeline.reweight(parsed, allow_paths=False), WireFormat())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,8 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--serialise-groups", type=int, default=64)
     parser.add_argument("--serialise-reps", type=int, default=3)
+    parser.add_argument("--serialise-only", action="store_true",
+                        help="serialisation mode only: no server; the answer is computed in-process")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.serialise_only:
+        return _serialise_only(args, argv)
 
     import os
 
@@ -169,12 +190,14 @@ def main(argv: list[str] | None = None) -> int:
                 answers["grpc"] = convert.response_from_message(message)
                 samples["grpc"].append({"wall_s": time.perf_counter() - t0, "request_bytes": request.ByteSize(),
                                         "answer_bytes": message.ByteSize()})
-                grpc_answer = message
             difference = _results_close(answers["http"], answers["grpc"])
             server_log = srv.log_tail(2000)
     scale = max(1, args.serialise_groups // args.groups)
-    offline = serialisation([g.api(f"s-{i}") for i, g in enumerate(groups)], http_answer, grpc_answer, scale,
-                            args.serialise_reps)
+    from kawhi.engine.engine import Engine
+    from kawhi.pipeline import Pipeline
+
+    offline = serialisation([g.api(f"s-{i}") for i, g in enumerate(groups)], http_answer, scale,
+                            args.serialise_reps, Pipeline(Engine(reference)))
     out = {
         "benchmark": "grpc_vs_http",
         "command": "python -m bench.grpc_vs_http " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -196,6 +219,36 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(text)
     return 0 if difference <= 1e-9 else 1
+
+
+def _serialise_only(args: argparse.Namespace, argv: list[str] | None) -> int:
+    import os
+
+    from kawhi.engine.engine import Engine
+    from kawhi.pipeline import Pipeline
+
+    load_start = os.getloadavg()
+    reference = build_reference("bench")
+    groups = [make_group(reference, GroupSpec(response_tokens=args.tokens, group_size=args.responses, seed=i))
+              for i in range(args.groups)]
+    answer = _in_process(reference, groups)
+    scale = max(1, args.serialise_groups // args.groups)
+    offline = serialisation([g.api(f"s-{i}") for i, g in enumerate(groups)], answer, scale, args.serialise_reps,
+                            Pipeline(Engine(reference)))
+    out = {
+        "benchmark": "grpc_vs_http --serialise-only",
+        "command": "python -m bench.grpc_vs_http " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "batch": {"groups": args.groups * scale, "responses": args.responses, "tokens_per_response": args.tokens},
+        "serialisation": offline,
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(),
+                    "loadavg": {"start": [round(x, 2) for x in load_start],
+                                "end": [round(x, 2) for x in os.getloadavg()]}},
+    }
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out))
+    return 0 if offline["answers_equal"] else 1
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ replace it, on the sizes the service meets, before any replacement (issue 21, it
   ran until this measurement) vs ``scipy.sparse.csgraph.connected_components`` on the same
   edges, on patch grids from 8x8 to 64x64 (64 to 4096 patches; Qwen2.5-VL's 448x336
   image is 32x24 patches), with real patch statistics of a real image; labels must agree.
-* Head discovery's bootstrap: ``kawhi.heads.stats.bootstrap_mean`` vs
+* Head discovery's bootstrap: ``kawhi.discovery.stats.bootstrap_mean`` vs
   ``scipy.stats.bootstrap(..., method="percentile", vectorized=True)`` at the
   ``kawhi heads discover`` defaults (10 000 resamples, 48 items), three means per head.
 
@@ -118,7 +118,7 @@ def sguf_cases(rounds: int) -> list[dict]:
 
 
 def bootstrap_cases(rounds: int) -> list[dict]:
-    from kawhi.heads.stats import bootstrap_mean
+    from kawhi.discovery.stats import bootstrap_mean
     from scipy.stats import bootstrap
 
     values = np.random.default_rng(0).normal(0.2, 1.0, 48)

@@ -42,9 +42,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from kawhi.discovery.masking import masked_heads
 from kawhi.engine.engine import Engine
 from kawhi.engine.regions import sguf_key_mask
-from kawhi.heads.masking import masked_heads
+from kawhi.pipeline.local import LocalService
 from kawhi.tiny.model import accuracy_by_kind
 from kawhi.tiny.responses import GENERIC, READS, paired_responses, reading_paragraph
 from kawhi.tiny.task import CELL, KINDS, TinyItem, chance, tiny_items
@@ -94,7 +95,7 @@ def paired_alphas(engine: Engine, items: list[TinyItem], options: dict) -> list[
     for item in items:
         first, second = paired_responses(item)
         groups.append(_group(item, [first.text, second.text]))
-    for result in engine.reweight(groups, options):
+    for result in LocalService(engine).reweight(groups, options):
         if result.error is not None:
             raise RuntimeError(f"reweight failed: {result.error.detail}")
         a = [p.alpha for p in result.responses[0].paragraphs]
@@ -126,7 +127,7 @@ def position_drift(engine: Engine, items: list[TinyItem], options: dict, fillers
         texts = ["\n\n".join([*GENERIC[:k], reading, f"Answer: {item.answer}"]) for k in range(fillers + 1)]
         groups.append(_group(item, texts))
     by_depth = [[] for _ in range(fillers + 1)]
-    for result in engine.reweight(groups, options):
+    for result in LocalService(engine).reweight(groups, options):
         if result.error is not None:
             raise RuntimeError(f"reweight failed: {result.error.detail}")
         for k, response in enumerate(result.responses):

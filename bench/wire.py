@@ -2,7 +2,7 @@
 
 A verl-sized answer (``--groups`` groups x ``--group`` responses x ``--tokens`` tokens,
 paragraphs every ~``--paragraph`` tokens) is built with the engine's own result types and
-encoded as the server does (``kawhi.server.encoding.encode_answer``: JSON numbers,
+encoded as the server does (``kawhi.pipeline.encoding.encode_answer``: JSON numbers,
 base64 float32, or no per-token arrays; each also gzipped as the server's middleware
 does, level 9), then parsed as the client does (``ReweightResponse.model_validate_json``,
 which decodes base64 arrays to lists). The reference forward of the same batch is timed
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-forward", action="store_true", help="skip timing the forward")
     args = parser.parse_args(argv)
 
-    from kawhi.server.encoding import WireFormat, encode_answer
+    from kawhi.pipeline.encoding import WireFormat, encode_answer
     from kawhi_client.schema import ReweightResponse
 
     load_start = os.getloadavg()[0]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the tools tests/deploy/test_deploy.py uses to check the deployment files
+# Install the tools tests/deploy/test_deploy.py and test_deploy_image.py use to check the deployment files
 # (Dockerfile, helm/kawhi, deploy/).  Called by scripts/setup.sh; safe to run
 # on its own and idempotent: a second run only re-checks versions/checksums.
 #

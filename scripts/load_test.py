@@ -54,7 +54,7 @@ def start_server(port: int, extra: list[str]) -> subprocess.Popen:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "service"), str(ROOT / "client"), env.get("PYTHONPATH", "")])
     return subprocess.Popen(
-        [sys.executable, "-m", "kawhi.server.main", "--port", str(port), "--log-level", "warning", *extra],
+        [sys.executable, "-m", "kawhi.serve", "--port", str(port), "--log-level", "warning", *extra],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
 

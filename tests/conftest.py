@@ -1,7 +1,8 @@
-"""The suite's one conftest: the support modules on sys.path, the shared fixtures, and
-the cost markers.
+"""The suite's one conftest: the shared fixtures and the cost markers (the support modules
+are on sys.path through pyproject.toml's ``pythonpath``).
 
-Layout: tests/engine (library), tests/server (FastAPI server, CLI), tests/client (SDK),
+Layout: tests/engine (library), tests/models, tests/heads (head sets, discovery), tests/server
+(FastAPI server), tests/cli, tests/client (SDK), tests/grpc, tests/pipeline,
 tests/integrations (trainers), tests/deploy (Dockerfile, chart, packaging), tests/repo
 (docs links, bench scripts); helpers live in tests/support and are imported by their
 module names (`from server_fixtures import ...`, `from tiny_models import ...`,
@@ -18,7 +19,6 @@ costly file inherits its cost:
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,6 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 SUPPORT = TESTS / "support"
-if str(SUPPORT) not in sys.path:
-    sys.path.insert(0, str(SUPPORT))
 
 # test_integration_helpers.py keeps its old name (other branches import it by that name)
 # but holds no tests: do not collect the support folder.
@@ -74,6 +72,7 @@ FILE_MARKS: dict[str, tuple[str, ...]] = {
     "test_grpc_serve.py": ("slow",),
     # deploy: helm/promtool/hadolint, one live server, a real NGINX in front of three replicas
     "test_deploy.py": ("deploy", "slow"),
+    "test_deploy_image.py": ("deploy", "slow"),
     "test_deploy_affinity.py": ("deploy", "slow"),
     "test_ingress_hash.py": ("deploy", "slow"),
     # repo: bench scripts on the demo model

@@ -172,8 +172,8 @@ class Limits:
             return default
 
         return cls(
-            max_groups=pick("max_groups", "max_groups_per_request", default=d.max_groups),
-            max_body_bytes=pick("max_body_bytes", "max_request_bytes", default=d.max_body_bytes),
+            max_groups=pick("max_groups", default=d.max_groups),
+            max_body_bytes=pick("max_body_bytes", default=d.max_body_bytes),
             max_request_tokens=pick("max_request_tokens", default=d.max_request_tokens),
             queue_groups=pick("queue_groups", src=srv) or pick("queue_groups"),
             max_responses=pick("max_responses"),

@@ -22,13 +22,6 @@ from pydantic import (
 
 from kawhi_client.options import OPTIONS, SGUF_OPTIONS, OptionSpec
 
-Estimator = Literal["grpo", "drgrpo", "rloo", "given"]
-StdKind = Literal["population", "unbiased"]
-Normalize = Literal["none", "mean"]
-RegionStrategy = Literal["sguf", "all", "random", "inverse"]
-Similarity = Literal["query_key", "key_key"]
-Granularity = Literal["paragraph", "sentence", "token"]
-RopeMode = Literal["after", "before"]
 EncodingFormat = Literal["float", "base64"]
 
 
@@ -173,6 +166,14 @@ class GroupResult(BaseModel):
     selected_tokens: list[int] = Field(default_factory=list)
     responses: list[ResponseResult] = Field(default_factory=list)
     error: Problem | None = None
+
+
+class ExplainedResult(GroupResult):
+    """A GroupResult with ``visual_alignment[r][v]``: the mean cosine of visual token v
+    (flat row-major in ``grid``) with response r's tokens over the alignment heads; an
+    empty list for an empty response."""
+
+    visual_alignment: list[list[float]] = Field(default_factory=list)
 
 
 class Usage(BaseModel):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from kawhi_client.options import OPTIONS, SGUF_OPTIONS, OptionSpec
 
 from kawhi import __version__
 from kawhi.errors import UserError
+from kawhi.extras import missing_extra_message
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -288,6 +290,71 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
                         help="vision-critical heads file for --heads preset (default: $KAWHI_HEADS_FILE)")
 
 
+def add_explain_parser(sub: Any) -> None:
+    """Register `kawhi explain IN.jsonl -o DIR/` (one PNG, more pages if needed, and one HTML
+    per group) with the same input and options as `kawhi reweight`."""
+    ex = sub.add_parser("explain", help="draw what KAWHI saw for each group of a JSONL file (PNG + HTML)",
+                        description="Reweight each group (same input and options as 'kawhi reweight') and write "
+                                    "DIR/<id>.png and DIR/<id>.html: the image as the model saw it with its key and "
+                                    "sampled visual tokens, and each response's paragraphs shaded by weight.")
+    ex.add_argument("input", help="input JSONL, or - for standard input; image paths are relative to its folder")
+    ex.add_argument("-o", "--output", type=Path, required=True, help="output folder (created if missing)")
+    ex.add_argument("--heatmap", type=int, default=None, metavar="RESPONSE",
+                    help="also draw each visual token's alignment with response RESPONSE (0-based)")
+    ex.add_argument("--page-height", type=int, default=None, metavar="PX",
+                    help="start a new PNG page past this height (default: 1600)")
+    _add_model_flags(ex)
+    ex.add_argument("--batch-groups", type=int, default=8, help="groups prepared and run together")
+    add_method_options(ex)
+    ex.set_defaults(func=cmd_explain)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from kawhi_client.explain import Explanation, file_stem
+
+    from kawhi.engine.engine import load_image_bytes
+    from kawhi.pipeline.local import LocalService
+
+    options = checked_options(args)
+    lines, base_dir = _read_lines(args.input)
+    engine = load_engine(args)
+    resolved_options(engine, options)
+    local = LocalService(engine)
+    load_image = functools.partial(load_image_bytes, base_dir=base_dir)
+    used: set[str] = set()
+    written: list[Path] = []
+    failed = 0
+    for chunk in _chunks(lines, args.batch_groups):
+        groups, numbers = [], []
+        for number, line in chunk:
+            try:
+                groups.append(json.loads(line))
+                numbers.append(number)
+            except json.JSONDecodeError as exc:
+                print(f"kawhi: line {number}: not JSON: {exc}", file=sys.stderr)
+                failed += 1
+        outcomes = local.explain(groups, options, load_image=load_image, base_dir=base_dir,
+                                 heatmap_response=args.heatmap, max_page_height=args.page_height) if groups else []
+        for number, outcome in zip(numbers, outcomes):
+            if not isinstance(outcome, Explanation):
+                error = outcome.error
+                where = f" at {error.pointer}" if error.pointer else ""
+                print(f"kawhi: line {number} ({outcome.id or 'no id'}): {error.title}{where}: {error.detail}",
+                      file=sys.stderr)
+                failed += 1
+                continue
+            stem = file_stem(outcome.view.id, number)
+            if stem in used:
+                stem = f"{stem}-line{number}"
+            used.add(stem)
+            written += outcome.save(args.output, stem)
+    ok = len(lines) - failed
+    pictures = ", ".join(str(p) for p in written if p.suffix == ".png")
+    print(f"kawhi: {ok} group(s) explained, {failed} failed -> {args.output}/" + (f" (look at {pictures})"
+          if pictures else ""), file=sys.stderr)
+    return 0 if ok > 0 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kawhi", description="KAWHI reward shaping for RL of VLMs.")
     parser.add_argument("--version", action="version", version=f"kawhi {__version__}")
@@ -308,14 +375,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(info)
     info.set_defaults(func=cmd_info)
 
-    from kawhi.cli_explain import add_explain_parser
-    from kawhi.heads.cli import add_heads_parser
+    from kawhi.discovery.cli import add_heads_parser
 
     add_explain_parser(sub)
     add_heads_parser(sub)
 
     try:
-        from kawhi.server.main import add_serve_parser
+        import kawhi.server  # noqa: F401  (a client-only install stops here: no [server] extra)
+        from kawhi.serve import add_serve_parser
     except ImportError as exc:  # the server extra is not installed
         serve = sub.add_parser("serve", help="run the HTTP service (needs: pip install 'kawhi-rl[server]')")
         serve.set_defaults(func=lambda _args, _exc=exc: _missing_server(_exc))
@@ -339,8 +406,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kawhi {args.command}: {exc}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:  # a client-only install (pip install kawhi-rl) running an engine command
-        from kawhi.extras import missing_extra_message
-
         message = missing_extra_message(exc, f"kawhi {args.command}")
         if message is None:
             raise
@@ -351,5 +416,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _command(argv: Sequence[str]) -> str:
+    words = [a for a in argv if not a.startswith("-")]
+    return f"kawhi {words[0]}" if words else "kawhi"
+
+
+def entry(argv: Sequence[str] | None = None) -> int:
+    """The `kawhi` console script: :func:`main`, with a missing extra reported in one line (exit 2)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return main(args)
+    except ModuleNotFoundError as exc:  # not ImportError: a broken install of a present module is not "missing"
+        message = missing_extra_message(exc, _command(args))
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

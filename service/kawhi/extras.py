@@ -1,15 +1,12 @@
-"""Which install extra brings which module, and the `kawhi` entry point that says so.
+"""Which install extra brings which module, and the one line that names a missing one.
 
 `pip install kawhi-rl` is the light client; the engine commands need `kawhi-rl[engine]`
 (torch, transformers ...) and `kawhi serve` needs `kawhi-rl[server]`. A command run in an
 install that lacks its extra ends in one line naming the extra to install, never in a
-ModuleNotFoundError traceback.
+ModuleNotFoundError traceback (the entry point, ``kawhi.cli:entry``, prints it).
 """
 
 from __future__ import annotations
-
-import sys
-from collections.abc import Sequence
 
 # top-level module -> the extra that installs it (pyproject.toml, [project.optional-dependencies])
 EXTRA_OF_MODULE = {
@@ -55,27 +52,3 @@ def missing_extra_message(exc: ImportError, command: str = "this command") -> st
     if extra in ("engine", "server"):  # both bring torch: an unguided pip would pull the CUDA build
         line += f"; {TORCH_HINT}"
     return line
-
-
-def _command(argv: Sequence[str]) -> str:
-    words = [a for a in argv if not a.startswith("-")]
-    return f"kawhi {words[0]}" if words else "kawhi"
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """The `kawhi` console script: the CLI, with a missing extra reported in one line (exit 2)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    try:
-        from kawhi.cli import main as cli_main
-
-        return cli_main(args)
-    except ModuleNotFoundError as exc:  # not ImportError: a broken install of a present module is not "missing"
-        message = missing_extra_message(exc, _command(args))
-        if message is None:
-            raise
-        print(message, file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,8 +11,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from deploy_support import ALL_VALUES, CHART, NAMESPACE, RELEASE, by_kind, helm, one, run  # noqa: F401
 from kawhi_client.routing import ROUTING_HEADER
-from test_deploy import ALL_VALUES, CHART, NAMESPACE, RELEASE, by_kind, helm, one, run  # noqa: F401
 
 
 def _render(helm_bin: str, *args: str) -> list[dict]:

@@ -24,10 +24,15 @@ SERVICE = ROOT / "service" / "kawhi"
 # feature -> module a dependency imports lazily for it (not visible in our own imports)
 LAZY = {"server": ["python_multipart"]}  # starlette Request.form(): POST /v1/images multipart
 
+# the serving core in kawhi.pipeline (queue, caches, metrics): installed with the server
+SERVING = [SERVICE / "pipeline" / f"{name}.py" for name in ("service", "batcher", "cache", "metrics", "auth", "encoding",
+                                                              "affinity")]
 # which source folders each extra must cover
 AREAS = {
-    "engine": [SERVICE / "engine", SERVICE / "models", SERVICE / "pipeline", SERVICE / "errors.py", SERVICE / "cli.py"],
-    "server": [SERVICE / "server", SERVICE / "grpc"],
+    "engine": [SERVICE / "engine", SERVICE / "models", *sorted(set((SERVICE / "pipeline").glob("*.py")) - set(SERVING)),
+               SERVICE / "errors.py", SERVICE / "cli.py"],
+    "server": [SERVICE / "server", SERVICE / "grpc", *SERVING, SERVICE / "settings.py", SERVICE / "serve.py",
+               SERVICE / "logs.py"],
     "grpc": [ROOT / "client" / "kawhi_client" / "grpc"],
 }
 OWN = {"kawhi", "kawhi_client"}

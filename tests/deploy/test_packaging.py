@@ -70,7 +70,7 @@ def without(*modules: str) -> str:
 
 
 def run_entry_point(code: str, *argv: str) -> subprocess.CompletedProcess[str]:
-    program = code + f"from kawhi.extras import main\nsys.exit(main({list(argv)!r}))\n"
+    program = code + f"from kawhi.cli import entry\nsys.exit(entry({list(argv)!r}))\n"
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'service'}{os.pathsep}{ROOT / 'client'}"}
     return subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=120)
@@ -97,4 +97,4 @@ def test_serve_without_the_server_extra_names_it() -> None:
 
 def test_the_console_script_is_the_guarded_entry_point() -> None:
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["kawhi"] == "kawhi.extras:main"
+    assert scripts["kawhi"] == "kawhi.cli:entry"

@@ -11,6 +11,7 @@ import pytest
 from kawhi.engine.config import MethodConfig
 from kawhi.engine.engine import DEMO_MODEL_DIR, Engine, EngineLimits, GroupError, OptionsError
 from kawhi.engine.images import decode_image, sha256_hex
+from kawhi.pipeline.local import LocalService
 from kawhi_client.schema import RolloutGroup
 from PIL import Image, ImageDraw
 from tiny_models import ARCHITECTURES, tiny_reference
@@ -81,8 +82,8 @@ def check_api_shapes(result, group, config: MethodConfig):
 
 def test_end_to_end_on_each_architecture_is_deterministic(tiny_engine):
     raw = group_dict()
-    first = tiny_engine.reweight([raw], {"seed": 3})[0]
-    second = tiny_engine.reweight([raw], {"seed": 3})[0]
+    first = LocalService(tiny_engine).reweight([raw], {"seed": 3})[0]
+    second = LocalService(tiny_engine).reweight([raw], {"seed": 3})[0]
     check_api_shapes(first, raw, tiny_engine.defaults)
     assert first.model_dump() == second.model_dump()
     assert len(first.responses[0].paragraphs) == 3
@@ -92,7 +93,7 @@ def test_end_to_end_on_each_architecture_is_deterministic(tiny_engine):
 
 
 def test_demo_engine_group_advantages_follow_grpo(demo_engine):
-    result = demo_engine.reweight([group_dict(rewards=(1.0, 0.0, 1.0))])[0]
+    result = LocalService(demo_engine).reweight([group_dict(rewards=(1.0, 0.0, 1.0))])[0]
     rewards = np.array([1.0, 0.0, 1.0])
     expected = (rewards - rewards.mean()) / (rewards.std() + 1e-6)
     np.testing.assert_allclose([r.advantage for r in result.responses], expected)
@@ -100,8 +101,8 @@ def test_demo_engine_group_advantages_follow_grpo(demo_engine):
 
 
 def test_seed_changes_background_sample_only(demo_engine):
-    a = demo_engine.reweight([group_dict()], {"seed": 1})[0]
-    b = demo_engine.reweight([group_dict()], {"seed": 2})[0]
+    a = LocalService(demo_engine).reweight([group_dict()], {"seed": 1})[0]
+    b = LocalService(demo_engine).reweight([group_dict()], {"seed": 2})[0]
     assert a.key_tokens == b.key_tokens
     assert a.selected_tokens != b.selected_tokens
 
@@ -112,7 +113,7 @@ def test_token_ids_are_scored_exactly(demo_engine):
         tokenizer.convert_tokens_to_ids("<|im_end|>")]
     raw = group_dict(rewards=(1.0, 0.0), texts=["ignored", "x"])
     raw["responses"][0]["token_ids"] = ids
-    result = demo_engine.reweight([raw])[0]
+    result = LocalService(demo_engine).reweight([raw])[0]
     assert len(result.responses[0].token_advantages) == len(ids)
     assert len(result.responses[0].paragraphs) == 2
 
@@ -126,26 +127,26 @@ def test_token_ids_are_scored_exactly(demo_engine):
 def test_every_switch_runs_and_keeps_the_contract(demo_engine, options):
     raw = group_dict()
     config = demo_engine.resolve_options(options)
-    result = demo_engine.reweight([raw], options)[0]
+    result = LocalService(demo_engine).reweight([raw], options)[0]
     check_api_shapes(result, raw, config)
 
 
 def test_switches_change_what_they_should(demo_engine):
     def alphas(options):
-        result = demo_engine.reweight([group_dict()], options)[0]
+        result = LocalService(demo_engine).reweight([group_dict()], options)[0]
         return [p.alpha for p in result.responses[0].paragraphs]
 
     base = alphas({})
     for options in ({"rope": "before"}, {"similarity": "key_key"}, {"regions": "inverse"}, {"heads": [1]}):
         assert not np.allclose(alphas(options), base), options
-    all_regions = demo_engine.reweight([group_dict()], {"regions": "all"})[0]
+    all_regions = LocalService(demo_engine).reweight([group_dict()], {"regions": "all"})[0]
     assert all_regions.selected_tokens == list(range(all_regions.grid[0] * all_regions.grid[1]))
-    token_level = demo_engine.reweight([group_dict()], {"granularity": "token"})[0].responses[0]
+    token_level = LocalService(demo_engine).reweight([group_dict()], {"granularity": "token"})[0].responses[0]
     assert len(token_level.paragraphs) == len(token_level.token_weights)
 
 
 def test_mean_normalisation_preserves_the_total_advantage(demo_engine):
-    response = demo_engine.reweight([group_dict()], {"normalize": "mean"})[0].responses[0]
+    response = LocalService(demo_engine).reweight([group_dict()], {"normalize": "mean"})[0].responses[0]
     assert math.isclose(np.mean(response.token_weights), 1.0, rel_tol=1e-9)
     assert math.isclose(sum(response.token_advantages), response.advantage * len(response.token_weights),
                         rel_tol=1e-9)
@@ -153,16 +154,16 @@ def test_mean_normalisation_preserves_the_total_advantage(demo_engine):
 
 def test_given_advantages_bypass_the_estimator(demo_engine):
     raw = group_dict(advantages=[0.5, -1.0, 2.0])
-    result = demo_engine.reweight([raw])[0]
+    result = LocalService(demo_engine).reweight([raw])[0]
     assert [r.advantage for r in result.responses] == [0.5, -1.0, 2.0]
 
 
 def test_documented_rules_single_equal_empty(demo_engine):
-    single = demo_engine.reweight([group_dict(rewards=(1.0,), texts=TEXTS[:1])])[0]
+    single = LocalService(demo_engine).reweight([group_dict(rewards=(1.0,), texts=TEXTS[:1])])[0]
     assert single.responses[0].advantage == 0.0
-    equal = demo_engine.reweight([group_dict(rewards=(1.0, 1.0, 1.0))])[0]
+    equal = LocalService(demo_engine).reweight([group_dict(rewards=(1.0, 1.0, 1.0))])[0]
     assert all(r.advantage == 0.0 and set(r.token_advantages) == {0.0} for r in equal.responses)
-    empty = demo_engine.reweight([group_dict(rewards=(1.0, 0.0), texts=["", "Answer: 3."])])[0]
+    empty = LocalService(demo_engine).reweight([group_dict(rewards=(1.0, 0.0), texts=["", "Answer: 3."])])[0]
     assert empty.error is None
     assert empty.responses[0].token_advantages == [] and empty.responses[0].paragraphs == []
 
@@ -206,7 +207,7 @@ def test_bad_options_name_the_field(demo_engine, options, field):
 def test_one_bad_group_does_not_hide_the_good_ones(demo_engine):
     bad = group_dict()
     bad["responses"][0]["reward"] = float("nan")
-    results = demo_engine.reweight([group_dict(), bad, {"not": "a group"}, group_dict()])
+    results = LocalService(demo_engine).reweight([group_dict(), bad, {"not": "a group"}, group_dict()])
     assert [r.error is None for r in results] == [True, False, False, True]
     assert results[1].error.pointer == "/responses/0/reward"
     assert results[0].model_dump() == results[3].model_dump()
@@ -249,7 +250,7 @@ def test_real_qwen_token_ids_from_a_trainer_are_scored_one_to_one():
     raw = group_dict(rewards=(1.0, 0.0), texts=texts)
     for response, token_ids in zip(raw["responses"], ids):
         response["token_ids"] = token_ids
-    result = engine.reweight([raw])[0]
+    result = LocalService(engine).reweight([raw])[0]
     assert result.error is None
     first = result.responses[0]
     assert len(first.token_advantages) == len(ids[0])
@@ -269,8 +270,8 @@ def test_batching_groups_together_changes_no_result(demo_engine):
     other["prompt"] = "A much longer prompt about the figure, so the two prefixes differ in length."
     merging = Engine(demo_engine.model, limits=EngineLimits(merge_groups=True))
     assert merging._merge_groups and not demo_engine._merge_groups  # CPU default: no merging
-    together = merging.reweight([group_dict(), other])
-    alone = demo_engine.reweight([group_dict()]) + demo_engine.reweight([other])
+    together = LocalService(merging).reweight([group_dict(), other])
+    alone = LocalService(demo_engine).reweight([group_dict()]) + LocalService(demo_engine).reweight([other])
     for a, b in zip(together, alone):
         assert a.key_tokens == b.key_tokens and a.selected_tokens == b.selected_tokens
         for ra, rb in zip(a.responses, b.responses):
@@ -282,5 +283,5 @@ def test_schema_errors_point_at_the_field_in_process(demo_engine):
     """In-process schema errors get the same JSON pointer the server and CLI give."""
     bad = group_dict()
     bad["responses"][1]["reward"] = "high"
-    result = demo_engine.reweight([bad])[0]
+    result = LocalService(demo_engine).reweight([bad])[0]
     assert result.error.pointer == "/responses/1/reward" and result.error.status == 422

@@ -12,6 +12,7 @@ import pytest
 import torch
 from kawhi.models import prefix as prefix_module
 from kawhi.models.prefix import LayerInputs, PrefixCache, PrefixState
+from kawhi.pipeline.local import LocalService
 from PIL import Image, ImageDraw
 from tiny_models import ARCHITECTURES, tiny_reference
 
@@ -192,22 +193,22 @@ def test_one_group_sent_as_single_response_groups_costs_one_prefix(engine, monke
     original = engine.model._prefix
     monkeypatch.setattr(engine.model, "_prefix", lambda p: (computed.append(p.cache_key), original(p))[1])
     engine.prefix_cache.clear()
-    split = engine.reweight(singles)
+    split = LocalService(engine).reweight(singles)
     assert len(computed) == 1
-    group = engine.reweight([whole])
+    group = LocalService(engine).reweight([whole])
     assert len(computed) == 1  # the second request found it in the cache
     assert engine.prefix_cache.stats()["hits"] >= 1
     for single, response in zip(split, group[0].responses):
         (got,) = single.responses
         assert got.token_weights == pytest.approx(response.token_weights, abs=1e-6)
     distinct = [{**s, "image": {"data": _png(figure(mark=20 + i))}} for i, s in enumerate(singles)]
-    engine.reweight(distinct)
+    LocalService(engine).reweight(distinct)
     assert len(computed) == 6
 
 
 def test_server_settings_reach_the_engine():
-    from kawhi.server.app import engine_limits
-    from kawhi.server.settings import Settings
+    from kawhi.pipeline.limits import engine_limits
+    from kawhi.settings import Settings
 
     limits = engine_limits(Settings(cache_prefix_bytes=0, split_attention=False))
     assert limits.prefix_cache_bytes == 0 and limits.split_attention is False

@@ -130,6 +130,23 @@ def test_round_trip_equals_http(server: GrpcServerThread, stub: Any) -> None:
         assert g.upload_image(png_bytes(60, 60, 7)) == h.upload_image(png_bytes(60, 60, 7))
 
 
+def test_grpc_client_token_arrays_false_like_the_http_client(server: GrpcServerThread) -> None:
+    """GrpcClient(token_arrays=False): answers without the per-token arrays, unary and streamed,
+    with the same paragraphs as the HTTP client's."""
+    groups = [small_group(61), small_group(62)]
+    with GrpcClient(server.target, wait_ready=30, token_arrays=False) as g, \
+            Client(server.url, wait_ready=30, token_arrays=False) as h:
+        unary, http = g.reweight(groups), h.reweight(groups)
+        streamed = [r for _, r in sorted(g.reweight_stream(groups), key=lambda item: item[0])]
+    assert len(unary) == len(streamed) == len(http) == 2
+    for results in (unary, streamed):
+        for got, want in zip(results, http):
+            assert got.error is None
+            for a, b in zip(got.responses, want.responses):
+                assert a.token_advantages is None and a.token_weights is None
+                assert [p.model_dump() for p in a.paragraphs] == [p.model_dump() for p in b.paragraphs]
+
+
 def test_log_probs_and_omitted_arrays_round_trip_like_http(server: GrpcServerThread, stub: Any) -> None:
     """Reference log-probs and entropy travel as packed arrays; token_arrays=false leaves the
     token arrays out, and the client sees None for them as over HTTP."""
@@ -288,6 +305,18 @@ def _settled(s: GrpcServerThread) -> str:
         time.sleep(0.05)
 
 
+def _working(s: GrpcServerThread) -> None:
+    """Returns once the server holds admitted work (what a cancel or a drain must then drop),
+    read from the kawhi_queue_depth metric as the HTTP twins do; no fixed sleep."""
+    deadline = time.monotonic() + 60
+    while True:
+        with s.client() as c:
+            if metric(c.get("/metrics").text, "kawhi_queue_depth") > 0:
+                return
+        assert time.monotonic() < deadline, "the call's groups never reached the queue"
+        time.sleep(0.02)
+
+
 def test_the_callers_deadline_and_cancellation_drop_queued_work() -> None:
     # one example group per forward (each is ~1,100 tokens): a call's groups queue one after another
     with GrpcServerThread(batch_tokens=1600) as s:
@@ -303,7 +332,7 @@ def test_the_callers_deadline_and_cancellation_drop_queued_work() -> None:
 
         cancelled = _heavy(6)
         future = stub.Reweight.future(convert.request_to_message(cancelled), timeout=120)
-        time.sleep(0.3)
+        _working(s)
         assert future.cancel()
         done = metric(_settled(s), "kawhi_groups_total") - first
         assert done < len(cancelled), "the groups of a cancelled call still ran"
@@ -394,11 +423,11 @@ def test_reflection_lists_the_services(server: GrpcServerThread) -> None:
 
 def test_health_follows_loading_and_draining(monkeypatch: pytest.MonkeyPatch) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
-    from kawhi.server.state import ServerState
+    from kawhi.pipeline.service import ReweightService
 
     gate = threading.Event()
-    real_load = ServerState.load_engine
-    monkeypatch.setattr(ServerState, "load_engine", lambda self: (gate.wait(30), real_load(self))[1])
+    real_load = ReweightService.load_engine
+    monkeypatch.setattr(ReweightService, "load_engine", lambda self: (gate.wait(30), real_load(self))[1])
     SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
     with GrpcServerThread(engine=None) as s:
         health = health_pb2_grpc.HealthStub(s.channel())
@@ -485,7 +514,7 @@ def test_a_call_still_running_at_the_drain_deadline_is_unavailable_and_dropped()
     with GrpcServerThread(batch_tokens=1600) as s:  # one group per forward: the call is still queued
         s.wait_ready()
         future = s.stub().Reweight.future(convert.request_to_message(_heavy(8)), timeout=120)
-        time.sleep(0.3)
+        _working(s)
         s.state.begin_drain()
         s.state.expire_drain()  # what the SIGTERM handler does when drain_timeout_s is nearly spent
         with pytest.raises(grpc.RpcError) as info:
@@ -507,7 +536,8 @@ def test_a_repeated_call_is_answered_from_the_idempotent_result_cache(server: Gr
     again = stub.Reweight(req, timeout=60)
     assert hits() == before + 1
     assert again.results == first.results
-    with server.client() as c:  # the same request over HTTP shares the cache entry
+    with server.client() as c:  # each front end stores the answer in its own encoding (protobuf, JSON)
+        assert c.post("/v1/reweight", json=http_body(req)).headers["x-kawhi-cache"] == "miss"
         assert c.post("/v1/reweight", json=http_body(req)).headers["x-kawhi-cache"] == "hit"
 
 

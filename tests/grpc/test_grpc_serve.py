@@ -67,7 +67,7 @@ def test_serve_answers_http_and_grpc_and_drains_on_sigterm(tmp_path) -> None:
     port, grpc_port = free_port(), free_port()
     log = open(tmp_path / "serve.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kawhi.server.main", "--port", str(port), "--drain-timeout-s", "30"],
+        [sys.executable, "-m", "kawhi.serve", "--port", str(port), "--drain-timeout-s", "30"],
         env=subprocess_env(KAWHI_GRPC_PORT=str(grpc_port), KAWHI_API_KEYS="k"), stdout=log, stderr=subprocess.STDOUT,
     )
     try:

@@ -8,16 +8,17 @@ import base64
 from typing import Any
 
 import pytest
+from kawhi.pipeline.local import LocalService
 from kawhi_client.integrations import InProcessBackend
 from test_integration_helpers import demo_engine, png, small_image
 
 
-class RecordingEngine:
+class RecordingEngine(LocalService):
     """The real demo engine, recording what reaches it: the groups and the bytes its
     image loader answers."""
 
     def __init__(self, engine: Any) -> None:
-        self.engine = engine
+        super().__init__(engine)
         self.groups: list[dict[str, Any]] = []
         self.loaded: list[bytes] = []
 
@@ -28,7 +29,7 @@ class RecordingEngine:
             return data
 
         self.groups = groups
-        return self.engine.reweight(groups, options, load_image=recording)
+        return super().reweight(groups, options, load_image=recording)
 
 
 def group(image: Any, **extra: Any) -> dict[str, Any]:
@@ -47,7 +48,7 @@ def test_image_bytes_reach_the_engine_unchanged_and_never_as_base64(engine: Any)
     results = InProcessBackend(spy).reweight([group(data, id="a"), group(data, id="b")], {"temperature": 0.2})
     assert all(set(g["image"]) == {"sha256"} for g in spy.groups)  # named by hash, no "data"
     assert spy.loaded == [data, data] and all(b is data for b in spy.loaded)
-    wire = engine.reweight([group({"data": base64.b64encode(data).decode()}, id="a")], {"temperature": 0.2})
+    wire = LocalService(engine).reweight([group({"data": base64.b64encode(data).decode()}, id="a")], {"temperature": 0.2})
     assert results[0].error is None and results[0].id == "a"
     for got, want in zip(results[0].responses, wire[0].responses):
         assert got.token_advantages == pytest.approx(want.token_advantages, abs=1e-12)

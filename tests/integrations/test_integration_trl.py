@@ -25,6 +25,7 @@ pytest.importorskip("trl")
 
 import torch
 from datasets import Dataset
+from kawhi.pipeline.local import LocalService
 from kawhi_client import Client
 from kawhi_client.integrations import InProcessBackend, KawhiFallbackWarning, KawhiIntegrationError
 from kawhi_client.integrations.trl import KawhiGRPOTrainer
@@ -217,7 +218,7 @@ def test_trl_step_in_process_engine(tmp_path: Any) -> None:
     trainer, initial, grads = run_one_step(tmp_path, kawhi=InProcessBackend(engine), kawhi_options=OPTIONS)
     assert trainer.kawhi.backend.kind == "in-process" and trainer.kawhi_tokenizer_ok is True
     assert trainer.kawhi.policy.reweighted_rows == 4
-    expected = expected_token_advantages(trainer, lambda groups: engine.reweight(
+    expected = expected_token_advantages(trainer, lambda groups: LocalService(engine).reweight(
         [{**g, "image": {"data": base64.b64encode(g["image"]).decode()}} for g in groups], OPTIONS))
     assert_loss_saw_kawhi(trainer, initial, grads, expected)
 

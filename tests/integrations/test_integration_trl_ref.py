@@ -21,6 +21,7 @@ import pytest
 pytest.importorskip("trl")
 
 import torch
+from kawhi.pipeline.local import LocalService
 from kawhi_client import Client
 from kawhi_client.integrations import InProcessBackend, KawhiIntegrationError
 from test_integration_helpers import demo_policy, demo_processor, kawhi_serve, png, small_image
@@ -122,7 +123,7 @@ def test_trl_loss_uses_the_services_reference_logprobs(tmp_path: Any) -> None:
         reference._base.language_model.norm.weight.mul_(2.0)  # a reference that is not the policy
     engine = Engine(reference)
     trainer, initial = run_step(tmp_path, kawhi=InProcessBackend(engine))
-    expected = service_ref_logprobs(trainer, lambda groups: engine.reweight(
+    expected = service_ref_logprobs(trainer, lambda groups: LocalService(engine).reweight(
         [{**g, "image": {"data": __import__("base64").b64encode(g["image"]).decode()}} for g in groups],
         {"return_ref_logprobs": True, "logprob_temperature": TEMPERATURE}))
     loss_in = trainer.loss_calls[0]["inputs"]

@@ -22,6 +22,7 @@ import os
 from typing import Any
 
 import pytest
+from kawhi.pipeline.local import LocalService
 from kawhi_client.integrations import KawhiFallbackWarning, KawhiIntegrationError
 from kawhi_client.integrations import verl as kv
 from test_integration_helpers import ROOT, demo_engine, free_port, kawhi_serve, png, small_image
@@ -286,7 +287,7 @@ def test_verl_reward_manager_on_an_agent_loop_sample_in_process(tmp_path: Any) -
     assert info["acc"] == 1.0 and info[kv.FALLBACK_KEY] == 0.0
     weights, reason, _ = kv.decode_weights(info[kv.WEIGHTS_KEY])
     assert reason is None and len(weights) == len(response)
-    (direct,) = demo_engine().reweight([{
+    (direct,) = LocalService(demo_engine()).reweight([{
         "image": {"data": base64.b64encode(png(small_image(image))).decode()},
         "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
         "responses": [{"text": "", "token_ids": response.tolist()}], "advantages": [1.0]}])
@@ -313,7 +314,7 @@ def test_verl_reward_loop_and_grpo_kawhi_end_to_end(tmp_path: Any, ray_session: 
                 weights = expected_weights(out, lambda groups: probe.reweight(groups))
     else:
         config, out, extra = run("in-process")
-        weights = expected_weights(out, lambda groups: demo_engine().reweight(
+        weights = expected_weights(out, lambda groups: LocalService(demo_engine()).reweight(
             [{**g, "image": {"data": base64.b64encode(g["image"]).decode()}} for g in groups]))
 
     assert list(extra[kv.FALLBACK_KEY]) == [0.0, 0.0, 0.0, 0.0]

@@ -18,6 +18,7 @@ import base64
 from typing import Any
 
 import pytest
+from kawhi.pipeline.local import LocalService
 from kawhi_client.integrations import KawhiIntegrationError
 from kawhi_client.integrations import verl as kv
 from test_integration_helpers import demo_engine, demo_policy, png, small_image
@@ -131,7 +132,7 @@ def test_verl_kl_stages_run_on_the_services_reference_logprobs(tmp_path: Any, ra
         question = item.non_tensor_batch["raw_prompt"][0]["content"][1]["text"]
         (_, image_name, _), = [p for p in PROMPTS if p[0] == question]
         ids = item.batch["responses"][:int(mask[i].sum())].tolist()
-        (direct,) = demo_engine().reweight([{
+        (direct,) = LocalService(demo_engine()).reweight([{
             "image": {"data": base64.b64encode(png(small_image(image_name))).decode()},
             "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
             "responses": [{"text": "", "token_ids": ids}], "advantages": [1.0]}],

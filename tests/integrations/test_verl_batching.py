@@ -10,6 +10,7 @@ import base64
 from typing import Any
 
 import pytest
+from kawhi.pipeline.local import LocalService
 from kawhi_client.integrations.common import Reweighter, Rollout, RowResult
 from kawhi_client.integrations.verl import SampleBatcher
 from server_fixtures import demo_engine, png_bytes
@@ -65,7 +66,7 @@ def test_a_group_of_samples_is_sent_as_one_group_with_the_same_weights() -> None
 
         def reweight(self, groups: list[dict], options: dict) -> Any:
             sent.append(groups)
-            return engine.reweight([{**g, "image": {"data": base64.b64encode(g["image"]).decode()}} for g in groups],
+            return LocalService(engine).reweight([{**g, "image": {"data": base64.b64encode(g["image"]).decode()}} for g in groups],
                                    options)
 
     reweighter = Reweighter(Backend(), on_error="raise", skip_zero_advantage=False)

@@ -1,8 +1,12 @@
-"""The same bad groups through in-process, the CLI and HTTP give the same error type and pointer.
+"""The same bad groups through every front end give the same error type and pointer.
 
-Each row is a valid group with one planted mistake. In-process (Engine.reweight) and
-the CLI point relative to the group; HTTP prefixes ``/groups/<i>``. One HTTP request
-(per_group_errors) and one CLI run carry every row, so the table stays fast.
+Each row is a valid group with one planted mistake. In-process (LocalService.reweight),
+`kawhi reweight` and `kawhi explain` point relative to the group; HTTP and gRPC prefix
+``/groups/<i>``. One HTTP request, one gRPC request (per_group_errors) and one run of
+each CLI command carry every row, so the table stays fast. gRPC carries every row its
+message types can hold; the others (a reward sent as text, an unknown field, ...)
+cannot be written into a kawhi.v1 message at all, so the client refuses them before
+sending (listed in UNREPRESENTABLE, and checked to be refused).
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from server_fixtures import ROOT, ServerThread, b64, demo_engine, png_bytes, small_group, subprocess_env
+from grpc_fixtures import GrpcServerThread
+from kawhi.pipeline.local import LocalService
+from server_fixtures import ROOT, b64, demo_engine, png_bytes, small_group, subprocess_env
 
 # The CLI has no limit flags: every front end runs with the default limits here.
 
@@ -79,6 +85,53 @@ ROWS: list[tuple[str, Callable[[dict], None], str, str]] = [
 ]
 
 
+# rows a kawhi.v1 message cannot hold (the proto's types or its image oneof), refused by the client
+UNREPRESENTABLE = {
+    "reward as text", "reward as bool", "fractional token id", "token id as text", "lone surrogate in text",
+    "lone surrogate in prompt", "bad base64", "image data and sha256", "unknown field", "group not an object",
+}
+
+
+def _grpc_message(group: Any) -> Any:
+    """The group as a kawhi.v1 RolloutGroup, or None when the message types cannot hold it."""
+    from kawhi_client.grpc import convert
+
+    if not isinstance(group, dict) or set(group) - {"id", "image", "prompt", "messages", "responses", "advantages"}:
+        return None
+    image = group.get("image") or {}
+    if len([k for k in ("data", "sha256", "path") if image.get(k) is not None]) != 1:
+        return None
+    for r in group.get("responses") or ():
+        if isinstance(r.get("reward"), (bool, str)):
+            return None
+    try:
+        message = convert.group_to_message(group)
+        message.SerializeToString()
+    except (ValueError, TypeError):  # a token id that is not an int, a lone surrogate, bad base64
+        return None
+    return message
+
+
+def _explain_errors(stderr: str, n: int) -> dict[int, tuple[str, str]]:
+    """`kawhi explain`'s one line per failed group -> {line number: (type slug, pointer)}."""
+    import re
+
+    from kawhi.errors import CATALOGUE
+
+    slug_of = {kind.title: slug for slug, kind in CATALOGUE.items()}
+    out = {}
+    for line in stderr.splitlines():
+        match = re.match(r"kawhi: line (\d+) \(.*?\): (.+)$", line)
+        if not match:
+            continue
+        rest = match.group(2)
+        title = next(t for t in sorted(slug_of, key=len, reverse=True) if rest.startswith(t))
+        after = rest[len(title):]
+        pointer = after[4:after.index(": ")] if after.startswith(" at ") else ""
+        out[int(match.group(1))] = (slug_of[title], pointer)
+    return out
+
+
 def _bad_groups() -> list[Any]:
     groups = []
     for i, (name, mutate, _, _) in enumerate(ROWS):
@@ -98,15 +151,15 @@ def _slug(problem: dict) -> str:
 
 @pytest.fixture(scope="module")
 def server() -> Any:
-    with ServerThread() as s:
+    with GrpcServerThread() as s:  # HTTP and gRPC over one service
         yield s
 
 
-def test_the_three_front_ends_agree(server: ServerThread, tmp_path) -> None:
+def test_every_front_end_agrees(server: GrpcServerThread, tmp_path) -> None:
     groups = _bad_groups() + [small_group(7)]
     # in-process (same model, defaults and limits as the server)
     engine = demo_engine(server.settings)
-    local = [r.model_dump(mode="json") for r in engine.reweight(copy.deepcopy(groups))]
+    local = [r.model_dump(mode="json") for r in LocalService(engine).reweight(copy.deepcopy(groups))]
     # HTTP, one request with per-group errors
     body = json.dumps({"groups": groups, "per_group_errors": True}, allow_nan=True)  # NaN/Infinity literals
     with server.client() as client:
@@ -121,6 +174,23 @@ def test_the_three_front_ends_agree(server: ServerThread, tmp_path) -> None:
                          capture_output=True, text=True, timeout=600, env=subprocess_env(), cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
     cli = [json.loads(line) for line in out.read_text().splitlines()]
+    # kawhi explain, the same file
+    run = subprocess.run([sys.executable, "-m", "kawhi.cli", "explain", str(src), "-o", str(tmp_path / "views")],
+                         capture_output=True, text=True, timeout=600, env=subprocess_env(), cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    explained = _explain_errors(run.stderr, len(groups))
+    assert len(explained) == len(ROWS) and len(list((tmp_path / "views").glob("*.png"))) == 1, run.stderr[-2000:]
+    # gRPC, one request with per-group errors over the rows a message can hold
+    from kawhi_client.grpc import convert
+    from kawhi_client.grpc._proto import kawhi_pb2 as pb
+
+    messages = [_grpc_message(copy.deepcopy(g)) for g in groups]
+    refused = {ROWS[i][0] for i, m in enumerate(messages[:len(ROWS)]) if m is None}
+    assert refused == UNREPRESENTABLE, refused ^ UNREPRESENTABLE
+    held = [i for i, m in enumerate(messages) if m is not None]
+    answer = server.stub().Reweight(pb.ReweightRequest(groups=[messages[i] for i in held], per_group_errors=True),
+                                    timeout=600)
+    via_grpc = {i: convert.group_result_from_message(answer.results[k]) for k, i in enumerate(held)}
 
     assert len(local) == len(remote) == len(cli) == len(groups)
     mismatches = []
@@ -129,7 +199,12 @@ def test_the_three_front_ends_agree(server: ServerThread, tmp_path) -> None:
             "in-process": (_slug(local[i]["error"]), local[i]["error"]["pointer"]),
             "http": (_slug(remote[i]["error"]), remote[i]["error"]["pointer"].removeprefix(f"/groups/{i}")),
             "cli": (_slug(cli[i]["error"]), cli[i]["error"]["pointer"]),
+            "kawhi explain": explained[i + 1],
         }
+        if i in via_grpc:
+            error = via_grpc[i].error
+            got["grpc"] = (_slug(error.model_dump()), error.pointer.removeprefix(f"/groups/{held.index(i)}"))
+            assert error.detail == local[i]["error"]["detail"], (name, error.detail)
         for front, value in got.items():
             if value != (slug, pointer):
                 mismatches.append((name, front, value, (slug, pointer)))
@@ -139,10 +214,11 @@ def test_the_three_front_ends_agree(server: ServerThread, tmp_path) -> None:
         assert not any(word in d for d in details for word in ("0x7f", "Error:", "Traceback", "<class")), details
     assert not mismatches, mismatches
     assert local[-1]["error"] is None and remote[-1].get("error") is None and "error" not in cli[-1]
+    assert via_grpc[len(groups) - 1].error is None
     assert cli[-1]["kawhi"]["model"] == r.json()["model"] and cli[-1]["kawhi"]["options"] == r.json()["options"]
 
 
-def test_bad_options_agree(server: ServerThread) -> None:
+def test_bad_options_agree(server: GrpcServerThread) -> None:
     """Request-level: the same bad option is the same type and pointer in-process and over HTTP."""
     from kawhi.errors import KawhiError
 
@@ -156,14 +232,14 @@ def test_bad_options_agree(server: ServerThread) -> None:
     with server.client() as client:
         for options, pointer in cases:
             with pytest.raises(KawhiError) as info:
-                engine.reweight([small_group(1)], options)
+                LocalService(engine).reweight([small_group(1)], options)
             r = client.post("/v1/reweight", json={"groups": [small_group(1)], "options": options})
             assert r.status_code == 422 and r.headers["content-type"].startswith("application/problem+json")
             assert (r.json()["pointer"], _slug(r.json())) == (info.value.pointer, info.value.slug), options
             assert r.json()["pointer"] == pointer, (options, r.json())
 
 
-def test_the_echoed_options_can_be_sent_back(server: ServerThread) -> None:
+def test_the_echoed_options_can_be_sent_back(server: GrpcServerThread) -> None:
     with server.client() as client:
         first = client.post("/v1/reweight", json={"groups": [small_group(2)], "options": {"sguf": {"beta": 0.2}}})
         assert first.status_code == 200, first.text
@@ -174,7 +250,7 @@ def test_the_echoed_options_can_be_sent_back(server: ServerThread) -> None:
         assert again.json()["options"] == echoed and again.json()["results"] == first.json()["results"]
 
 
-def test_a_registered_estimator_is_reachable_by_name_over_http(server: ServerThread) -> None:
+def test_a_registered_estimator_is_reachable_by_name_over_http(server: GrpcServerThread) -> None:
     """Estimators are chosen by registry name everywhere: one registered in Python is an HTTP option."""
     import numpy as np
     from kawhi.engine.estimators import ADVANTAGE_ESTIMATORS, register_advantage_estimator

@@ -1,4 +1,4 @@
-"""The prefix-sharing, MFU, wire and split-attention benchmarks stay runnable (tiny sizes,
+"""The prefix-sharing, MFU, wire, split-attention and gRPC-vs-HTTP benchmarks stay runnable (tiny sizes,
 demo model). Shapes of the results only, never timings."""
 
 from __future__ import annotations
@@ -46,3 +46,14 @@ def test_mfu_and_wire_and_split() -> None:
     assert finite(wire["wire"]["base64"]["encode_decode_share_of_forward"])
     split = run("bench.split_attention", "--model", "demo", "--tokens", "16", "--group", "2", "--repeats", "1")
     assert split["max_abs_diff_hidden"] < 1e-3 and finite(split["time_ratio"])
+
+
+def test_grpc_vs_http_serialisation_mode() -> None:
+    """The serialisation mode runs the servers' own encode/decode code (no server) and the two
+    transports' answers are equal to the last bit; shapes only, never the ratio."""
+    out = run("bench.grpc_vs_http", "--serialise-only", "--groups", "1", "--responses", "2", "--tokens", "16",
+              "--serialise-groups", "2", "--serialise-reps", "1")
+    ser = out["serialisation"]
+    assert ser["answers_equal"] is True and ser["groups"] == 2
+    assert ser["bytes"]["grpc_answer"] < ser["bytes"]["http_answer"]
+    assert all(finite(v) for v in ser["seconds"].values()) and finite(ser["totals"]["grpc_over_http"])

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 
 from kawhi.engine.alignment import alignment_scores_reference, repeat_kv, visual_token_alignment  # noqa: E402
+from kawhi.pipeline.local import LocalService  # noqa: E402
 
 # ---------------------------------------------------------------------- the alignment map
 
@@ -61,9 +62,9 @@ def test_engine_explain_keeps_the_numbers_and_adds_a_consistent_map(engine):
     from kawhi_client.explain import ExplainedResult, Explanation
 
     groups = [json.loads(line) for line in (EXAMPLES / "rollouts.jsonl").read_text().splitlines() if line.strip()]
-    plain = engine.reweight(groups, base_dir=EXAMPLES)
-    views = engine.explain(groups, base_dir=EXAMPLES, heatmap_response=1)
-    explained = engine.reweight(groups, base_dir=EXAMPLES, explain=True)
+    plain = LocalService(engine).reweight(groups, base_dir=EXAMPLES)
+    views = LocalService(engine).explain(groups, base_dir=EXAMPLES, heatmap_response=1)
+    explained = LocalService(engine).reweight(groups, base_dir=EXAMPLES, explain=True)
     assert all(isinstance(v, Explanation) for v in views)
     for p, e, v in zip(plain, explained, views):
         assert isinstance(e, ExplainedResult) and not isinstance(p, ExplainedResult)
@@ -86,10 +87,10 @@ def test_engine_explain_reports_a_bad_group_and_goes_on(engine):
 
     groups = [json.loads(line) for line in (EXAMPLES / "rollouts.jsonl").read_text().splitlines() if line.strip()]
     bad = dict(groups[0], responses=[{"text": "no reward"}])
-    out = engine.explain([bad, groups[1]], base_dir=EXAMPLES, heatmap_response=3)
+    out = LocalService(engine).explain([bad, groups[1]], base_dir=EXAMPLES, heatmap_response=3)
     assert out[0].error is not None and out[0].error.pointer == "/responses/0/reward"
     assert isinstance(out[1], Explanation)
-    out = engine.explain([groups[1]], base_dir=EXAMPLES, heatmap_response=9)
+    out = LocalService(engine).explain([groups[1]], base_dir=EXAMPLES, heatmap_response=9)
     assert out[0].error is not None and "does not exist" in out[0].error.detail
 
 
@@ -98,7 +99,7 @@ def test_engine_explain_shows_the_text_that_token_ids_decode_to(engine):
     ids = engine.model.tokenize("First look at the bars.\n\nThen answer 18.").token_ids
     group["responses"][0] = {"text": "(the trainer's own text, not what the ids say)", "reward": 1.0,
                              "token_ids": list(ids)}
-    view = engine.explain([group], base_dir=EXAMPLES)[0].view
+    view = LocalService(engine).explain([group], base_dir=EXAMPLES)[0].view
     assert [s.text for s in view.responses[0].segments] == ["First look at the bars.\n\n", "Then answer 18."]
 
 
@@ -184,7 +185,7 @@ def test_post_explain_errors_are_problems(server):
 
 def test_client_renders_from_a_result_and_its_image_without_torch(engine, tmp_path):
     groups = [json.loads(line) for line in (EXAMPLES / "rollouts.jsonl").read_text().splitlines() if line.strip()]
-    result = engine.reweight(groups[:1], base_dir=EXAMPLES)[0]
+    result = LocalService(engine).reweight(groups[:1], base_dir=EXAMPLES)[0]
     (tmp_path / "result.json").write_text(result.model_dump_json())
     (tmp_path / "group.json").write_text(json.dumps(groups[0]))
     script = f"""
@@ -218,7 +219,7 @@ def test_html_renders_in_headless_chromium_to_a_non_blank_screenshot(engine, tmp
 
     browser = chromium()
     groups = [json.loads(line) for line in (EXAMPLES / "rollouts.jsonl").read_text().splitlines() if line.strip()]
-    view = engine.explain(groups[:1], base_dir=EXAMPLES, heatmap_response=0)[0]
+    view = LocalService(engine).explain(groups[:1], base_dir=EXAMPLES, heatmap_response=0)[0]
     page = tmp_path / "view.html"
     page.write_text(view.html(), encoding="utf-8")
     shot = tmp_path / "shot.png"
@@ -246,7 +247,7 @@ def test_html_reflows_in_a_narrow_browser_window(engine, tmp_path):
     """At 600 px wide nothing is clipped: the page's scroll width is the window's."""
     browser = chromium()
     groups = [json.loads(line) for line in (EXAMPLES / "rollouts.jsonl").read_text().splitlines() if line.strip()]
-    view = engine.explain(groups[:1], base_dir=EXAMPLES, heatmap_response=0)[0]
+    view = LocalService(engine).explain(groups[:1], base_dir=EXAMPLES, heatmap_response=0)[0]
     probe = "<script>document.title = 'scroll:' + document.documentElement.scrollWidth;</script></body>"
     page = tmp_path / "narrow.html"
     page.write_text(view.html().replace("</body>", probe), encoding="utf-8")

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from kawhi.server.logs import JsonFormatter, TextFormatter, configure_logging
+from kawhi.logs import JsonFormatter, TextFormatter, configure_logging
 from server_fixtures import ROOT, ServerThread, subprocess_env
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from kawhi.pipeline.local import LocalService
 from server_fixtures import (
     ServerThread,
     assert_problem,
@@ -64,7 +65,7 @@ def post_json(client: httpx.Client, body: Any, **kw: Any) -> httpx.Response:
 def in_process(server: ServerThread, groups: list[dict], options: Any = None) -> list[dict]:
     """The engine's own in-process answer for these groups (same model, defaults and limits)."""
     engine = demo_engine(server.settings)
-    return [r.model_dump(mode="json") for r in engine.reweight(copy.deepcopy(groups), options)]
+    return [r.model_dump(mode="json") for r in LocalService(engine).reweight(copy.deepcopy(groups), options)]
 
 
 def assert_results_close(got: list[dict], want: list[dict]) -> None:
@@ -523,6 +524,27 @@ def test_request_deadline_answers_504_and_frees_the_queue() -> None:
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert c.get("/readyz").status_code == 200
+
+
+def test_the_callers_deadline_header_bounds_reweight_and_explain() -> None:
+    """X-Request-Timeout tightens the server's deadline (120 s here) for that request only,
+    queue included, on /v1/reweight and /v1/explain alike; a bad value is a 422."""
+    with ServerThread() as s, s.client() as c:
+        groups = example_groups() * 2
+        for i, g in enumerate(groups):
+            g["id"] = f"caller-{i}"
+        headers = {"x-request-timeout": "0.05"}
+        assert_problem(c.post("/v1/reweight", json={"groups": groups}, headers=headers), 504, "")
+        assert_problem(c.post("/v1/explain", json={"groups": groups[:1]}, headers=headers), 504, "")
+        for bad in ("soon", "-1", "0", "inf", "nan"):
+            assert_problem(c.post("/v1/reweight", json={"groups": groups[:1]},
+                                  headers={"x-request-timeout": bad}), 422, "")
+        deadline = time.monotonic() + 30
+        while metric(c.get("/metrics").text, "kawhi_queue_depth") != 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        ok = c.post("/v1/reweight", json={"groups": [small_group(5)]}, headers={"x-request-timeout": "60"})
+        assert ok.status_code == 200, ok.text
 
 
 # ====================================================================== auth

@@ -39,12 +39,12 @@ class GatedEngine:
 
 
 class ProductServer:
-    """create_app + kawhi.server.main.make_server on a free port, in a thread."""
+    """create_app + kawhi.serve.make_server on a free port, in a thread."""
 
     def __init__(self, **overrides: Any) -> None:
+        from kawhi.serve import make_server
         from kawhi.server.app import create_app
-        from kawhi.server.main import make_server
-        from kawhi.server.settings import Settings
+        from kawhi.settings import Settings
 
         overrides.setdefault("log_level", "warning")
         self.settings = Settings(port=0, **overrides)

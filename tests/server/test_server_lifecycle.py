@@ -32,16 +32,16 @@ from server_fixtures import (
 
 def test_probes_answer_at_once_while_the_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     """The real engine loads in the background; a gate holds the load so 'loading' is observable."""
-    from kawhi.server.app import ServerState
+    from kawhi.pipeline.service import ReweightService
 
     gate = threading.Event()
-    real_load = ServerState.load_engine
+    real_load = ReweightService.load_engine
 
-    def gated_load(self: ServerState) -> Any:
+    def gated_load(self: ReweightService) -> Any:
         gate.wait(30)
         return real_load(self)
 
-    monkeypatch.setattr(ServerState, "load_engine", gated_load)
+    monkeypatch.setattr(ReweightService, "load_engine", gated_load)
     with ServerThread(engine=None) as s, s.client() as c:
         assert c.get("/healthz").json() == {"status": "ok", "phase": "loading", "version": c.get("/healthz").json()["version"]}
         ready = assert_problem(c.get("/readyz"), 503, "")
@@ -77,7 +77,7 @@ def test_a_model_that_fails_to_load_is_reported(tmp_path: Any) -> None:
 def test_sigterm_drains_in_flight_work_then_exits_zero() -> None:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kawhi.server.main", "--port", str(port), "--drain-timeout-s", "60",
+        [sys.executable, "-m", "kawhi.serve", "--port", str(port), "--drain-timeout-s", "60",
          "--log-level", "info"],
         cwd=ROOT,
         env=subprocess_env(KAWHI_API_KEYS="secret-key-1"),
@@ -151,8 +151,8 @@ def test_sigterm_drains_in_flight_work_then_exits_zero() -> None:
 
 def test_every_method_default_is_a_setting_and_a_flag() -> None:
     from kawhi.engine.config import MethodConfig, SgufParams
-    from kawhi.server.main import add_serve_parser
-    from kawhi.server.settings import Settings
+    from kawhi.serve import add_serve_parser
+    from kawhi.settings import Settings
 
     parser = argparse.ArgumentParser()
     serve = add_serve_parser(parser.add_subparsers())
@@ -171,8 +171,8 @@ def test_every_method_default_is_a_setting_and_a_flag() -> None:
 
 
 def test_settings_precedence_flag_over_env_over_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kawhi.server.main import add_serve_parser, settings_from_args
-    from kawhi.server.settings import Settings
+    from kawhi.serve import add_serve_parser, settings_from_args
+    from kawhi.settings import Settings
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--log-level", default="WARNING")  # as the kawhi CLI has: must not leak into serve
@@ -197,7 +197,7 @@ def test_settings_precedence_flag_over_env_over_default(monkeypatch: pytest.Monk
 
 
 def test_kawhi_serve_help_lists_the_flags() -> None:
-    out = subprocess.run([sys.executable, "-m", "kawhi.server.main", "--help"], cwd=ROOT, env=subprocess_env(),
+    out = subprocess.run([sys.executable, "-m", "kawhi.serve", "--help"], cwd=ROOT, env=subprocess_env(),
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0
     for flag in ("--model", "--port", "--temperature", "--skip-ratio", "--redis-url", "KAWHI_BATCH_TOKENS"):

@@ -7,7 +7,7 @@ import server_fixtures  # noqa: F401  (puts service/ and client/ on sys.path in 
 
 
 def test_lru_is_bounded_in_bytes_and_evicts_least_recent() -> None:
-    from kawhi.server.cache import LRU
+    from kawhi.pipeline.cache import LRU
 
     lru = LRU(10)
     lru.set("a", b"1234", 4)
@@ -20,7 +20,8 @@ def test_lru_is_bounded_in_bytes_and_evicts_least_recent() -> None:
 
 
 def test_pointers_escape_and_skip_union_tags() -> None:
-    from kawhi.server.problems import loc_to_pointer, pointer
+    from kawhi.engine.errors import loc_to_pointer
+    from kawhi.errors import pointer
 
     assert pointer("groups", 3, "a/b", "c~d") == "/groups/3/a~1b/c~0d"
     assert loc_to_pointer(("options", "heads", "literal['preset','all']")) == "/options/heads"
@@ -30,7 +31,7 @@ def test_pointers_escape_and_skip_union_tags() -> None:
 
 
 def test_api_keys_compare_all_keys_and_refuse_empty() -> None:
-    from kawhi.server.auth import key_is_valid
+    from kawhi.pipeline.auth import key_is_valid
 
     keys = [b"alpha", b"beta"]
     assert key_is_valid(b"beta", keys)
@@ -40,7 +41,7 @@ def test_api_keys_compare_all_keys_and_refuse_empty() -> None:
 
 
 def test_settings_helpers() -> None:
-    from kawhi.server.settings import parse_heads, redact_url
+    from kawhi.settings import parse_heads, redact_url
 
     assert parse_heads("preset") == "preset" and parse_heads("all") == "all"
     assert parse_heads("0, 3,7") == (0, 3, 7) and parse_heads("[1,2]") == (1, 2) and parse_heads([4]) == (4,)

@@ -21,7 +21,7 @@ class GrpcServerThread(ServerThread):
         super().__init__(engine, **overrides)
         from kawhi.grpc.server import attach
 
-        self.front = attach(self.app)
+        self.front = attach(self.app, self.app.state.kawhi)
 
     @property
     def target(self) -> str:

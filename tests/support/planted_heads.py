@@ -31,8 +31,8 @@ import random
 
 import torch
 import transformers
-from kawhi.heads.discover import VQAItem
-from kawhi.heads.scoring import AnswerScorer
+from kawhi.discovery.discover import VQAItem
+from kawhi.discovery.scoring import AnswerScorer
 from kawhi.models.qwen import QwenVLReference, qwen_vl_token_ids
 from PIL import Image
 from tiny_models import demo_tokenizer

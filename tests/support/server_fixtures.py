@@ -174,8 +174,8 @@ def demo_engine(settings: Any = None) -> Any:
     """
     global _MODEL
     from kawhi.engine.engine import Engine
-    from kawhi.server.app import engine_limits, load_engine
-    from kawhi.server.settings import Settings
+    from kawhi.pipeline.limits import engine_limits, load_engine
+    from kawhi.settings import Settings
 
     settings = settings if settings is not None else Settings()
     with _MODEL_LOCK:
@@ -197,7 +197,7 @@ class ServerThread:
     def __init__(self, engine: Any = "demo", **overrides: Any) -> None:
         import uvicorn
         from kawhi.server.app import create_app
-        from kawhi.server.settings import Settings
+        from kawhi.settings import Settings
 
         overrides.setdefault("log_level", "warning")
         self.settings = Settings(**overrides)

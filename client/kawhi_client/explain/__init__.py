@@ -7,7 +7,7 @@
 ``group`` is the wire RolloutGroup (for the texts and rewards), ``result`` its
 GroupResult from /v1/reweight, ``image`` its image (bytes, path or PIL image). The
 per-visual-token heat map needs the alignment only the engine's explain computes
-(``kawhi explain``, ``Engine.explain``, ``POST /v1/explain``). Drawing needs the
+(``kawhi explain``, ``LocalService.explain``, ``POST /v1/explain``). Drawing needs the
 ``[explain]`` extra (Pillow; matplotlib for the DejaVu fonts and the colour map);
 importing this package does not.
 """

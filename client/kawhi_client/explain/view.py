@@ -14,9 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
-
-from kawhi_client.schema import GroupResult, RolloutGroup
+from kawhi_client.schema import ExplainedResult, GroupResult, RolloutGroup
 
 __all__ = [
     "DEFAULT_PATCH_SIDE", "ExplainedResult", "GroupView", "ResponseView", "SegmentView", "TOKEN_CLASSES",
@@ -26,14 +24,6 @@ __all__ = [
 # One LLM visual token covers a 28x28 px patch in Qwen2/2.5-VL (32 in Qwen3-VL; /v1/info says).
 DEFAULT_PATCH_SIDE = 28
 TOKEN_CLASSES = ("key", "sampled", "other")
-
-
-class ExplainedResult(GroupResult):
-    """A GroupResult with ``visual_alignment[r][v]``: the mean cosine of visual token v
-    (flat row-major in ``grid``) with response r's tokens over the alignment heads; an
-    empty list for an empty response."""
-
-    visual_alignment: list[list[float]] = Field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -240,7 +230,7 @@ def build_view(
                              f"{len(responses)} responses (0-based)")
         if maps is None:
             raise ValueError("a heat map needs each visual token's alignment, which only the engine's "
-                             "explain computes (kawhi explain, Engine.explain or POST /v1/explain)")
+                             "explain computes (kawhi explain, LocalService.explain or POST /v1/explain)")
         heatmap = [float(v) for v in maps[heatmap_response]]
         if not heatmap:
             raise ValueError(f"response {heatmap_response} is empty: it has no alignment map")

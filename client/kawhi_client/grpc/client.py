@@ -104,6 +104,8 @@ class GrpcClient:
             ``timeout + timeout_per_token * estimated tokens``).
         metadata: extra metadata on every call.
         options: extra channel options.
+        token_arrays: as ``Client``: False leaves the per-token advantages and weights out of
+            the answers (the paragraphs carry them), halving what a call brings back.
     """
 
     def __init__(
@@ -123,6 +125,7 @@ class GrpcClient:
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] | None = None,
         rng: Any = None,
+        token_arrays: bool = True,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
@@ -135,6 +138,7 @@ class GrpcClient:
         self.retry_policy = retry_policy(retries, backoff)
         self.max_in_flight = max_in_flight
         self.max_groups_per_request = max_groups_per_request
+        self.token_arrays = token_arrays
         self._ready_timeout = ready_timeout(wait_ready)
         self._unreachable_grace = unreachable_grace(wait_ready)
         self._ready = self._ready_timeout is None
@@ -206,6 +210,8 @@ class GrpcClient:
         def requests() -> Iterator[pb.ReweightRequest]:
             for g in todo:
                 req = pb.ReweightRequest(groups=[_group_message(g)], per_group_errors=True)
+                if not self.token_arrays:
+                    req.token_arrays = False
                 if options_message is not None:
                     req.options.CopyFrom(options_message)
                 yield req
@@ -417,6 +423,8 @@ class GrpcClient:
 
         while True:
             request = pb.ReweightRequest(groups=[messages[i] for i in indices], per_group_errors=per_group_errors)
+            if not self.token_arrays:
+                request.token_arrays = False
             if opts:
                 request.options.CopyFrom(convert.options_to_message(opts))
             timeout = self.timeouts.read_timeout(sum(g.tokens for g in chunk))

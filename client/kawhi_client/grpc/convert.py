@@ -227,24 +227,19 @@ def problem_from_message(m: pb.Problem) -> Problem:
     return Problem.model_validate(data)
 
 
-def group_result_to_message(r: GroupResult) -> pb.GroupResult:
-    m = pb.GroupResult(
-        grid=r.grid,
-        key_tokens=r.key_tokens,
-        selected_tokens=r.selected_tokens,
-        responses=[
-            pb.ResponseResult(
-                advantage=x.advantage,
-                paragraphs=[
-                    pb.Paragraph(char_start=p.char_start, char_end=p.char_end, token_start=p.token_start,
-                                 token_end=p.token_end, alpha=p.alpha, weight=p.weight)
-                    for p in x.paragraphs
-                ],
-                **{name: getattr(x, name) or () for name in _ARRAYS},
-            )
-            for x in r.responses
-        ],
-    )
+def group_result_to_message(r: GroupResult, *, token_arrays: bool = True) -> pb.GroupResult:
+    """token_arrays=False: without the per-token advantages and weights (the paragraphs hold them)."""
+    arrays = _ARRAYS if token_arrays else _ARRAYS[2:]
+    m = pb.GroupResult(grid=r.grid, key_tokens=r.key_tokens, selected_tokens=r.selected_tokens)
+    for x in r.responses:
+        out = m.responses.add(advantage=x.advantage)
+        for p in x.paragraphs:
+            out.paragraphs.add(char_start=p.char_start, char_end=p.char_end, token_start=p.token_start,
+                               token_end=p.token_end, alpha=p.alpha, weight=p.weight)
+        for name in arrays:  # extend: cheaper than the constructor's keyword for packed doubles
+            values = getattr(x, name)
+            if values:
+                getattr(out, name).extend(values)
     if r.id is not None:
         m.id = r.id
     if r.error is not None:
@@ -252,12 +247,13 @@ def group_result_to_message(r: GroupResult) -> pb.GroupResult:
     return m
 
 
-def _group_result_dict(m: pb.GroupResult) -> dict[str, Any]:
+def _group_result_skeleton(m: pb.GroupResult) -> dict[str, Any]:
+    """A GroupResult message as a wire dict without the per-token arrays (see :func:`_with_arrays`)."""
     return {
         "id": m.id if m.HasField("id") else None,
-        "grid": list(m.grid),
-        "key_tokens": list(m.key_tokens),
-        "selected_tokens": list(m.selected_tokens),
+        "grid": m.grid[:],
+        "key_tokens": m.key_tokens[:],
+        "selected_tokens": m.selected_tokens[:],
         "responses": [
             {
                 "advantage": x.advantage,
@@ -266,12 +262,21 @@ def _group_result_dict(m: pb.GroupResult) -> dict[str, Any]:
                      "token_end": p.token_end, "alpha": p.alpha, "weight": p.weight}
                     for p in x.paragraphs
                 ],
-                **{name: _array(x, name) for name in _ARRAYS},
             }
             for x in m.responses
         ],
         "error": problem_from_message(m.error) if m.HasField("error") else None,
     }
+
+
+def _with_arrays(result: GroupResult, m: pb.GroupResult) -> GroupResult:
+    """``result`` (validated without its arrays) with the per-token arrays of ``m`` set as they
+    are: packed doubles are floats already, so validating them would only copy the bulk of the
+    answer again."""
+    for response, x in zip(result.responses, m.responses):
+        for name in _ARRAYS:
+            setattr(response, name, _array(x, name))
+    return result
 
 
 def _array(x: pb.ResponseResult, name: str) -> list[float] | None:
@@ -280,21 +285,22 @@ def _array(x: pb.ResponseResult, name: str) -> list[float] | None:
     response keeps its empty token arrays and has no log-probs."""
     values = getattr(x, name)
     if len(values) or (not len(x.paragraphs) and name in ("token_advantages", "token_weights")):
-        return list(values)
+        return values[:]  # a list; slicing is faster than list() on protobuf's repeated fields
     return None
 
 
 def group_result_from_message(m: pb.GroupResult) -> GroupResult:
-    return GroupResult.model_validate(_group_result_dict(m))
+    return _with_arrays(GroupResult.model_validate(_group_result_skeleton(m)), m)
 
 
-def response_to_message(r: ReweightResponse) -> pb.ReweightResponse:
+def response_to_message(r: ReweightResponse, *, token_arrays: bool = True) -> pb.ReweightResponse:
+    """The answer message, straight from the model (token_arrays as group_result_to_message)."""
     return pb.ReweightResponse(
         model=r.model,
         version=r.version,
         options=to_struct(r.options),
         usage=pb.Usage(tokens=r.usage.tokens, milliseconds=r.usage.milliseconds),
-        results=[group_result_to_message(x) for x in r.results],
+        results=[group_result_to_message(x, token_arrays=token_arrays) for x in r.results],
     )
 
 
@@ -306,13 +312,17 @@ def response_json_to_message(data: bytes) -> pb.ReweightResponse:
 
 
 def response_from_message(m: pb.ReweightResponse) -> ReweightResponse:
-    return ReweightResponse.model_validate({
+    """The answer message as the model the HTTP client returns (arrays as :func:`_with_arrays`)."""
+    response = ReweightResponse.model_validate({
         "model": m.model,
         "version": m.version,
         "options": from_struct(m.options),
         "usage": {"tokens": m.usage.tokens, "milliseconds": m.usage.milliseconds},
-        "results": [_group_result_dict(x) for x in m.results],
+        "results": [_group_result_skeleton(x) for x in m.results],
     })
+    for result, x in zip(response.results, m.results):
+        _with_arrays(result, x)
+    return response
 
 
 def json_dumps(obj: Any) -> str:

@@ -68,7 +68,8 @@ class HttpBackend:
 class InProcessBackend:
     """The KAWHI engine inside this process: no HTTP, no server.
 
-    ``engine``: a loaded ``kawhi.engine.engine.Engine``; when None, one is loaded with
+    ``engine``: a loaded ``kawhi.engine.engine.Engine`` (or a ``kawhi.pipeline.local.LocalService``
+    over one); when None, one is loaded with
     ``Engine.load(model, **load_kwargs)`` (``model=None``: the embedded kawhi-tiny model —
     trained on a synthetic task, docs/tiny.md: for trying kawhi, not a real reference). The engine is not thread-safe; calls
     are serialised by a lock.
@@ -83,7 +84,10 @@ class InProcessBackend:
             engine = Engine.load(model, **load_kwargs)
         elif model is not None or load_kwargs:
             raise TypeError("model/load_kwargs are for an engine this backend loads, not for one passed in")
-        self.engine = engine
+        from kawhi.pipeline.local import LocalService
+
+        self.local = engine if isinstance(engine, LocalService) else LocalService(engine)
+        self.engine = self.local.engine
         self._lock = threading.Lock()
 
     def reweight(self, groups: list[dict[str, Any]], options: dict[str, Any]) -> list[GroupResult]:
@@ -100,7 +104,7 @@ class InProcessBackend:
                 group = {**group, "image": {"sha256": sha}}
             wire.append(group)
         with self._lock:
-            return self.engine.reweight(wire, options or None, load_image=functools.partial(_held_image, held))
+            return self.local.reweight(wire, options or None, load_image=functools.partial(_held_image, held))
 
     def info(self) -> dict[str, Any]:
         return self.engine.info()

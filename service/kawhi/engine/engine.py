@@ -8,13 +8,14 @@ Two steps, so a front end can validate on arrival and batch the heavy part:
 * :meth:`Engine.run` (heavy): one reference forward per group with the prefix shared,
   the alignment score alpha_t (§4), segment weights and token advantages (§5).
 
-:meth:`Engine.reweight` does both for in-process use by a trainer.
+The engine serves no requests itself: kawhi.pipeline calls these steps
+(``kawhi.pipeline.local.LocalService`` in-process, ``ReweightService`` for the servers).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from kawhi_client.schema import (
+    ExplainedResult,
     GroupResult,
     ImageRef,
     Options,
@@ -41,6 +43,7 @@ from kawhi.engine.images import ImageLimits, decode_base64
 from kawhi.engine.regions import RegionSelection, select_regions
 from kawhi.engine.segments import Segment, segment_tokens, token_segment_index
 from kawhi.engine.weights import normalize_weights, paragraph_weights, segment_means, token_weights
+from kawhi.errors import KawhiError
 from kawhi.heads.files import HeadSet, resolve_head_set
 from kawhi.heads.identity import ModelIdentity
 from kawhi.models.logprobs import has_lm_head, response_logprobs
@@ -181,7 +184,7 @@ class Engine:
                          "pass --model /path/to/Qwen2.5-VL-7B-Instruct for real use", label)
             return cls(reference, defaults, limits=limits, is_demo=is_demo, model_name=label,
                        heads_file=heads_file, model_card=card)
-        hub_id = None if Path(model).expanduser().is_dir() else str(model)  # a cached hub id keeps its id
+        hub_id = None if model is None or Path(model).expanduser().is_dir() else str(model)  # a cached hub id keeps its id
         reference = QwenVLReference.from_pretrained(folder, device=device, dtype=dtype, name=hub_id)
         return cls(reference, defaults, limits=limits, heads_file=heads_file)
 
@@ -390,10 +393,10 @@ class Engine:
                         max_batch_tokens=self.limits.max_forward_tokens,
                         split_attention=self.limits.split_attention, prefix_cache=self.prefix_cache)[0]
                 results.append(self._score_group(group, states))
-            except Exception as exc:
-                log.exception("group %s failed in the forward", group.id)
-                results.append(GroupResult(id=group.id, error=Problem(
-                    title="Internal error", status=500, detail=f"{type(exc).__name__}: {exc}", pointer="")))
+            except Exception:
+                log.exception("group %s failed in the forward", group.id)  # the cause stays in the log
+                results.append(GroupResult(id=group.id, error=Problem(**KawhiError(
+                    "internal", "the reference forward failed for this group; it has been logged").to_problem())))
         return results
 
     def _score_group(self, group: PreparedGroup, states: Any) -> GroupResult:
@@ -404,7 +407,8 @@ class Engine:
         selected = torch.tensor(group.regions.selected.tolist(), dtype=torch.long, device=visual_keys.device)
         heads = torch.as_tensor(group.heads, dtype=torch.long, device=visual_keys.device)
         n_rep = self.model.num_heads // self.model.num_kv_heads
-        results, maps = [], []
+        results: list[ResponseResult] = []
+        maps: list[list[float]] = []
         for response, response_states in zip(group.responses, states.responses):
             n_tokens = len(response.tokens.token_ids)
             if n_tokens == 0:  # the documented rule for an empty response: nothing to weight
@@ -425,8 +429,6 @@ class Engine:
         fields = dict(id=group.id, grid=list(group.regions.grid), key_tokens=group.regions.key.tolist(),
                       selected_tokens=group.regions.selected.tolist(), responses=results)
         if group.explain:
-            from kawhi_client.explain.view import ExplainedResult
-
             return ExplainedResult(**fields, visual_alignment=maps)
         return GroupResult(**fields)
 
@@ -462,45 +464,6 @@ class Engine:
             token_advantages=(response.advantage * per_token).tolist(),
             token_weights=per_token.tolist(),
         )
-
-    # ------------------------------------------------------------------ in-process
-    def reweight(
-        self,
-        groups: Sequence[RolloutGroup | Mapping[str, Any]],
-        options: Options | Mapping[str, Any] | None = None,
-        *,
-        load_image: Callable[[ImageRef], bytes] | None = None,
-        explain: bool = False,
-        base_dir: Path | None = None,
-    ) -> list[GroupResult]:
-        """Prepare and run ``groups`` in-process; a bad group yields a result with ``error``.
-
-        explain: also compute each visual token's alignment per response (results are then
-        ``kawhi_client.explain.ExplainedResult``); see :meth:`explain` for the pictures.
-
-        The same pipeline as the server and the CLI (kawhi.pipeline): the same bad
-        group gets the same error type and pointer (relative to the group here). Images
-        come as ``data`` or a local ``path`` (relative to ``base_dir`` when given); load_image
-        resolves a ``sha256`` reference.
-        Invalid options raise OptionsError (a KawhiError at ``/options/<name>``).
-        """
-        from kawhi.pipeline import Pipeline
-
-        pipeline = Pipeline(self)
-        return pipeline.reweight(pipeline.parse_groups(groups, options), load_image=load_image,
-                                 explain=explain, base_dir=base_dir).results
-
-    def explain(
-        self,
-        groups: Sequence[RolloutGroup | Mapping[str, Any]],
-        options: Options | Mapping[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> list[Any]:
-        """The explain view of each group (kawhi_client.explain.Explanation), or its failed
-        GroupResult. Arguments as :meth:`reweight` and kawhi.engine.explain.explain_groups."""
-        from kawhi.engine.explain import explain_groups
-
-        return explain_groups(self, groups, options, **kwargs)
 
 
 def load_image_bytes(ref: ImageRef, base_dir: Path | None = None) -> bytes:

@@ -6,7 +6,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from kawhi.errors import KawhiError, escape_token, pointer, slug_for_status  # noqa: F401 (re-exported)
+from kawhi.errors import KawhiError, pointer, slug_for_status
 
 
 class GroupError(KawhiError):
@@ -55,14 +55,3 @@ def validation_message(error: Mapping[str, Any]) -> str:
     msg = str(error.get("msg", "invalid value"))
     msg = msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
     return _INSTANCE_OF.sub("", msg)  # "a valid dictionary or instance of RolloutGroup": no class names
-
-
-def group_error_from_validation(exc: Any) -> GroupError:
-    """A pydantic ValidationError on one group -> GroupError at its first error's location."""
-    errors = exc.errors()
-    if not errors:
-        return GroupError("", "invalid rollout group", kind="validation")
-    detail = validation_message(errors[0])
-    if len(errors) > 1:
-        detail += f" (and {len(errors) - 1} more error(s))"
-    return GroupError(loc_to_pointer(errors[0].get("loc", ())), detail, kind="validation")

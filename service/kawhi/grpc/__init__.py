@@ -1,7 +1,9 @@
 """The gRPC front end (kawhi.v1.Kawhi, grpc.health.v1.Health, server reflection).
 
-A thin shell over the same request pipeline, batcher, caches, limits, auth and
-metrics as the HTTP routes: it runs on the HTTP server's event loop and shares its
-``ServerState`` (``kawhi.grpc.server.attach``). The stubs and the message <-> wire
+gRPC framing only, over the same serving core as HTTP (kawhi.pipeline.service:
+admission, idempotency, batcher, caches, deadlines, drain, image store): it runs on
+the HTTP server's event loop and shares its ``ReweightService``
+(``kawhi.grpc.server.attach``, called by ``kawhi serve``). It imports nothing from
+kawhi.server. The stubs and the message <-> wire
 conversion live in the client package (``kawhi_client.grpc``), so both ends use one.
 """

@@ -15,14 +15,14 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kawhi.server.state import ServerState
+from kawhi.pipeline.service import ReweightService
 
 SERVICES = ("", "kawhi.v1.Kawhi")
 WATCH_POLL_S = 0.1
 
 
 class HealthServicer(health_pb2_grpc.HealthServicer):
-    def __init__(self, state: ServerState) -> None:
+    def __init__(self, state: ReweightService) -> None:
         self.state = state
 
     def status(self) -> Any:

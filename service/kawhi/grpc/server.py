@@ -1,7 +1,8 @@
-"""The gRPC listener next to the HTTP one, on the same event loop and ``ServerState``.
+"""The gRPC listener next to the HTTP one, on the same event loop and ``ReweightService``.
 
-``attach(app)`` wraps the FastAPI app's lifespan: once the state is up (caches
-connected, engine loading or ready) the gRPC server binds ``host:grpc_port`` (0 = any
+``attach(app, service)`` (called by the composition root, kawhi.serve) wraps an ASGI
+app's lifespan: once the service is up (caches connected, engine loading or ready)
+the gRPC server binds ``host:grpc_port`` (0 = any
 free port; the bound port is ``GrpcFrontEnd.port``); on shutdown it stops after the
 HTTP drain (``kawhi serve``'s SIGTERM handling waits for gRPC calls too, they count
 as in flight), before the batcher stops.
@@ -21,11 +22,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from kawhi_client.grpc._proto import kawhi_pb2 as pb
-from kawhi_client.grpc._proto import kawhi_pb2_grpc as pb_grpc
 
 from kawhi.grpc.health import HealthServicer
-from kawhi.grpc.servicer import KawhiServicer
-from kawhi.server.state import ServerState
+from kawhi.grpc.servicer import SERVICE, KawhiServicer
+from kawhi.pipeline.service import ReweightService
 
 log = logging.getLogger("kawhi.server.grpc")
 
@@ -48,10 +48,38 @@ def channel_options(settings: Any) -> list[tuple[str, Any]]:
     ]
 
 
-class GrpcFrontEnd:
-    """The gRPC server of one ServerState."""
+def _message_or_bytes(message: Any) -> bytes:
+    """A Reweight answer on the wire: the servicer hands the serialised message (the bytes the
+    idempotent store holds too), so it is serialised once; a message still works."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
 
-    def __init__(self, state: ServerState, host: str | None = None, port: int | None = None) -> None:
+
+def add_servicer(servicer: KawhiServicer, server: grpc.aio.Server) -> None:
+    """``kawhi_pb2_grpc.add_KawhiServicer_to_server``, with Reweight answering bytes as they are."""
+    from google.protobuf import struct_pb2
+
+    handlers = {
+        "Reweight": grpc.unary_unary_rpc_method_handler(
+            servicer.Reweight, request_deserializer=pb.ReweightRequest.FromString,
+            response_serializer=_message_or_bytes),
+        "ReweightStream": grpc.stream_stream_rpc_method_handler(
+            servicer.ReweightStream, request_deserializer=pb.ReweightRequest.FromString,
+            response_serializer=pb.ReweightStreamResult.SerializeToString),
+        "PutImage": grpc.stream_unary_rpc_method_handler(
+            servicer.PutImage, request_deserializer=pb.ImageChunk.FromString,
+            response_serializer=pb.ImageInfo.SerializeToString),
+        "Info": grpc.unary_unary_rpc_method_handler(
+            servicer.Info, request_deserializer=pb.InfoRequest.FromString,
+            response_serializer=struct_pb2.Struct.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
+
+class GrpcFrontEnd:
+    """The gRPC server of one ReweightService."""
+
+    def __init__(self, state: ReweightService, host: str | None = None, port: int | None = None) -> None:
         self.state = state
         self.host = host if host is not None else state.settings.host
         self.requested_port = port if port is not None else state.settings.grpc_port
@@ -64,7 +92,7 @@ class GrpcFrontEnd:
 
     async def start(self) -> None:
         server = grpc.aio.server(options=channel_options(self.state.settings))
-        pb_grpc.add_KawhiServicer_to_server(KawhiServicer(self.state), server)
+        add_servicer(KawhiServicer(self.state), server)
         health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(self.state), server)
         names = (
             pb.DESCRIPTOR.services_by_name["Kawhi"].full_name,
@@ -86,9 +114,9 @@ class GrpcFrontEnd:
             self.server = None
 
 
-def attach(app: Any, *, host: str | None = None, port: int | None = None) -> GrpcFrontEnd:
-    """Serve gRPC for this FastAPI app while it runs (see the module doc)."""
-    front = GrpcFrontEnd(app.state.kawhi, host, port)
+def attach(app: Any, service: ReweightService, *, host: str | None = None, port: int | None = None) -> GrpcFrontEnd:
+    """Serve gRPC over ``service`` while the ASGI ``app`` runs (see the module doc)."""
+    front = GrpcFrontEnd(service, host, port)
     inner = app.router.lifespan_context
 
     @asynccontextmanager

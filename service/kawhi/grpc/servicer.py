@@ -1,6 +1,11 @@
-"""kawhi.v1.Kawhi: Reweight, ReweightStream, PutImage, Info over the shared pipeline.
+"""kawhi.v1.Kawhi: Reweight, ReweightStream, PutImage, Info: gRPC framing over the serving core.
 
-Every call goes through ``_Rpc``: the bearer key from the ``authorization`` metadata
+The servicer turns messages into the pipeline's parsed request (kawhi.grpc.messages:
+image bytes stay bytes, no JSON on the way) and hands it to the same
+``ReweightService`` as HTTP (admission, idempotency, queue, deadline, drain, image
+store); the answer is encoded straight from the model into protobuf
+(``ProtobufCodec``), and stored that way for an idempotent retry. Every call goes
+through ``_Rpc``: the bearer key from the ``authorization`` metadata
 (compared in constant time, as over HTTP), the request id (``x-request-id``), the
 in-flight count a drain waits for, the metrics (``frontend="grpc"``), and the error
 mapping — a ``KawhiError`` becomes the rich status of
@@ -24,13 +29,13 @@ from kawhi_client.grpc._proto import kawhi_pb2 as pb
 from kawhi_client.grpc._proto import kawhi_pb2_grpc as pb_grpc
 from kawhi_client.grpc.status import status_for
 from kawhi_client.routing import GRPC_METADATA_KEY
-from kawhi_client.schema import GroupResult, Problem, ReweightResponse, Usage
+from kawhi_client.schema import GroupResult, Problem
 
 from kawhi.errors import KawhiError
-from kawhi.grpc import pipeline
-from kawhi.server.auth import key_is_valid, unauthorized
-from kawhi.server.logs import accept_request_id, request_id_var
-from kawhi.server.state import ServerState
+from kawhi.grpc.messages import PROTOBUF, parse_group_message, parse_request_message
+from kawhi.logs import accept_request_id, request_id_var
+from kawhi.pipeline.auth import bearer_token, key_is_valid, unauthorized
+from kawhi.pipeline.service import ReweightService
 
 log = logging.getLogger("kawhi.server.grpc")
 
@@ -55,7 +60,7 @@ def _retry_after(err: KawhiError) -> float | None:
 class _Rpc:
     """One call: auth, request id, in-flight count, metrics, error mapping (see the module doc)."""
 
-    def __init__(self, state: ServerState, context: grpc.aio.ServicerContext, method: str) -> None:
+    def __init__(self, state: ReweightService, context: grpc.aio.ServicerContext, method: str) -> None:
         self.state, self.context, self.route = state, context, f"/{SERVICE}/{method}"
         self.code = grpc.StatusCode.OK
 
@@ -68,9 +73,7 @@ class _Rpc:
         self.context.set_trailing_metadata((("x-request-id", self.rid),))
         keys = self.state.api_keys
         if keys:
-            scheme, _, presented = _metadata(self.context, "authorization").partition(" ")
-            token = presented.strip().encode() if scheme.lower() == "bearer" else b""
-            if not key_is_valid(token, keys):
+            if not key_is_valid(bearer_token(_metadata(self.context, "authorization")), keys):
                 err = unauthorized()
                 await self.__aexit__(type(err), err, None)  # counts, cleans up and aborts (raises)
         return self
@@ -126,15 +129,19 @@ def _timeout(context: grpc.aio.ServicerContext) -> float | None:
 
 
 class KawhiServicer(pb_grpc.KawhiServicer):
-    def __init__(self, state: ServerState) -> None:
+    def __init__(self, state: ReweightService) -> None:
         self.state = state
 
-    async def Reweight(self, request: pb.ReweightRequest, context: grpc.aio.ServicerContext) -> pb.ReweightResponse:
+    async def Reweight(self, request: pb.ReweightRequest, context: grpc.aio.ServicerContext) -> bytes:
+        """The answer as the serialised message (kawhi.grpc.server sends bytes as they are)."""
         async with _Rpc(self.state, context, "Reweight"):
             self.state.metrics.observe_routing_key(_metadata(context, GRPC_METADATA_KEY) or None)
-            body = convert.request_from_message(request)
-            answer = await pipeline.reweight(self.state, body, _timeout(context))
-            return await _to_message(answer)
+            service = self.state
+            service.require_engine()  # loading / draining
+            deadline = service.deadline(_timeout(context))
+            admission = await service.admit_parsed(lambda: parse_request_message(request), len(request.groups))
+            answer = await service.reweight(admission, deadline, PROTOBUF)
+            return answer.payload
 
     async def ReweightStream(
         self, requests: AsyncIterator[pb.ReweightRequest], context: grpc.aio.ServicerContext
@@ -168,8 +175,9 @@ class KawhiServicer(pb_grpc.KawhiServicer):
             k = 0
             async for message in requests:
                 options = convert.options_from_message(message.options) if message.HasField("options") else None
+                arrays = message.token_arrays if message.HasField("token_arrays") else True
                 for j, group in enumerate(message.groups):
-                    task = asyncio.ensure_future(self._one_group(k, j, group, options, context, done))
+                    task = asyncio.ensure_future(self._one_group(k, j, group, options, arrays, context, done))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                 k += 1
@@ -180,14 +188,14 @@ class KawhiServicer(pb_grpc.KawhiServicer):
             done.put_nowait(exc)
 
     async def _one_group(
-        self, k: int, j: int, group: pb.RolloutGroup, options: dict[str, Any] | None,
+        self, k: int, j: int, group: pb.RolloutGroup, options: dict[str, Any] | None, token_arrays: bool,
         context: grpc.aio.ServicerContext, done: asyncio.Queue,
     ) -> None:
         """One group of a stream through the pipeline as a one-group request; any problem
         becomes that group's error, pointing into its message (``/groups/j/...``). Always puts
         one message on ``done`` (the stream waits for it), whatever fails."""
         try:
-            msg = await self._group_result(k, j, group, options, context)
+            msg = await self._group_result(k, j, group, options, token_arrays, context)
         except asyncio.CancelledError:
             raise
         except Exception:  # converting the group or its answer failed: a bug of ours, this group only
@@ -200,29 +208,30 @@ class KawhiServicer(pb_grpc.KawhiServicer):
         done.put_nowait(msg)
 
     async def _group_result(
-        self, k: int, j: int, group: pb.RolloutGroup, options: dict[str, Any] | None,
+        self, k: int, j: int, group: pb.RolloutGroup, options: dict[str, Any] | None, token_arrays: bool,
         context: grpc.aio.ServicerContext,
     ) -> pb.ReweightStreamResult:
-        wire = convert.group_from_message(group)
-        body: dict[str, Any] = {"groups": [wire], "per_group_errors": True}
-        if options is not None:
-            body["options"] = options
-        model = version = ""
-        usage = Usage()
+        service = self.state
         try:
-            answer = ReweightResponse.model_validate_json(await pipeline.reweight(self.state, body, _timeout(context)))
-            result = answer.results[0]
-            model, version, usage = answer.model, answer.version, answer.usage
+            service.require_engine()
+            deadline = service.deadline(_timeout(context))
+            admission = await service.admit_parsed(lambda: parse_group_message(group, options, token_arrays), 1)
+            answer = await service.reweight(admission, deadline, PROTOBUF)
         except KawhiError as err:
-            self.state.count_error(err)
-            gid = wire.get("id") if isinstance(wire.get("id"), str) else None
-            result = GroupResult(id=gid, error=Problem.model_validate(err.to_problem()))
-        if result.error is not None:
-            result.error = _into_message(result.error, j)
-        return pb.ReweightStreamResult(
-            result=convert.group_result_to_message(result), request_index=k, group_index=j, model=model,
-            version=version, usage=pb.Usage(tokens=usage.tokens, milliseconds=usage.milliseconds),
-        )
+            service.count_error(err)
+            gid = group.id if group.HasField("id") else None
+            error = _into_message(Problem.model_validate(err.to_problem()), j)
+            return pb.ReweightStreamResult(result=convert.group_result_to_message(GroupResult(id=gid, error=error)),
+                                           request_index=k, group_index=j, usage=pb.Usage())
+        message = pb.ReweightResponse.FromString(answer.payload)
+        result = message.results[0]
+        if result.HasField("error"):
+            fixed = _into_message(convert.problem_from_message(result.error), j)
+            result = pb.GroupResult()
+            result.CopyFrom(message.results[0])
+            result.error.CopyFrom(convert.problem_to_message(fixed))
+        return pb.ReweightStreamResult(result=result, request_index=k, group_index=j, model=message.model,
+                                       version=message.version, usage=message.usage)
 
     async def PutImage(self, chunks: AsyncIterator[pb.ImageChunk], context: grpc.aio.ServicerContext) -> pb.ImageInfo:
         async with _Rpc(self.state, context, "PutImage"):
@@ -236,19 +245,9 @@ class KawhiServicer(pb_grpc.KawhiServicer):
                 if size > limit:  # stop reading: never hold more than the limit
                     raise KawhiError("too-large", f"the image is over the limit of {limit} bytes")
                 parts.append(chunk.data)
-            stored = await pipeline.store_image(self.state, b"".join(parts))
-            return pb.ImageInfo(**stored)
+            stored = await self.state.store_image(b"".join(parts))
+            return pb.ImageInfo(**stored.to_dict())
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> Any:
         async with _Rpc(self.state, context, "Info"):
-            return convert.to_struct(await pipeline.info(self.state))
-
-
-# Answers larger than this are converted in a worker thread (as HTTP serialises big answers).
-INLINE_CONVERT_BYTES = 256 * 1024
-
-
-async def _to_message(answer: bytes) -> pb.ReweightResponse:
-    if len(answer) > INLINE_CONVERT_BYTES:
-        return await asyncio.to_thread(convert.response_json_to_message, answer)
-    return convert.response_json_to_message(answer)
+            return convert.to_struct(self.state.info().to_dict())

@@ -53,8 +53,12 @@ def check_request_size(n_groups: int, limits: Limits, queue_capacity: int | None
 
 
 def admit_group(index: int, group: RolloutGroup, limits: Limits, *, base_dir: Path | None = None,
-                allow_paths: bool = False) -> Admitted:
-    """Checks without the model; GroupError relative to the group."""
+                allow_paths: bool = False, data: bytes | None = None) -> Admitted:
+    """Checks without the model; GroupError relative to the group.
+
+    data: the image bytes when the front end received them as bytes (the group's image
+    then names their sha256); checked as inline data.
+    """
     n = len(group.responses)
     if n > limits.max_responses:
         raise GroupError("/responses", f"{n} responses; the limit is {limits.max_responses}", kind="too-large")
@@ -63,15 +67,20 @@ def admit_group(index: int, group: RolloutGroup, limits: Limits, *, base_dir: Pa
         if ids is not None and len(ids) > limits.max_response_tokens:
             raise GroupError(f"/responses/{j}/token_ids", f"{len(ids)} tokens; the limit is "
                              f"{limits.max_response_tokens}", kind="too-large")
-        if ids is not None:
-            for k, token in enumerate(ids):
-                if token < 0:
-                    raise GroupError(f"/responses/{j}/token_ids/{k}", f"token id {token} is negative")
+        if ids and min(ids) < 0:
+            k = next(k for k, token in enumerate(ids) if token < 0)
+            raise GroupError(f"/responses/{j}/token_ids/{k}", f"token id {ids[k]} is negative")
         if len(response.text) > limits.max_response_tokens * 64:  # characters bound tokens from above
             raise GroupError(f"/responses/{j}/text", f"{len(response.text)} characters is far beyond "
                              f"{limits.max_response_tokens} tokens", kind="too-large")
     if group.advantages is not None and len(group.advantages) != n:
         raise GroupError("/advantages", f"{len(group.advantages)} advantages for {n} responses")
+    if data is not None:
+        if len(data) > limits.image.max_bytes:
+            raise GroupError("/image/data", f"image is ~{len(data)} bytes; the limit is {limits.image.max_bytes}",
+                             kind="too-large")
+        probe_image(data, limits.image, "/image/data")
+        return Admitted(index, group, sha256_hex(data), data, "/image/data")
     return _admit_image(index, group, limits, base_dir, allow_paths)
 
 

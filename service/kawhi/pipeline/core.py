@@ -96,7 +96,7 @@ class Pipeline:
                 continue
             try:
                 admission.groups.append(admit_group(i, group, self.limits, base_dir=base_dir,
-                                                    allow_paths=allow_paths))
+                                                    allow_paths=allow_paths, data=parsed.images.get(i)))
             except KawhiError as exc:
                 self._keep(parsed, i, exc)
         return admission
@@ -223,7 +223,7 @@ def outcome(result: GroupResult) -> Outcome:
     if result.error is not None:
         return GroupError("", "the reference forward failed for this group; it has been logged", kind="internal")
     for j, response in enumerate(result.responses):
-        numbers = [response.advantage, *response.token_advantages, *response.token_weights]
+        numbers = [response.advantage, *(response.token_advantages or ()), *(response.token_weights or ())]
         numbers += [v for p in response.paragraphs for v in (p.alpha, p.weight)]
         if not all(math.isfinite(v) for v in numbers):
             return GroupError(f"/responses/{j}", "the reweighted advantages of this response overflow a 64-bit "

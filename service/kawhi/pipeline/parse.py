@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,8 +127,11 @@ class ParsedRequest:
     per_group_errors: bool = True
     errors: dict[int, KawhiError] = field(default_factory=dict)
     group_prefix: bool = True
-    encoding_format: str = "float"  # how the answer's per-token arrays travel (kawhi.server.encoding)
+    encoding_format: str = "float"  # how the answer's per-token arrays travel (kawhi.pipeline.encoding)
     token_arrays: bool = True
+    # inline image bytes a front end received as bytes (gRPC), by group index; such a group's
+    # image names their sha256, and admission checks the bytes as inline data (/image/data)
+    images: dict[int, bytes] = field(default_factory=dict)
 
     def prefix(self, index: int) -> str:
         return pointer("groups", index) if self.group_prefix else ""
@@ -222,11 +225,22 @@ def parse_groups(raws: Sequence[Any], options: Mapping[str, Any] | None = None, 
 
     Without per-group errors the first bad group's error is raised, placed.
     """
+    return parse_prepared_groups(raws, options, per_group_errors=per_group_errors, group_prefix=group_prefix)
+
+
+def parse_prepared_groups(raws: Sequence[Any], options: Mapping[str, Any] | None = None, *,
+                          per_group_errors: bool = True, group_prefix: bool = True,
+                          check: Callable[[Any], Any] | None = None) -> ParsedRequest:
+    """:func:`parse_groups` where ``check(raw)`` (a front end's own value walk, raising as
+    :func:`check_values` does) replaces the full walk of each group."""
     out = ParsedRequest([], [], dict(options or {}), per_group_errors, {}, group_prefix)
     for i, raw in enumerate(raws):
         out.ids.append(_group_id(raw))
         try:
-            out.groups.append(parse_group(raw, depth=2 if group_prefix else 0))
+            if check is not None:
+                out.groups.append(parse_group(check(raw), checked=True))
+            else:
+                out.groups.append(parse_group(raw, depth=2 if group_prefix else 0))
         except KawhiError as exc:
             if not per_group_errors:
                 raise exc.placed(out.prefix(i)) from None

@@ -1,9 +1,10 @@
-"""The HTTP front end of KAWHI (`kawhi serve`): FastAPI + uvicorn around the engine.
+"""The HTTP front end of KAWHI: FastAPI framing over the serving core (kawhi.pipeline.service).
 
-``create_app`` builds the ASGI app; ``kawhi.server.main`` runs it. See docs/server.md.
+``create_app`` builds the ASGI app; ``kawhi.server.main`` holds the uvicorn server that
+runs it; ``kawhi serve`` (kawhi.serve) composes them. See docs/server.md.
 """
 
 from kawhi.server.app import create_app
-from kawhi.server.settings import Settings
+from kawhi.settings import Settings
 
 __all__ = ["Settings", "create_app"]

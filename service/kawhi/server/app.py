@@ -1,23 +1,17 @@
-"""The FastAPI application: factory, lifespan, shared state and error handling.
+"""The FastAPI application: HTTP framing over the serving core (kawhi.pipeline.service).
 
-``create_app(settings, engine=None)`` builds an app whose lifespan
-
-* prints the settings once (secrets redacted),
-* connects the caches (Redis if configured, degraded-but-serving if it is not there),
-* loads the engine in a background thread, so ``/healthz`` answers at once and
-  ``/readyz`` says ``loading`` until the model is ready (pass ``engine=`` to serve an
-  already-loaded engine: tests and embedding),
-* starts the batcher's forward thread, and on shutdown drains it.
-
-Routes live in ``kawhi.server.routes``; everything they share is one ``ServerState``
-reached through FastAPI dependencies (``get_state``).
+``create_app(settings, engine=None, service=None)`` builds an app whose lifespan starts
+the ``ReweightService`` (settings logged with secrets redacted, caches connected, the
+engine loaded in a background thread so ``/healthz`` answers at once and ``/readyz``
+says ``loading`` until it is ready) and stops it (drain, batcher, caches). The app adds
+what is HTTP's own: problem+json error rendering, the request-context middleware,
+gzip, OpenAPI. Routes live in ``kawhi.server.routes`` and reach the service through
+the ``get_service`` dependency.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -31,10 +25,10 @@ from starlette.responses import Response
 from kawhi import __version__
 from kawhi.errors import TYPE_BASE, KawhiError
 from kawhi.pipeline.parse import validation_error
+from kawhi.pipeline.service import ReweightService
 from kawhi.server.middleware import RequestContextMiddleware, _BodyTooLarge
 from kawhi.server.problems import problem_response
-from kawhi.server.settings import Settings
-from kawhi.server.state import ServerState, engine_limits, get_state, load_engine  # noqa: F401 (re-exported)
+from kawhi.settings import Settings
 
 log = logging.getLogger("kawhi.server")
 
@@ -42,52 +36,14 @@ log = logging.getLogger("kawhi.server")
 # ---------------------------------------------------------------------- lifespan
 
 
-def load_failure_reason(exc: BaseException) -> str:
-    """One line for an operator: the exception's type and the first line of its message."""
-    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-    return f"{type(exc).__name__}: {first[:300]}" if first else type(exc).__name__
-
-
-def _make_lifespan(state: ServerState):
+def _make_lifespan(service: ReweightService):
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        log.info("settings", extra={"settings": state.settings.redacted()})
-        state.build_limits()
-        state.loop = asyncio.get_running_loop()
-        await state.caches.start()
-        loader: asyncio.Task | None = None
-        if state._given_engine is not None:
-            state.engine_ready(state._given_engine)
-        else:
-
-            async def load() -> None:
-                t0 = time.perf_counter()
-                try:
-                    engine = await asyncio.to_thread(state.load_engine)
-                except Exception as exc:  # keep serving /healthz and /readyz with the reason
-                    state.phase = "failed"
-                    state.load_error = load_failure_reason(exc)
-                    log.error("model failed to load: %s", state.load_error)
-                    log.debug("model load traceback", exc_info=True)
-                    if state.on_load_failure is not None:
-                        state.on_load_failure(state.load_error)
-                    return
-                log.info("model loaded", extra={"seconds": round(time.perf_counter() - t0, 3)})
-                state.engine_ready(engine)
-
-            loader = asyncio.create_task(load(), name="kawhi-load-engine")
+        await service.start()
         try:
             yield
         finally:
-            state.begin_drain()
-            if loader is not None and not loader.done():
-                loader.cancel()
-            if state.batcher is not None:
-                await asyncio.to_thread(state.batcher.stop, state.drain_left())
-            state.prepare_pool.shutdown(wait=False, cancel_futures=True)
-            await state.caches.stop()
-            state.phase = "stopped"
-            log.info("stopped")
+            await service.stop()
 
     return lifespan
 
@@ -95,7 +51,7 @@ def _make_lifespan(state: ServerState):
 # ---------------------------------------------------------------------- errors
 
 
-def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
+def _install_error_handlers(app: FastAPI, state: ReweightService) -> None:
     def respond(request: Request, err: KawhiError) -> Response:
         state.count_error(err)
         rid = getattr(request.state, "request_id", None)
@@ -168,10 +124,14 @@ def _install_openapi(app: FastAPI) -> None:
 # ---------------------------------------------------------------------- factory
 
 
-def create_app(settings: Any = None, *, engine: Any = None) -> FastAPI:
-    """A new app. ``settings`` defaults to ``Settings()`` (env + defaults); ``engine`` to loading one."""
-    settings = settings if settings is not None else Settings()
-    state = ServerState(settings, engine)
+def create_app(settings: Any = None, *, engine: Any = None, service: ReweightService | None = None) -> FastAPI:
+    """A new app over ``service`` (default: a new ReweightService of ``settings``, which default
+    to ``Settings()``: env + defaults; ``engine``: an engine already loaded, else one is loaded).
+    The app's lifespan starts and stops the service."""
+    if service is None:
+        service = ReweightService(settings if settings is not None else Settings(), engine)
+    settings = service.settings
+    state = service
     app = FastAPI(
         title="kawhi",
         version=__version__,

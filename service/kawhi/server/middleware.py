@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kawhi.errors import KawhiError
-from kawhi.server.logs import accept_request_id, request_id_var
+from kawhi.logs import accept_request_id, request_id_var
 from kawhi.server.problems import problem_response
 
 log = logging.getLogger("kawhi.server.access")
@@ -45,7 +45,7 @@ def _route_label(app: Any, scope: dict) -> str:
 class RequestContextMiddleware:
     def __init__(self, app: Callable, *, state: Any) -> None:
         self.app = app
-        self.state = state  # ServerState: settings, metrics
+        self.state = state  # the ReweightService: settings, metrics
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":

@@ -15,8 +15,7 @@ from collections.abc import Mapping
 
 from starlette.responses import Response
 
-from kawhi.engine.errors import escape_token, loc_to_pointer, pointer, validation_message  # noqa: F401 (re-exported)
-from kawhi.errors import PROBLEM_MEDIA_TYPE, TYPE_BASE, KawhiError  # noqa: F401 (re-exported)
+from kawhi.errors import PROBLEM_MEDIA_TYPE, KawhiError
 
 
 def problem_response(

@@ -1,8 +1,11 @@
 """HTTP routes: /v1/reweight, /v1/images, /v1/info, /healthz, /readyz, /metrics.
 
-Thin: ``POST /v1/reweight`` is the request pipeline (kawhi.pipeline) driven by
-``kawhi.server.reweight``; errors are KawhiErrors rendered as problem+json by the
-app's handler. Shared state comes from ``kawhi.server.state`` through ``get_state``.
+Framing only: each route reads what HTTP brings (the body under ``body_timeout_s``,
+408 for a stalled client; the caller's deadline from ``X-Request-Timeout``; the
+connection, watched for a disconnect) and hands it to the serving core
+(``kawhi.pipeline.service.ReweightService``, reached through ``get_service``), which
+owns admission, idempotency, the queue, deadlines, drain and the image store. Errors
+are KawhiErrors rendered as problem+json by the app's handler.
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ from starlette.responses import JSONResponse, Response
 
 from kawhi import __version__
 from kawhi.errors import PROBLEM_MEDIA_TYPE, KawhiError, pointer
-from kawhi.server import reweight as reweight_call
+from kawhi.pipeline.answers import JSON
+from kawhi.pipeline.service import ClientClosed, ReweightService
 from kawhi.server.auth import require_api_key
 from kawhi.server.problems import problem_response
-from kawhi.server.state import ServerState, get_state
 
 log = logging.getLogger("kawhi.server")
 
@@ -40,6 +43,47 @@ _PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     }.items()
 }
 
+# The caller's own deadline in seconds; the server's request_timeout_s bounds it from above.
+TIMEOUT_HEADER = "x-request-timeout"
+
+
+def get_service(request: Request) -> ReweightService:
+    return request.app.state.kawhi
+
+
+def caller_timeout(request: Request) -> float | None:
+    """The ``X-Request-Timeout`` seconds the caller gave (None when it gave none)."""
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None or not raw.strip():
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise KawhiError("validation", "the X-Request-Timeout header must be a positive number of seconds")
+    return value
+
+
+async def read_body(request: Request, timeout_s: float) -> bytes:
+    """The whole body, or 408 when the client does not send it within ``timeout_s``."""
+    try:
+        return await asyncio.wait_for(request.body(), timeout=timeout_s)
+    except asyncio.TimeoutError:
+        raise KawhiError("request-timeout", f"the request body did not arrive within {timeout_s:g} s") from None
+
+
+def disconnect_watch(request: Request) -> Any:
+    """What the service awaits to learn that the client went away (the body is read already)."""
+    async def wait_disconnect() -> None:
+        while True:
+            message = await request.receive()
+            if message.get("type") == "http.disconnect":
+                return
+
+    return wait_disconnect
+
+
 router = APIRouter()
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=_PROBLEM_RESPONSES)
 
@@ -49,12 +93,12 @@ v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=
 
 @router.get("/health", tags=["probes"], summary="liveness, as /healthz (the name TEI, vLLM and infinity use)")
 @router.get("/healthz", tags=["probes"], summary="liveness: the process answers")
-async def healthz(state: ServerState = Depends(get_state)) -> Response:
+async def healthz(state: ReweightService = Depends(get_service)) -> Response:
     return JSONResponse({"status": "ok", "phase": state.phase, "version": __version__})
 
 
 @router.get("/readyz", tags=["probes"], summary="readiness: loading | ready | degraded | draining | failed")
-async def readyz(request: Request, state: ServerState = Depends(get_state)) -> Response:
+async def readyz(request: Request, state: ReweightService = Depends(get_service)) -> Response:
     phase, reasons = state.readiness()
     if phase in ("ready", "degraded"):
         return JSONResponse({"state": phase, "reasons": reasons})
@@ -64,7 +108,7 @@ async def readyz(request: Request, state: ServerState = Depends(get_state)) -> R
 
 
 @router.get("/metrics", tags=["probes"], summary="Prometheus metrics")
-async def metrics(state: ServerState = Depends(get_state)) -> Response:
+async def metrics(state: ReweightService = Depends(get_service)) -> Response:
     return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
 
@@ -72,36 +116,8 @@ async def metrics(state: ServerState = Depends(get_state)) -> Response:
 
 
 @v1.get("/info", tags=["v1"], summary="model, tokenizer fingerprint, head set, limits, defaults, version")
-async def info(state: ServerState = Depends(get_state)) -> Response:
-    engine = state.require_engine()
-    s = state.settings
-    out = dict(engine.info())
-    out["version"] = __version__
-    limits = dict(out.get("limits") or {})
-    limits.update(
-        {
-            "max_body_bytes": s.max_body_bytes,
-            "max_groups": s.max_groups,
-            "max_responses": s.max_responses_per_group,
-            "max_response_tokens": s.max_tokens_per_response,
-            "max_group_tokens": s.batch_tokens,
-            "max_request_tokens": s.max_request_tokens,
-            "max_image_bytes": s.max_image_bytes,
-            "max_image_pixels": s.max_image_pixels,
-            "min_image_side": s.min_image_side,
-        }
-    )
-    out["limits"] = limits
-    out["server"] = {
-        "batch_tokens": s.batch_tokens,
-        "batch_wait_ms": s.batch_wait_ms,
-        "queue_groups": s.queue_groups,
-        "request_timeout_s": s.request_timeout_s,
-        "redis": state.caches.uses_redis,
-        "redis_degraded": state.caches.degraded is not None,
-        "auth": bool(state.api_keys),
-    }
-    return JSONResponse(out)
+async def info(state: ReweightService = Depends(get_service)) -> Response:
+    return JSONResponse(state.info().to_dict())
 
 
 # ====================================================================== images
@@ -126,9 +142,7 @@ async def info(state: ServerState = Depends(get_state)) -> Response:
         }
     },
 )
-async def upload_image(request: Request, state: ServerState = Depends(get_state)) -> Response:
-    from kawhi.engine.images import decode_image, sha256_hex
-
+async def upload_image(request: Request, state: ReweightService = Depends(get_service)) -> Response:
     if state.draining:
         state.require_engine()  # raises the draining 503
     state.enter()
@@ -144,18 +158,10 @@ async def upload_image(request: Request, state: ServerState = Depends(get_state)
                 data = await upload.read()
             ptr = pointer(name)
         else:
-            data = await reweight_call.read_body(request, state.settings.body_timeout_s)
+            data = await read_body(request, state.settings.body_timeout_s)
             ptr = ""
-        if not data:
-            raise KawhiError("invalid-image", "the body holds no image bytes", ptr)
-        loop = asyncio.get_running_loop()
-        try:
-            image = await loop.run_in_executor(state.prepare_pool, decode_image, data, state.image_limits, "")
-        except KawhiError as exc:
-            raise exc.placed(ptr) from None
-        sha = sha256_hex(data)
-        await state.caches.aset("image", sha, data)
-        return JSONResponse({"sha256": sha, "bytes": len(data), "width": image.width, "height": image.height})
+        stored = await state.store_image(data, ptr)
+        return JSONResponse(stored.to_dict())
     finally:
         state.leave()
 
@@ -175,10 +181,17 @@ async def upload_image(request: Request, state: ServerState = Depends(get_state)
         }
     },
 )
-async def reweight(request: Request, state: ServerState = Depends(get_state)) -> Response:
-    pipeline = state.pipeline()  # 503 while loading or draining
+async def reweight(request: Request, state: ReweightService = Depends(get_service)) -> Response:
+    state.require_engine()  # 503 while loading or draining
+    deadline = state.deadline(caller_timeout(request))
     state.enter()
     try:
-        return await reweight_call.handle(request, state, pipeline)
+        body = await read_body(request, state.settings.body_timeout_s)
+        admission = await state.admit_body(body, request.headers.get("content-type", ""))  # missing -> 415
+        try:
+            answer = await state.reweight(admission, deadline, JSON, client_gone=disconnect_watch(request))
+        except ClientClosed:
+            return Response(status_code=499)  # nobody reads it; the access log and metrics record 499
+        return Response(answer.payload, media_type="application/json", headers={"X-Kawhi-Cache": answer.source})
     finally:
         state.leave()

@@ -17,6 +17,7 @@ import pytest
 import torch
 from kawhi.engine.engine import Engine, OptionsError
 from kawhi.models.logprobs import logprobs_from_logits, response_logprobs
+from kawhi.pipeline.local import LocalService
 from PIL import Image
 from test_models import RESPONSES, figure
 from tiny_models import ARCHITECTURES, tiny_reference
@@ -143,10 +144,10 @@ def wire_group(reference, token_ids: bool):
 def test_engine_returns_them_only_when_asked(reference, token_ids):
     engine = Engine(reference)
     raw = wire_group(reference, token_ids)
-    plain = engine.reweight([raw])[0]
-    asked = engine.reweight([raw], {"return_ref_logprobs": True, "return_entropy": True,
+    plain = LocalService(engine).reweight([raw])[0]
+    asked = LocalService(engine).reweight([raw], {"return_ref_logprobs": True, "return_entropy": True,
                                     "logprob_temperature": 0.8})[0]
-    only_lp = engine.reweight([raw], {"return_ref_logprobs": True})[0]
+    only_lp = LocalService(engine).reweight([raw], {"return_ref_logprobs": True})[0]
     prompt = reference.encode_prompt(reference.resize_image(figure())[0], prompt="Describe the figure.")
     for i, (a, b) in enumerate(zip(plain.responses, asked.responses)):
         assert "ref_logprobs" not in json.loads(a.model_dump_json()) and "entropy" not in a.model_dump()
@@ -168,9 +169,9 @@ def test_default_path_never_runs_the_final_layer_or_lm_head(reference):
     handles = [reference._final_layer.mlp.register_forward_hook(lambda *a: calls.append("layer")),
                reference.model.lm_head.register_forward_hook(lambda *a: calls.append("head"))]
     try:
-        engine.reweight([raw])
+        LocalService(engine).reweight([raw])
         assert calls == []
-        engine.reweight([raw], {"return_entropy": True})
+        LocalService(engine).reweight([raw], {"return_entropy": True})
         assert "layer" in calls and "head" in calls
     finally:
         for handle in handles:
@@ -231,7 +232,7 @@ def test_http_round_trip_equals_the_engine():
     engine = demo_engine()
     raw = wire_group(engine.model, True)
     options = {"return_ref_logprobs": True, "return_entropy": True, "logprob_temperature": 0.9}
-    expected = engine.reweight([raw], options)[0]
+    expected = LocalService(engine).reweight([raw], options)[0]
     with ServerThread() as server, httpx.Client(base_url=server.url, timeout=60) as client:
         body = client.post("/v1/reweight", json={"groups": [raw], "options": options}).json()
         plain = client.post("/v1/reweight", json={"groups": [raw]}).json()

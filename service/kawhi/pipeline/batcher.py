@@ -30,9 +30,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kawhi.server.metrics import Metrics
+from kawhi.pipeline.metrics import Metrics
 
-log = logging.getLogger("kawhi.server.batcher")
+log = logging.getLogger("kawhi.pipeline.batcher")
 
 
 class QueueFull(Exception):

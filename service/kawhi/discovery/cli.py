@@ -87,7 +87,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from kawhi.heads.synthetic import write_synthetic_vqa
+    from kawhi.discovery.synthetic import write_synthetic_vqa
 
     path = write_synthetic_vqa(args.output, args.items, args.seed, args.size, args.task)
     print(f"kawhi: {args.items} labelled items -> {path}", file=sys.stderr)
@@ -97,9 +97,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_discover(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from kawhi.heads.discover import DiscoveryError, DiscoverySettings, discover, items_hash, load_vqa_jsonl
+    from kawhi.discovery.discover import DiscoveryError, DiscoverySettings, discover, items_hash, load_vqa_jsonl
+    from kawhi.discovery.synthetic import synthetic_items
     from kawhi.heads.files import write_heads_file
-    from kawhi.heads.synthetic import synthetic_items
     from kawhi.models.qwen import QwenVLReference
 
     try:

@@ -107,7 +107,7 @@ class Metrics:
         )
         for seen in ("seen", "new", "none"):
             self.routing_requests.labels(seen)
-        from kawhi.server.affinity import SeenKeys
+        from kawhi.pipeline.affinity import SeenKeys
 
         self.routing_keys = SeenKeys()
         self.info = Gauge("kawhi_build_info", "constant 1, labelled with version and model", ["version", "model"],

@@ -1,7 +1,7 @@
 """The decision rule of ``kawhi heads discover``, in one place.
 
 Per item i and tested head h (log-likelihoods in nats per answer token, see
-:mod:`kawhi.heads.scoring`):
+:mod:`kawhi.discovery.scoring`):
 
 * ``L_i`` / ``B_i``: the gold answer's log-likelihood with the image / with a blank
   grey image of the same size, nothing masked; ``gain_i = L_i - B_i`` is what the

@@ -2,7 +2,7 @@
 
 For every tested head index h, h is masked in every decoder layer and the gold
 answers' log-likelihoods are scored again, with the image and with a blank one
-(:mod:`kawhi.heads.scoring`); :mod:`kawhi.heads.stats` decides. Cost in forwards,
+(:mod:`kawhi.discovery.scoring`); :mod:`kawhi.discovery.stats` decides. Cost in forwards,
 N items, T tested heads: 2N (baselines) + N (screen, unless every head is tested) +
 2NT. Without ``all_heads``, the cheap screen ranks heads by attention share from
 the answer rows to the image and the causal test runs on the ``top_k`` best plus
@@ -31,9 +31,9 @@ import numpy as np
 from PIL import Image
 
 from kawhi import __version__
+from kawhi.discovery.scoring import AnswerScorer, EncodedItem, blank_like
+from kawhi.discovery.stats import bootstrap_mean, decide
 from kawhi.heads.identity import ModelIdentity
-from kawhi.heads.scoring import AnswerScorer, EncodedItem, blank_like
-from kawhi.heads.stats import bootstrap_mean, decide
 
 
 class DiscoveryError(ValueError):

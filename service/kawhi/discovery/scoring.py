@@ -4,7 +4,7 @@ For a labelled visual question (image, question, answer) the model sees the chat
 prompt with the image and the question, followed by the answer's tokens; the score
 is the mean log-probability of those answer tokens (nats per token), read at the
 rows that predict them. No generation, one forward per score; a head mask
-(:mod:`kawhi.heads.masking`) changes nothing else.
+(:mod:`kawhi.discovery.masking`) changes nothing else.
 
 The optional screen reads, in the same kind of forward, each head's share of
 attention from those answer rows to the image tokens. It recomputes q and k of each
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kawhi.heads.masking import decoder_layers, masked_heads_per_row
+from kawhi.discovery.masking import decoder_layers, masked_heads_per_row
 from kawhi.models.qwen import PromptInputs
 
 

@@ -23,9 +23,9 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
-from kawhi.server.metrics import Metrics
+from kawhi.pipeline.metrics import Metrics
 
-log = logging.getLogger("kawhi.server.cache")
+log = logging.getLogger("kawhi.pipeline.cache")
 
 KINDS = ("image", "result", "region")
 

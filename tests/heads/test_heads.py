@@ -188,7 +188,7 @@ def test_server_reports_heads_and_their_source(tmp_path):
 
 
 def test_heads_file_setting_reads_the_environment(monkeypatch):
-    from kawhi.server.settings import Settings
+    from kawhi.settings import Settings
 
     monkeypatch.setenv("KAWHI_HEADS_FILE", "/etc/kawhi/heads.json")
     assert Settings().heads_file == "/etc/kawhi/heads.json"

@@ -74,8 +74,9 @@ def test_demo_is_small_and_labelled():
 def test_embedded_models_load_with_the_hub_switched_off(model, is_demo, log):
     """The demo (as --model) and the default kawhi-tiny (no --model) load offline."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": "/nonexistent"}
-    code = (f"from kawhi.engine.engine import DEMO_MODEL_DIR, Engine; e = Engine.load({model}); "
-            "r = e.reweight([{'image': {'path': 'examples/images/triangle.png'}, 'prompt': 'p', "
+    code = (f"from kawhi.engine.engine import DEMO_MODEL_DIR, Engine; from kawhi.pipeline.local import LocalService; "
+            f"e = Engine.load({model}); "
+            "r = LocalService(e).reweight([{'image': {'path': 'examples/images/triangle.png'}, 'prompt': 'p', "
             "'responses': [{'text': 'a\\n\\nb', 'reward': 1.0}, {'text': 'c', 'reward': 0.0}]}]); "
             "assert r[0].error is None, r[0].error; print(e.info()['is_demo'])")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,

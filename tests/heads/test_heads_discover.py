@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from kawhi.discovery.discover import DiscoveryError, DiscoverySettings, discover, load_vqa_jsonl
+from kawhi.discovery.masking import decoder_layers
+from kawhi.discovery.scoring import AnswerScorer
+from kawhi.discovery.stats import bootstrap_mean
+from kawhi.discovery.synthetic import KINDS, synthetic_vqa, write_synthetic_vqa
 from kawhi.engine.engine import Engine
-from kawhi.heads.discover import DiscoveryError, DiscoverySettings, discover, load_vqa_jsonl
 from kawhi.heads.files import write_heads_file
-from kawhi.heads.masking import decoder_layers
-from kawhi.heads.scoring import AnswerScorer
-from kawhi.heads.stats import bootstrap_mean
-from kawhi.heads.synthetic import KINDS, synthetic_vqa, write_synthetic_vqa
 from PIL import Image
 from planted_heads import DECOY_HEAD, PLANTED, TEXT_HEAD, colour_items, planted_reference
 from tiny_models import tiny_reference
