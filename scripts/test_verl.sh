@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 VENV="${KAWHI_VERL_VENV:-.venv-verl}"
-if ! "$VENV/bin/python" -c "import verl, ray" >/dev/null 2>&1; then
+if ! "$VENV/bin/python" -c "import verl, ray, torch, kawhi_client" >/dev/null 2>&1; then
     rm -rf "$VENV"
     bash examples/verl/install_cpu_test_env.sh "$VENV"
 fi
