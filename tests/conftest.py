@@ -61,6 +61,7 @@ FILE_MARKS: dict[str, tuple[str, ...]] = {
     "test_client_replicas.py": ("slow",),
     "test_integration_trl_ref.py": ("slow",),
     "test_integration_verl_ref.py": ("slow",),
+    "test_integration_verl_v1.py": ("slow",),
     "test_wire_encoding.py": ("slow",),
     # grpc: servers on real sockets, a subprocess `kawhi serve`
     "test_grpc.py": ("slow",),

@@ -34,11 +34,12 @@ print("side venv also sees", ", ".join(dirs))
 PY
 PIP="$VENV/bin/pip"
 # verl and the packages that would drag in another torch/transformers/packaging: no deps
-"$PIP" install --no-deps verl==0.9.1 tensordict==0.10.0 torchdata==0.11.0 peft==0.21.2
-# the light imports verl's trainer, protocol and reward loop need (none pins torch)
-"$PIP" install "pyvers<0.2" importlib_metadata lazy-importer codetiming hydra-core ray cachetools aiohttp
+"$PIP" install --no-deps verl==0.9.1 tensordict==0.10.0 torchdata==0.11.0 peft==0.21.2 TransferQueue==0.1.11
+# the light imports verl's trainer, protocol, reward loop and v1 TransferQueue need (none pins torch)
+"$PIP" install "pyvers<0.2" importlib_metadata lazy-importer codetiming hydra-core ray cachetools aiohttp \
+    pyzmq msgspec psutil "prometheus_client>=0.20.0"
 "$VENV/bin/python" - <<'PY'
-import torch, transformers, verl, kawhi, kawhi_client
+import torch, transformers, verl, transfer_queue, kawhi, kawhi_client
 print("torch", torch.__version__, "| transformers", transformers.__version__, "| verl", verl.__version__,
       "| kawhi", kawhi_client.__file__)
 assert torch.__version__ == "2.13.0+cpu", "the venv must reuse the project's torch"

@@ -251,15 +251,20 @@ def test_verls_own_loaders_find_the_kawhi_classes(tmp_path: Any, cluster: Any) -
     assert cluster.get(lookup.remote(config.trainer.v1.trainer_mode)) == (
         "kawhi_client.integrations.verl_v1", "KawhiPPOTrainer", True)
 
-    # the documented command composes verl's config with the four KAWHI settings
+    # the documented command composes verl's own config with the KAWHI settings: bare (the
+    # entry point adds them) and with the example's complete config
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "client"), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-m", "kawhi_client.integrations.verl_v1", "--cfg", "job",
-                          "+reward.kawhi.url=http://kawhi.example:8000"], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    for line in ("use_v1: true", "trainer_mode: kawhi", f"agent_loop_manager_class: {verl_v1.MANAGER_CLASS}",
-                 f"worker_process_setup_hook: {verl_v1.SETUP_HOOK}", "url: http://kawhi.example:8000"):
-        assert line in out.stdout, (line, out.stdout[-3000:])
+    example = ["--config-path", str(ROOT / "examples" / "verl"), "--config-name", "qwen2_5_vl_grpo_kawhi"]
+    for args, url in (([], "+reward.kawhi.url"), (example, "reward.kawhi.url")):
+        out = subprocess.run([sys.executable, "-m", "kawhi_client.integrations.verl_v1", *args, "--cfg", "job",
+                              f"{url}=http://kawhi.example:8000"], env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        for line in ("use_v1: true", "trainer_mode: kawhi", f"agent_loop_manager_class: {verl_v1.MANAGER_CLASS}",
+                     f"worker_process_setup_hook: {verl_v1.SETUP_HOOK}", "url: http://kawhi.example:8000"):
+            assert line in out.stdout, (args, line, out.stdout[-3000:])
+    for line in ("n: 5", "ref_logprobs: true", "on_error: raise", "path: /models/Qwen2.5-VL-7B-Instruct"):
+        assert line in out.stdout, (line, out.stdout[-3000:])  # the example's own settings
 
 
 def test_one_request_per_group_and_the_transfer_queue_holds_grpo_times_kawhi(

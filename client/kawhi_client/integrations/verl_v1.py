@@ -330,7 +330,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     defaults = ["trainer.use_v1=true", f"trainer.v1.trainer_mode={TRAINER_MODE}",
                 f"++actor_rollout_ref.rollout.agent.agent_loop_manager_class={MANAGER_CLASS}",
                 f"++ray_kwargs.ray_init.runtime_env.worker_process_setup_hook={SETUP_HOOK}"]
-    sys.argv = [sys.argv[0], *[d for d in defaults if d.split("=", 1)[0].lstrip("+") not in given], *args]
+    # after the user's arguments: Hydra's parser takes the overrides as one trailing positional list
+    sys.argv = [sys.argv[0], *args, *[d for d in defaults if d.split("=", 1)[0].lstrip("+") not in given]]
     from verl.trainer.main_ppo import main as verl_main
 
     verl_main()
