@@ -79,6 +79,7 @@ FILE_MARKS: dict[str, tuple[str, ...]] = {
 # long render. tests/repo/test_cost_marks.py checks that every name here exists.
 TEST_MARKS: dict[str, tuple[str, ...]] = {
     "test_ref_logprobs.py::test_cli_flags": ("slow",),
+    "test_verl_v1_parts.py::test_a_hanging_service_is_a_failure_after_the_deadline_not_a_hang": ("slow",),
     "test_heads.py::test_heads_show_and_reweight_with_a_heads_file": ("slow",),
     "test_heads.py::test_serve_and_reweight_refuse_a_mismatching_file_before_starting": ("slow",),
     "test_heads.py::test_server_reports_heads_and_their_source": ("slow",),

@@ -1,5 +1,8 @@
-"""KAWHI in verl: a reward-stage component and the ``grpo_kawhi`` advantage estimator.
-Exercised with verl 0.9.1 on CPU (see docs/integrations.md for exactly what ran).
+"""KAWHI in verl's LEGACY trainer (``trainer.use_v1=false``, ``RayPPOTrainer``, deprecated by
+verl): a reward-stage component and the ``grpo_kawhi`` advantage estimator. Exercised with
+verl 0.9.1 on CPU (see docs/integrations.md for exactly what ran). For verl's v1 trainer
+(its default) use ``kawhi_client.integrations.verl_v1``; what both share is in
+``kawhi_client.integrations.verl_shared`` (re-exported here).
 
 Why two pieces. verl's custom advantage estimators (``register_adv_est``) are called with
 the token-level rewards, the response mask and the group uid only — no image, prompt or
@@ -39,10 +42,9 @@ names it as the reward manager::
     +reward.kawhi.url=http://kawhi:8000          # or: in-process
     +reward.kawhi.on_error=raise                 # or: fallback
 
-Scope: verl 0.9.1's legacy trainer (``trainer.use_v1=false``, ``RayPPOTrainer``). Its v1
-trainer reads only fixed fields from its TransferQueue in the advantage stage, so the
-weights never reach an estimator there; ``grpo_kawhi`` then raises (it never silently
-trains plain GRPO under its name).
+Scope: verl 0.9.1's legacy trainer. Under the v1 trainer reward extra info never reaches an
+estimator (its advantage stage reads fixed TransferQueue fields), so ``grpo_kawhi`` raises
+there (it never silently trains plain GRPO under its name): use ``verl_v1``.
 
 Reference log-probs from the service (``+reward.kawhi.ref_logprobs=true``): the same
 reward-stage call also returns the reference model's per-token log-probs (at
