@@ -263,7 +263,7 @@ def test_verls_own_loaders_find_the_kawhi_classes(tmp_path: Any, cluster: Any) -
         for line in ("use_v1: true", "trainer_mode: kawhi", f"agent_loop_manager_class: {verl_v1.MANAGER_CLASS}",
                      f"worker_process_setup_hook: {verl_v1.SETUP_HOOK}", "url: http://kawhi.example:8000"):
             assert line in out.stdout, (args, line, out.stdout[-3000:])
-    for line in ("n: 5", "ref_logprobs: true", "on_error: raise", "path: /models/Qwen2.5-VL-7B-Instruct"):
+    for line in ("'n': 5", "ref_logprobs: true", "on_error: raise", "path: /models/Qwen2.5-VL-7B-Instruct"):
         assert line in out.stdout, (line, out.stdout[-3000:])  # the example's own settings
 
 
