@@ -29,7 +29,7 @@
 # `kawhi serve` setting is a KAWHI_* environment variable (docs/server.md).
 # This file is linted by hadolint in tests/deploy/test_deploy.py and built with
 # podman in CI (scripts/build_image.sh), then smoke-tested by mounting the
-# image and running its entry point under chroot (scripts/smoke_image.sh).
+# image and running its entry point under chroot (scripts/smoke_image.py).
 
 ARG VARIANT=cpu
 ARG CPU_BASE_IMAGE=python:3.12-slim-bookworm
@@ -94,13 +94,13 @@ RUN if [ -n "${TORCH_FIND_LINKS}" ]; then \
         pip install --no-cache-dir "torch==${TORCH_VERSION}"; \
     fi
 
-# The dependencies of kawhi[server], read from pyproject.toml alone (its
-# kawhi[...] self-references followed), in their own layer: a change of the code
+# The dependencies of kawhi-rl[server], read from pyproject.toml alone (its
+# kawhi-rl[...] self-references followed), in their own layer: a change of the code
 # rebuilds only the small kawhi layer below, not ~500 MB of dependencies.
 COPY pyproject.toml ./
 RUN python3 -c "import tomllib; project = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 extras, todo, reqs = project['optional-dependencies'], ['server'], list(project['dependencies']); \
-[(todo.extend(x for x in r[6:-1].split(',') if x not in todo) if r.startswith('kawhi[') else reqs.append(r)) \
+[(todo.extend(x for x in r[9:-1].split(',') if x not in todo) if r.startswith('kawhi-rl[') else reqs.append(r)) \
  for extra in todo for r in extras[extra]]; print('\n'.join(dict.fromkeys(reqs)))" > /tmp/requirements.txt \
     && pip install --no-cache-dir -r /tmp/requirements.txt
 
@@ -111,7 +111,7 @@ COPY README.md ./
 COPY service ./service
 COPY client ./client
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
-    && pip install --no-cache-dir "$(ls /wheels/kawhi-*.whl)[server]" \
+    && pip install --no-cache-dir "$(ls /wheels/kawhi_rl-*.whl)[server]" \
     && python3 -c "import torch, kawhi.server.app; print('torch', torch.__version__)"
 
 # ------------------------------------------------------------------ runtime

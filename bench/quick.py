@@ -1,4 +1,4 @@
-"""``python -m bench.quick``: P1-P3 on the embedded demo model in under a minute.
+"""``python -m bench.quick``: P1-P3 on the embedded demo model (~30 s on two quiet cores; minutes when busy).
 
 Same as ``python -m bench.run --quick``; extra arguments are passed through (e.g.
 ``--model bench``, ``--out FILE``). The last line printed is one JSON object with the

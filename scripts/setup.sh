@@ -24,7 +24,7 @@ PYTHON="$PYTHON" bash scripts/install_torch.sh
 
 # 2. The project itself, editable, with the test dependencies
 #    (dev = server + engine + pytest, hypothesis, ...).
-log "installing kawhi in editable mode with the [dev] extra"
+log "installing kawhi-rl (packages kawhi, kawhi_client) in editable mode with the [dev] extra"
 "$PYTHON" -m pip install -e ".[dev]"
 
 # 3. redis-server: the tests start their own throwaway servers, so only the
@@ -70,5 +70,5 @@ else
 fi
 
 log "torch: $("$PYTHON" -c 'import torch; print(torch.__version__)')"
-log "kawhi: $("$PYTHON" -m pip show kawhi 2>/dev/null | sed -n 's/^Version: //p') (editable install of $(pwd))"
+log "kawhi-rl: $("$PYTHON" -m pip show kawhi-rl 2>/dev/null | sed -n 's/^Version: //p') (editable install of $(pwd))"
 log "done"

@@ -46,6 +46,7 @@ FILE_MARKS: dict[str, tuple[str, ...]] = {
     "test_cli.py": ("slow",),
     "test_explain_e2e.py": ("slow",),
     "test_cli_errors.py": ("slow",),
+    "test_serve_startup.py": ("slow",),
     "test_server_disconnect_drain.py": ("slow",),
     # pipeline: the same bad groups through in-process, CLI and HTTP; bounded fuzzing over HTTP
     "test_pipeline_parity.py": ("slow",),
@@ -55,6 +56,7 @@ FILE_MARKS: dict[str, tuple[str, ...]] = {
     # integrations: real trainers and subprocess servers
     "test_integration_backends.py": ("slow",),
     "test_integration_common.py": ("slow",),
+    "test_trl_version.py": ("slow",),  # importing trl alone takes ~15 s on two cores
     "test_integration_examples.py": ("slow",),
     "test_integration_trl.py": ("slow",),
     "test_integration_verl.py": ("slow",),
@@ -80,6 +82,8 @@ FILE_MARKS: dict[str, tuple[str, ...]] = {
 TEST_MARKS: dict[str, tuple[str, ...]] = {
     "test_ref_logprobs.py::test_cli_flags": ("slow",),
     "test_verl_v1_parts.py::test_a_hanging_service_is_a_failure_after_the_deadline_not_a_hang": ("slow",),
+    "test_logs_and_probes.py::test_probes_are_not_logged_at_info_and_health_is_an_alias": ("slow",),
+    "test_logs_and_probes.py::test_serve_help_says_what_log_json_unset_means": ("slow",),
     "test_heads.py::test_heads_show_and_reweight_with_a_heads_file": ("slow",),
     "test_heads.py::test_serve_and_reweight_refuse_a_mismatching_file_before_starting": ("slow",),
     "test_heads.py::test_server_reports_heads_and_their_source": ("slow",),

@@ -4,12 +4,14 @@
     with Client("http://kawhi:8000") as kawhi:
         results = kawhi.reweight(groups)           # list[GroupResult], input order
 
-See docs/client.md.
+See docs/client.md. Installed with ``pip install kawhi-rl`` (the PyPI name ``kawhi`` is
+an unrelated project).
 """
 
 from kawhi_client.arrays import pad_token_advantages, token_advantage_rows
 from kawhi_client.client import AsyncClient, Client
 from kawhi_client.config import ClientStats, Limits, RetryPolicy, Timeouts, parse_retry_after
+from kawhi_client.distribution import warn_if_foreign_kawhi
 from kawhi_client.errors import (
     GatewayTimeout,
     ImageNotFound,
@@ -40,6 +42,8 @@ from kawhi_client.schema import (
     RolloutGroup,
     Usage,
 )
+
+warn_if_foreign_kawhi()  # the unrelated PyPI "kawhi" shares our module name: say so in one line
 
 __all__ = [
     # clients
@@ -89,6 +93,6 @@ def __getattr__(name: str):  # GrpcClient needs the [grpc] extra: imported only 
         try:
             from kawhi_client.grpc import GrpcClient
         except ImportError as exc:
-            raise ImportError(f"kawhi_client.GrpcClient needs the grpc extra: pip install 'kawhi[grpc]' ({exc})") from None
+            raise ImportError(f"kawhi_client.GrpcClient needs the grpc extra: pip install 'kawhi-rl[grpc]' ({exc})") from None
         return GrpcClient
     raise AttributeError(f"module 'kawhi_client' has no attribute {name!r}")

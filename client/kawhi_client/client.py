@@ -32,6 +32,7 @@ from kawhi_client.config import (
     request_headers,
     resolve_base_url,
     retry_policy,
+    unreachable_grace,
 )
 from kawhi_client.core import Core
 from kawhi_client.planning import GroupLike, OptionsLike, wire_fields
@@ -79,8 +80,11 @@ class _Base:
             max_in_flight: requests in flight at once, retries included (per client).
             retries: retries of a transient failure (int), or a full ``RetryPolicy``.
             backoff: base seconds of the exponential backoff (when ``retries`` is an int).
-            wait_ready: before the first call wait for ``/readyz``: True (up to 600 s), a
-                number of seconds, or False (do not wait).
+            wait_ready: before the first call wait for ``/readyz``: True (a server that
+                answers "loading" up to 600 s, but a URL where nothing listens fails after
+                5 s: a wrong URL or port), a number of seconds (wait that long, also for a
+                server that does not listen yet: start-up alongside the server), or False
+                (do not wait). The wait logs a warning every 30 s (logger ``kawhi_client``).
             max_groups_per_request: cap the groups per request below the server's limit.
             headers: extra HTTP headers on every request.
             encoding_format: ``"float"`` (JSON numbers) or ``"base64"`` (per-token arrays as
@@ -110,6 +114,7 @@ class _Base:
             retry=retry_policy(retries, backoff),
             max_in_flight=max_in_flight,
             ready_timeout=ready_timeout(wait_ready),
+            unreachable_grace=unreachable_grace(wait_ready),
             max_groups_per_request=max_groups_per_request,
             verify=verify,
             replicas=replicas,

@@ -20,6 +20,14 @@ import httpx
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_READY_TIMEOUT_S = 600.0
+# With the default wait_ready (True), a URL where nothing has answered yet (connection refused,
+# no such host) is given up on after this long: a wrong URL or port fails in seconds, not in
+# ten minutes. A server that answers "loading" is waited for the whole DEFAULT_READY_TIMEOUT_S;
+# wait_ready=<seconds> asks to wait that long even for a server that does not listen yet.
+UNREACHABLE_GRACE_S = 5.0
+# While waiting for /readyz the client logs (warning) first after this long, then every READY_LOG_EVERY_S.
+READY_LOG_FIRST_S = 5.0
+READY_LOG_EVERY_S = 30.0
 
 
 def _client_version() -> str:
@@ -249,6 +257,14 @@ def ready_timeout(wait_ready: bool | float | None) -> float | None:
     return float(wait_ready)
 
 
+def unreachable_grace(wait_ready: bool | float | None) -> float | None:
+    """``wait_ready`` -> seconds a URL that never answered is waited for (None: the whole wait).
+
+    True (the default) gives up on nothing-listens after ``UNREACHABLE_GRACE_S``; a number is
+    an explicit request to wait that long for a server that may not be listening yet."""
+    return UNREACHABLE_GRACE_S if wait_ready is True else None
+
+
 @dataclass(frozen=True)
 class ClientConfig:
     """The resolved settings of one client (``Client`` documents the arguments they come from)."""
@@ -259,6 +275,7 @@ class ClientConfig:
     retry: RetryPolicy
     max_in_flight: int
     ready_timeout: float | None  # None: do not wait for /readyz
+    unreachable_grace: float | None = None  # see unreachable_grace(); None: wait out refusals the whole time
     max_groups_per_request: int | None = None
     verify: Any = True
     replicas: Any = None  # None: one endpoint (base_url); else a ReplicaSet spec (kawhi_client.replicas)

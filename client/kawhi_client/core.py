@@ -53,7 +53,15 @@ from pydantic import ValidationError
 
 from kawhi_client.actions import Call, Job, Lookup, Parallel, Sleep, check_action, resume  # noqa: F401 (re-exported)
 from kawhi_client.affinity import ReplicaJobs
-from kawhi_client.config import DEFAULT_READY_TIMEOUT_S, ClientConfig, ClientStats, Limits, parse_retry_after
+from kawhi_client.config import (
+    DEFAULT_READY_TIMEOUT_S,
+    READY_LOG_EVERY_S,
+    READY_LOG_FIRST_S,
+    ClientConfig,
+    ClientStats,
+    Limits,
+    parse_retry_after,
+)
 from kawhi_client.errors import (
     ImageNotFound,
     InvalidRequest,
@@ -248,18 +256,24 @@ class Core(ReplicaJobs):
     def wait_ready_job(self, timeout: float | None = None) -> Job:
         """Poll ``GET /readyz`` until it says ready (200), for at most ``timeout`` seconds.
 
-        Connection errors and 503 (loading) are waited out, honouring Retry-After;
-        ``failed`` (the model did not load) or any other status ends the wait at once.
+        503 (loading) is waited out, honouring Retry-After, with a warning logged every
+        ``READY_LOG_EVERY_S``; ``failed`` (the model did not load) or any other status ends
+        the wait at once. Connection errors are waited out too, except that with the default
+        ``wait_ready=True`` (and no explicit ``timeout``) one URL where nothing has answered
+        yet is given up on after ``config.unreachable_grace`` seconds: a wrong URL or port.
         With several replicas they are probed in turn until one is ready; the wait ends
         early only when every replica has answered such a final state.
         """
         limit = self.ready_timeout if timeout is None else timeout
         limit = DEFAULT_READY_TIMEOUT_S if limit is None else float(limit)
+        grace = self.config.unreachable_grace if timeout is None and self.replicas is None else None
         start = self.clock()
         interval = 0.25
         state: str | None = None
         reasons: list[str] = []
         probes = 0
+        answered = False  # has anything at this URL answered HTTP yet?
+        next_log = READY_LOG_FIRST_S
         final: dict[str, str] = {}  # replica -> the final state it answered
         while True:
             retry_after: float | None = None
@@ -282,6 +296,7 @@ class Core(ReplicaJobs):
                 raise ServerNotReady(f"{self.base_url}/readyz: {type(exc).__name__}: {exc}", state="unreachable",
                                      reasons=[str(exc)], waited_s=self.clock() - start) from exc
             else:
+                answered = True
                 body = _json_or_none(resp.content)
                 body = body if isinstance(body, dict) else {}
                 if resp.status_code == 200:
@@ -310,6 +325,16 @@ class Core(ReplicaJobs):
                     + (f" ({'; '.join(reasons)})" if reasons else ""),
                     state=state, reasons=reasons, waited_s=waited,
                 )
+            if not answered and grace is not None and waited >= grace:
+                raise ServerNotReady(
+                    f"nothing answers at {self.base_url} ({'; '.join(reasons)}; {waited:.1f}s): check the URL and "
+                    "port, or pass wait_ready=<seconds> to wait for a server that is still starting",
+                    state=state, reasons=reasons, waited_s=waited,
+                )
+            if waited >= next_log:
+                log.warning("kawhi_client: waiting for %s/readyz: %s%s (%.0fs of %.0fs)", self.base_url, state,
+                            f" ({'; '.join(reasons)})" if reasons else "", waited, limit)
+                next_log = waited + READY_LOG_EVERY_S
             wait = retry_after if retry_after is not None else interval
             interval = min(2.0, interval * 2)
             yield Sleep(max(0.0, min(wait, 5.0, remaining)))

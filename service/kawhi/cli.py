@@ -64,7 +64,7 @@ def _add_option(group: Any, spec: OptionSpec, dest: str, prefix: str = "") -> No
 
 def add_method_options(parser: argparse.ArgumentParser) -> None:
     """One flag per option (--temperature, --regions, --sguf-beta ...), default None = keep."""
-    group = parser.add_argument_group("method options (kawhi_client/options.py)")
+    group = parser.add_argument_group("method options (the same as a request's options, docs/api.md)")
     for spec in OPTIONS:
         _add_option(group, spec, spec.name)
     for spec in SGUF_OPTIONS:
@@ -114,10 +114,7 @@ def load_engine(args: argparse.Namespace) -> Any:
         raise UserError(str(exc)) from None
     except (OSError, ValueError) as exc:  # a folder that looks like a model but does not load
         raise UserError(f"cannot load the model {args.model}: {str(exc).splitlines()[0][:200]}") from None
-    if engine.is_demo:
-        print("kawhi: using the embedded DEMO model (random weights): results are for plumbing, "
-              "not for training. Pass --model PATH for real use.", file=sys.stderr)
-    return engine
+    return engine  # the demo model is announced once, by Engine.load's warning
 
 
 # ---------------------------------------------------------------------- reweight
@@ -139,6 +136,31 @@ def _read_lines(source: str) -> tuple[list[tuple[int, str]], Path]:
         raise UserError(f"input file {source} is not UTF-8 text") from None
     except OSError as exc:
         raise UserError(f"cannot read {source}: {exc.strerror}") from None
+
+
+JSONL_HINT = ("kawhi reweight reads one rollout group per line (JSONL); "
+              "convert a request body with: jq -c '.groups[]' BODY.json > groups.jsonl")
+
+
+def check_jsonl_shape(lines: Sequence[tuple[int, str]]) -> None:
+    """UserError (before any model loads) when the input is not JSONL of groups but an HTTP
+    request body (``{"groups": [...]}``) or one JSON document spread over several lines."""
+    if not lines:
+        return
+    try:
+        first = json.loads(lines[0][1])
+    except ValueError:
+        first = None
+    if isinstance(first, dict) and isinstance(first.get("groups"), list):
+        raise UserError(f"line {lines[0][0]} is a /v1/reweight request body ({{\"groups\": [...]}}), not a group; "
+                        + JSONL_HINT)
+    if first is None and len(lines) > 1:
+        try:
+            whole = json.loads("".join(text for _, text in lines))
+        except ValueError:
+            return  # JSONL with a bad first line: that line becomes an error record
+        what = "a request body" if isinstance(whole, dict) and "groups" in whole else "one JSON document"
+        raise UserError(f"the input is {what} over {len(lines)} lines, not one group per line; " + JSONL_HINT)
 
 
 @contextlib.contextmanager
@@ -219,6 +241,7 @@ def resolved_options(resolver: Any, options: dict[str, Any]) -> Any:
 def cmd_reweight(args: argparse.Namespace) -> int:
     options = checked_options(args)
     lines, base_dir = _read_lines(args.input)  # before the model loads: a wrong path fails at once
+    check_jsonl_shape(lines)  # a request body piped in is one line of advice, not one error record
     with _output(args.output) as out:  # likewise an output that cannot be written
         engine = load_engine(args)
         from kawhi.pipeline import Pipeline
@@ -294,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     try:
         from kawhi.server.main import add_serve_parser
     except ImportError as exc:  # the server extra is not installed
-        serve = sub.add_parser("serve", help="run the HTTP service (needs: pip install 'kawhi[server]')")
+        serve = sub.add_parser("serve", help="run the HTTP service (needs: pip install 'kawhi-rl[server]')")
         serve.set_defaults(func=lambda _args, _exc=exc: _missing_server(_exc))
     else:
         add_serve_parser(sub)
@@ -302,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _missing_server(exc: ImportError) -> int:
-    print(f"kawhi serve needs the server extra: pip install 'kawhi[server]' (missing: {exc.name})", file=sys.stderr)
+    print(f"kawhi serve needs the server extra: pip install 'kawhi-rl[server]' (missing: {exc.name})", file=sys.stderr)
     return 2
 
 
@@ -315,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"kawhi {args.command}: {exc}", file=sys.stderr)
         return 2
-    except ModuleNotFoundError as exc:  # a client-only install (pip install kawhi) running an engine command
+    except ModuleNotFoundError as exc:  # a client-only install (pip install kawhi-rl) running an engine command
         from kawhi.extras import missing_extra_message
 
         message = missing_extra_message(exc, f"kawhi {args.command}")

@@ -1,7 +1,7 @@
 """Which install extra brings which module, and the `kawhi` entry point that says so.
 
-`pip install kawhi` is the light client; the engine commands need `kawhi[engine]`
-(torch, transformers ...) and `kawhi serve` needs `kawhi[server]`. A command run in an
+`pip install kawhi-rl` is the light client; the engine commands need `kawhi-rl[engine]`
+(torch, transformers ...) and `kawhi serve` needs `kawhi-rl[server]`. A command run in an
 install that lacks its extra ends in one line naming the extra to install, never in a
 ModuleNotFoundError traceback.
 """
@@ -51,7 +51,7 @@ def missing_extra_message(exc: ImportError, command: str = "this command") -> st
     if extra is None:
         return None
     module = (exc.name or "").split(".")[0]
-    line = f"{command} needs the '{extra}' extra ({module} is not installed): pip install 'kawhi[{extra}]'"
+    line = f"{command} needs the '{extra}' extra ({module} is not installed): pip install 'kawhi-rl[{extra}]'"
     if extra in ("engine", "server"):  # both bring torch: an unguided pip would pull the CUDA build
         line += f"; {TORCH_HINT}"
     return line

@@ -260,3 +260,14 @@ def test_no_server_at_all_is_a_bounded_wait_with_a_clear_error() -> None:
             c.reweight([group(0)])
     assert 0.9 <= time.monotonic() - t0 < 3
     assert info.value.state == "unreachable" and "ConnectError" in str(info.value)
+
+
+def test_a_wrong_port_fails_in_seconds_with_the_default_wait() -> None:
+    with socket.socket() as sock:  # a port nobody listens on: connection refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with Client(f"http://127.0.0.1:{port}") as c:
+        t0 = time.monotonic()
+        with pytest.raises(ServerNotReady, match=f"nothing answers at http://127.0.0.1:{port}"):
+            c.reweight([group(0)])
+    assert time.monotonic() - t0 < 10

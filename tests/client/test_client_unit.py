@@ -268,6 +268,34 @@ def test_wait_ready_waits_out_refusals_and_loading() -> None:
     assert all(c.path == "/readyz" for c in d.calls)
 
 
+def test_the_default_wait_gives_up_in_seconds_on_a_url_where_nothing_answers() -> None:
+    core = make_core(wait_ready=True)
+    d = FakeDriver(core, [httpx.ConnectError("[Errno 111] Connection refused")] * 50)
+    with pytest.raises(ServerNotReady) as info:
+        d.run(core.wait_ready_job())
+    assert 5.0 <= d.now < 10.0, d.sleeps  # not the 600 s kept for a server that answers "loading"
+    message = str(info.value)
+    assert message.startswith("nothing answers at http://kawhi.test") and "Connection refused" in message
+    assert "wait_ready=<seconds>" in message and info.value.state == "unreachable"
+
+
+def test_the_default_wait_waits_out_loading_after_refusals_and_logs_it(caplog: pytest.LogCaptureFixture) -> None:
+    core = make_core(wait_ready=True)
+    loading = response(503, problem(503, "loading", state="loading", reasons=["loading weights"]), {"Retry-After": "5"})
+    d = FakeDriver(core, [httpx.ConnectError("refused")] * 3 + [loading] * 24 + [response(200, {"state": "ready"})])
+    with caplog.at_level("WARNING", logger="kawhi_client"):
+        assert d.run(core.wait_ready_job())["state"] == "ready"
+    assert d.now > 100  # answered once: the long wait applies
+    waits = [r.getMessage() for r in caplog.records if "waiting for http://kawhi.test/readyz" in r.getMessage()]
+    assert 3 <= len(waits) <= 6 and "loading (loading weights)" in waits[-1], waits  # first at 5 s, then every 30 s
+
+
+def test_an_explicit_wait_waits_out_refusals_the_whole_time() -> None:
+    for core, job in ((make_core(wait_ready=60.0), None), (make_core(wait_ready=True), 60.0)):
+        d = FakeDriver(core, [httpx.ConnectError("refused")] * 15 + [response(200, {"state": "ready"})])
+        assert d.run(core.wait_ready_job(job))["state"] == "ready" and d.now > 20
+
+
 def test_wait_ready_is_bounded_and_says_why() -> None:
     core = make_core(wait_ready=3.0)
     d = FakeDriver(core, [response(503, problem(503, "loading", state="loading",

@@ -15,7 +15,7 @@ for _p in (ROOT / "service", ROOT / "client"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-PIL = pytest.importorskip("PIL", reason="the explain view needs Pillow (pip install 'kawhi[explain]')")
+PIL = pytest.importorskip("PIL", reason="the explain view needs Pillow (pip install 'kawhi-rl[explain]')")
 from kawhi_client.explain import ExplainedResult, build_view, explain  # noqa: E402
 from kawhi_client.explain.png import TEXT_WIDTH, display_cell, render_pages, wrap  # noqa: E402
 from kawhi_client.explain.style import (  # noqa: E402
@@ -240,3 +240,77 @@ def test_page_breaks_never_orphan_a_header_or_a_label(page_height):
     for (r, j), (page_index, (x0, _y0, x1, y1)) in rendered.segment_boxes.items():
         below = rendered.pages[page_index].getpixel(((x0 + x1) // 2, y1 + 2))
         assert below == weight_rgb(result["responses"][r]["paragraphs"][j]["weight"], view.weight_top), (r, j)
+
+
+# ---------------------------------------------------------------- settings, notes, paragraph map, reflow
+
+SETTINGS = {"estimator": "grpo", "std": "population", "temperature": 0.1, "smoothing": 0.1, "w_min": 0.1,
+            "w_max": 1.0, "normalize": "none", "heads": "preset", "heads_source": "published:qwen2.5-vl-7b",
+            "seed": 3, "regions": "sguf", "similarity": "query_key", "granularity": "paragraph", "rope": "after",
+            "skip_ratio": 0.7, "sguf": {"delta_s": 0.5, "delta_l": 30.0, "beta": 0.1, "sigma": 1.0}}
+
+
+def test_the_settings_that_produced_the_weights_are_shown() -> None:
+    group, result, image = planted()
+    view = build_view(group, result, image, settings=SETTINGS)
+    text = " ".join(view.settings_lines())
+    for needle in ("T = 0.1", "smoothing lambda = 0.1", "[0.1, 1.0]", "normalize: none",
+                   "alignment heads: preset (source: published:qwen2.5-vl-7b)", "regions: sguf", "beta = 0.1",
+                   "delta_s = 0.5", "delta_l = 30.0", "seed 3", "estimator: grpo"):
+        assert needle in text, needle
+    page = explain(group, result, image, settings=SETTINGS).html()
+    assert "<h2>Settings</h2>" in page and "source: published:qwen2.5-vl-7b" in page
+    assert build_view(group, result, image).settings_lines() == []  # no settings given: no block
+
+
+def test_normalize_none_says_that_paragraph_count_dominates() -> None:
+    group, result, image = planted(weights=[0.5, 0.5, 0.5])
+    note = build_view(group, result, image, settings=SETTINGS).normalize_note()
+    # w_min + (w_max - w_min) / M: one paragraph keeps 1.0, five get 0.28 each
+    assert "1 paragraph: 1.00" in note and "3 paragraphs: 0.40" in note and "5 paragraphs: 0.28" in note
+    assert "paragraph count dominates" in note
+    assert build_view(group, result, image, settings={**SETTINGS, "normalize": "mean"}).normalize_note() is None
+    assert "paragraph count dominates" in explain(group, result, image, settings=SETTINGS).html()
+
+
+def test_a_group_whose_advantages_are_all_zero_draws_its_weights_in_grey() -> None:
+    from kawhi_client.explain.style import ZERO_ADVANTAGE_SWATCH
+
+    group, result, image = planted(weights=[0.2, 0.9])
+    coloured = render_pages(build_view(group, result, image))
+    for response in result["responses"]:
+        response["advantage"] = 0.0
+    view = build_view(group, result, image)
+    grey = render_pages(view)
+    for (r, s), (page, box) in grey.segment_boxes.items():
+        assert grey.pages[page].getpixel((box[0] + 2, box[1] + 2)) == ZERO_ADVANTAGE_SWATCH, (r, s)
+        cpage, cbox = coloured.segment_boxes[(r, s)]
+        weight = result["responses"][r]["paragraphs"][s]["weight"]
+        assert coloured.pages[cpage].getpixel((cbox[0] + 2, cbox[1] + 2)) == weight_rgb(weight, 1.0)
+    html = explain(group, result, image).html()
+    assert "every group advantage is 0" in html and view.advantages_all_zero
+
+
+def test_the_per_paragraph_heat_map_has_a_cell_per_paragraph_in_its_weight_colour() -> None:
+    from kawhi_client.explain.png import PMAP_CELL_H, PMAP_CELL_W
+
+    weights = [0.1, 0.35, 0.6, 0.95]
+    group, result, image = planted(weights=weights, n_responses=3)
+    view = build_view(group, result, image)
+    rendered = render_pages(view)
+    page, (x0, y0, _, _) = rendered.paragraph_map_box
+    for r in range(3):
+        for j, weight in enumerate(weights):
+            pixel = rendered.pages[page].getpixel((x0 + j * PMAP_CELL_W + 1, y0 + r * (PMAP_CELL_H + 2) + 1))
+            assert pixel == weight_rgb(weight, view.weight_top), (r, j)
+    table = re.search(r'<table class="pmap">(.*?)</table>', explain(group, result, image).html()).group(1)
+    rows = re.findall(r"<tr>(.*?)</tr>", table)
+    assert len(rows) == 3
+    assert [[float(w) for w in re.findall(r'data-weight="([^"]+)"', row)] for row in rows] == [weights] * 3
+
+
+def test_the_html_reflows_instead_of_clipping() -> None:
+    group, result, image = planted()
+    page = explain(group, result, image).html()
+    assert "flex-wrap: wrap" in page and "svg { display: block; max-width: 100%; height: auto; }" in page
+    assert not re.search(r"min-width: (?:[4-9]\d\d|\d{4,})px", page)  # nothing forces a wide page

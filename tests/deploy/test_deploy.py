@@ -38,6 +38,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+import types
 import typing
 from collections.abc import Iterable
 from pathlib import Path
@@ -145,7 +146,7 @@ def setting_schema(name: str, field: Any) -> dict[str, Any]:
     """JSON schema of one `kawhi serve` setting, for values.schema.json's `config`."""
     ann = field.annotation
     args = [a for a in typing.get_args(ann) if a is not type(None)]
-    if typing.get_origin(ann) is typing.Union and len(args) == 1:
+    if typing.get_origin(ann) in (typing.Union, types.UnionType) and len(args) == 1:  # X | None as Optional[X]
         ann = args[0]
     out: dict[str, Any] = {}
     if typing.get_origin(ann) is typing.Literal:

@@ -35,6 +35,17 @@ def _build_script_default_tag(variant: str) -> str:
     return template.replace("${VERSION}", _version()).replace("${VARIANT}", variant)
 
 
+def test_the_readme_builds_runs_and_pushes_the_image_the_chart_runs() -> None:
+    readme = (ROOT / "README.md").read_text()
+    tag = _build_script_default_tag("cpu")
+    assert f"docker build -t {tag} ." in readme
+    runs = [line for line in readme.splitlines() if line.startswith("docker run ")]
+    assert runs and all(tag in line or line.endswith("\\") for line in runs), runs
+    assert all("-p 127.0.0.1:8000:8000" in line for line in runs)  # the image's KAWHI_PORT
+    assert "ENV KAWHI_HOST=0.0.0.0" in (ROOT / "Dockerfile").read_text()  # reachable through -p
+    assert "docker push" in readme and "image.repository=" in readme
+
+
 def test_build_tags_what_the_chart_and_compose_run() -> None:
     values = yaml.safe_load((ROOT / "helm" / "kawhi" / "values.yaml").read_text())
     chart = yaml.safe_load((ROOT / "helm" / "kawhi" / "Chart.yaml").read_text())

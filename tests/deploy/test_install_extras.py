@@ -49,7 +49,7 @@ def declared(extra: str) -> set[str]:
             continue
         seen.add(name)
         for req in project["optional-dependencies"][name]:
-            match = re.match(r"kawhi\[([\w,-]+)\]", req.replace(" ", ""))
+            match = re.match(r"kawhi-rl\[([\w,-]+)\]", req.replace(" ", ""))
             if match:
                 todo.extend(match.group(1).split(","))
             else:
@@ -83,7 +83,7 @@ def test_every_import_is_declared_in_its_extra(extra: str) -> None:
             missing.append(f"{module} (not installed here: which distribution provides it?)")
         elif not dists & allowed:
             missing.append(f"{module} (from {sorted(dists)})")
-    assert not missing, f"imported but not declared in kawhi[{extra}]: {missing}"
+    assert not missing, f"imported but not declared in kawhi-rl[{extra}]: {missing}"
 
 
 def test_the_server_extra_declares_form_parsing() -> None:
@@ -96,7 +96,7 @@ def test_declared_versions_are_the_installed_ones() -> None:
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     reqs = list(project.get("dependencies", [])) + [
-        r for name in ("engine", "server") for r in project["optional-dependencies"][name] if not r.startswith("kawhi")]
+        r for name in ("engine", "server") for r in project["optional-dependencies"][name] if not r.startswith("kawhi-rl[")]
     wrong = []
     for text in reqs:
         req = Requirement(text)

@@ -83,7 +83,7 @@ def test_an_engine_command_in_a_client_only_install_names_the_extra(tmp_path: Pa
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in out.stderr
     assert lines[0].startswith("kawhi reweight needs the 'engine' extra")
-    assert "pip install 'kawhi[engine]'" in lines[0]
+    assert "pip install 'kawhi-rl[engine]'" in lines[0]
     assert "https://download.pytorch.org/whl/cpu" in lines[0]  # how to get torch without the CUDA download
     assert not (tmp_path / "out.jsonl").exists()
 
@@ -92,7 +92,7 @@ def test_serve_without_the_server_extra_names_it() -> None:
     out = run_entry_point(without("fastapi", "uvicorn"), "serve")
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
-    assert "kawhi[server]" in out.stderr
+    assert "kawhi-rl[server]" in out.stderr
 
 
 def test_the_console_script_is_the_guarded_entry_point() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from kawhi.models.qwen import smart_resize
@@ -195,3 +197,23 @@ def test_row_packing_respects_budget_padding_and_merge_switch():
     for batches in (merged, separate):
         for batch in batches:
             assert len(batch) * max(len(t) for _, _, t in batch) <= 1000
+
+
+def test_an_uncached_hub_id_names_a_download_command_the_installed_hub_ships(tmp_path, monkeypatch) -> None:
+    """The hint is a command a user can run: huggingface_hub >= 0.34 ships `hf` (and no longer
+    `huggingface-cli`); pyproject's floor guarantees it."""
+    import importlib.metadata as md
+    import re
+
+    from kawhi.models.locate import ModelNotFound, locate_model
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache: nothing is there
+    with pytest.raises(ModelNotFound) as info:
+        locate_model("nobody/not-cached-model")
+    command = re.search(r"run `(\S+) download nobody/not-cached-model`", str(info.value))
+    assert command and command.group(1) == "hf", str(info.value)
+    scripts = {e.name for e in md.distribution("huggingface_hub").entry_points if e.group == "console_scripts"}
+    assert "hf" in scripts
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    floor = re.search(r'"huggingface-hub>=([\d.]+)"', pyproject).group(1)
+    assert tuple(int(x) for x in floor.split(".")) >= (0, 34)

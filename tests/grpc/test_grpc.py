@@ -509,3 +509,18 @@ def test_a_repeated_call_is_answered_from_the_idempotent_result_cache(server: Gr
     assert again.results == first.results
     with server.client() as c:  # the same request over HTTP shares the cache entry
         assert c.post("/v1/reweight", json=http_body(req)).headers["x-kawhi-cache"] == "hit"
+
+
+def test_a_wrong_grpc_target_fails_in_seconds_with_the_default_wait() -> None:
+    import socket
+
+    from kawhi_client.errors import ServerNotReady
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with GrpcClient(f"127.0.0.1:{port}") as g:
+        t0 = time.monotonic()
+        with pytest.raises(ServerNotReady, match=f"nothing answers at 127.0.0.1:{port}"):
+            g.reweight([small_group(0)])
+    assert time.monotonic() - t0 < 15

@@ -21,10 +21,43 @@ def test_committed_stubs_are_what_the_proto_generates() -> None:
         sys.path.remove(str(ROOT / "scripts"))
     fresh = gen_grpc.generate()
     assert set(fresh) == {"kawhi_pb2.py", "kawhi_pb2.pyi", "kawhi_pb2_grpc.py"}
-    for name, text in fresh.items():
-        committed = (gen_grpc.OUT / name).read_text()
-        assert committed == text, f"{name} is stale: run python3 scripts/gen_grpc.py"
+    committed = {name: (gen_grpc.OUT / name).read_text() for name in fresh}
+    for name, text in fresh.items():  # the installed grpcio-tools' own version is not what the stubs mean
+        assert gen_grpc.version_free(committed[name]) == gen_grpc.version_free(text), \
+            f"{name} is stale: run python3 scripts/gen_grpc.py"
     assert "from kawhi_client.grpc._proto import kawhi_pb2" in fresh["kawhi_pb2_grpc.py"]
+
+
+def test_the_stubs_runtime_floors_are_the_declared_ones() -> None:
+    """The committed stubs refuse grpcio/protobuf older than their stamps: pyproject must not promise older."""
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import gen_grpc
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    stamps = gen_grpc.stamped_versions({n: (gen_grpc.OUT / n).read_text() for n in gen_grpc.FILES})
+    assert stamps["grpcio"] and stamps["protobuf"].count(".") == 2, stamps
+    grpc_extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["grpc"]
+    floors = {r.name: s.version for r in map(Requirement, grpc_extra) for s in r.specifier if s.operator == ">="}
+    assert floors["grpcio"] == stamps["grpcio"] and floors["protobuf"] == stamps["protobuf"], (floors, stamps)
+
+
+def test_version_free_masks_only_the_stamps() -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import gen_grpc
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    grpc_stub = (gen_grpc.OUT / "kawhi_pb2_grpc.py").read_text()
+    restamped = grpc_stub.replace("GRPC_GENERATED_VERSION = '1.85.1'", "GRPC_GENERATED_VERSION = '9.9.9'")
+    assert restamped != grpc_stub and gen_grpc.version_free(restamped) == gen_grpc.version_free(grpc_stub)
+    renamed = grpc_stub.replace("/kawhi.v1.Kawhi/Reweight'", "/kawhi.v1.Kawhi/Reweigh'")
+    assert renamed != grpc_stub and gen_grpc.version_free(renamed) != gen_grpc.version_free(grpc_stub)
+    pb2 = (gen_grpc.OUT / "kawhi_pb2.py").read_text()
+    assert "<version>" in gen_grpc.version_free(pb2).split("_runtime_version.Domain.PUBLIC,")[1][:40]
 
 
 def test_serve_answers_http_and_grpc_and_drains_on_sigterm(tmp_path) -> None:

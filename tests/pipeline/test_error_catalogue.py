@@ -34,3 +34,13 @@ def test_the_catalogue_is_closed() -> None:
 
 def test_only_internal_is_a_500() -> None:
     assert [s for s, k in CATALOGUE.items() if k.http == 500] == ["internal"]
+
+
+def test_an_image_url_is_path_not_allowed_as_docs_server_md_promises() -> None:
+    from kawhi.engine.errors import GroupError
+    from kawhi.pipeline.parse import parse_group
+
+    group = {"image": {"url": "https://example.com/a.png"}, "prompt": "p", "responses": [{"text": "a", "reward": 1.0}]}
+    with pytest.raises(GroupError) as info:
+        parse_group(group)
+    assert info.value.slug == "path-not-allowed" and info.value.pointer == "/image/url"

@@ -67,6 +67,7 @@ ROWS: list[tuple[str, Callable[[dict], None], str, str]] = [
     ("bad base64", _set("image", {"data": "not base64 !!"}), "invalid-image", "/image/data"),
     ("image data and sha256", _set("image", {"data": "AAAA", "sha256": "ab" * 32}), "validation", "/image"),
     ("unknown field", _set("colour", "red"), "validation", "/colour"),
+    ("image URL", _set("image", {"url": "https://example.com/a.png"}), "path-not-allowed", "/image/url"),
     ("no responses", _set("responses", []), "validation", "/responses"),
     ("prompt and messages", _set("messages", [{"role": "user", "content": "hi"}]), "validation", ""),
     ("messages without an image", lambda g: (g.pop("prompt"), g.update(messages=[{"role": "user", "content": "x"}])),

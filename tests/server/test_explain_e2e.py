@@ -240,3 +240,23 @@ def test_html_renders_in_headless_chromium_to_a_non_blank_screenshot(engine, tmp
     pixels = np.asarray(image).reshape(-1, 3).astype(int)
     tinted = np.array(blend((255, 255, 255), KEY_RGB, OVERLAY_OPACITY))
     assert (np.abs(pixels - tinted).max(axis=1) <= 6).sum() > 500
+
+
+def test_html_reflows_in_a_narrow_browser_window(engine, tmp_path):
+    """At 600 px wide nothing is clipped: the page's scroll width is the window's."""
+    browser = chromium()
+    groups = [json.loads(line) for line in (EXAMPLES / "rollouts.jsonl").read_text().splitlines() if line.strip()]
+    view = engine.explain(groups[:1], base_dir=EXAMPLES, heatmap_response=0)[0]
+    probe = "<script>document.title = 'scroll:' + document.documentElement.scrollWidth;</script></body>"
+    page = tmp_path / "narrow.html"
+    page.write_text(view.html().replace("</body>", probe), encoding="utf-8")
+    proc = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
+         "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=600,900", "--dump-dom",
+         page.as_uri()],
+        capture_output=True, text=True, timeout=180)
+    import re
+
+    found = re.search(r"<title>scroll:(\d+)</title>", proc.stdout)
+    assert found, (proc.returncode, proc.stderr[-2000:])
+    assert int(found.group(1)) <= 600

@@ -91,10 +91,11 @@ def explain(
     model: str | None = None,
     is_demo: bool = False,
     max_page_height: int | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> Explanation:
     """The explain view of ``group`` from its ``result`` and ``image`` (see build_view)."""
     view = build_view(group, result, image, patch_side=patch_side, heatmap_response=heatmap_response,
-                      visual_alignment=visual_alignment, model=model, is_demo=is_demo)
+                      visual_alignment=visual_alignment, model=model, is_demo=is_demo, settings=settings)
     return Explanation(view, max_page_height)
 
 

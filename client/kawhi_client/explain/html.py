@@ -26,7 +26,6 @@ from kawhi_client.explain.style import (
     css,
     heat_rgb,
     weight_rgb,
-    weight_tint,
 )
 from kawhi_client.explain.view import GroupView, ResponseView
 
@@ -43,10 +42,17 @@ h2 .num { font-weight: normal; margin-left: 14px; }
 .muted { color: %(muted)s; }
 .small { font-size: 12px; }
 .demo { color: %(demo)s; font-weight: bold; }
-.page { display: flex; gap: 32px; align-items: flex-start; }
-.left { flex: none; }
-.right { flex: 1 1 auto; max-width: 760px; min-width: 360px; }
-svg { display: block; }
+.page { display: flex; flex-wrap: wrap; gap: 32px; align-items: flex-start; }
+.left { flex: 0 1 auto; max-width: 100%%; }
+.right { flex: 1 1 360px; max-width: 760px; min-width: 0; }
+svg { display: block; max-width: 100%%; height: auto; }
+.bar, .scale { max-width: 100%%; }
+.settings { margin: 0 0 8px 0; padding-left: 18px; }
+.note { color: %(demo)s; font-weight: bold; font-size: 12px; margin: 6px 0; }
+.pmap { border-collapse: separate; border-spacing: 2px; margin: 4px 0 10px 0; font-size: 12px; }
+.pmap th { font-weight: bold; text-align: right; padding-right: 6px; }
+.pmap td { min-width: 38px; text-align: center; padding: 1px 3px; }
+.pmap-wrap { overflow-x: auto; max-width: 100%%; }
 svg rect.token { fill: transparent; }
 svg rect.token:hover { fill: rgba(255, 255, 255, 0.35); stroke: #000; stroke-width: 2; }
 .legend div { margin: 3px 0; }
@@ -99,7 +105,6 @@ def _segment_numbers(response: ResponseView, index: int) -> str:
 
 
 def _response(view: GroupView, response: ResponseView) -> str:
-    top = view.weight_top
     adv = response.advantage
     adv_class = "pos" if adv > 0 else "neg" if adv < 0 else "zero"
     reward = "none" if response.reward is None else f"{response.reward:.2f}"
@@ -111,10 +116,11 @@ def _response(view: GroupView, response: ResponseView) -> str:
     elif response.blocks:
         for seg in response.segments:
             numbers = _segment_numbers(response, seg.index)
+            swatch, tint = view.shade(seg.weight)
             out.append(
                 f'<div class="seg block" data-weight="{seg.weight:.6g}" data-alpha="{seg.alpha:.6g}" '
-                f'style="background:{css(weight_tint(seg.weight, top))};'
-                f'border-left-color:{css(weight_rgb(seg.weight, top))}" title="{html.escape(numbers)}">'
+                f'style="background:{css(tint)};'
+                f'border-left-color:{css(swatch)}" title="{html.escape(numbers)}">'
                 f'<div class="label">¶{seg.index} &nbsp; weight {seg.weight:.3f} &nbsp; α {seg.alpha:+.4f} &nbsp; '
                 f'token advantage {seg.advantage:+.3f}</div>'
                 f'<div class="text">{html.escape(seg.text.rstrip())}</div>{_tip(numbers)}</div>')
@@ -123,10 +129,37 @@ def _response(view: GroupView, response: ResponseView) -> str:
         for seg in response.segments:
             numbers = _segment_numbers(response, seg.index)
             spans.append(f'<span class="seg" data-weight="{seg.weight:.6g}" data-alpha="{seg.alpha:.6g}" '
-                         f'style="background:{css(weight_tint(seg.weight, top))}" title="{html.escape(numbers)}">'
+                         f'style="background:{css(view.shade(seg.weight)[1])}" title="{html.escape(numbers)}">'
                          f"{html.escape(seg.text)}{_tip(numbers)}</span>")
         out.append('<p class="inline">' + "".join(spans) + "</p>")
     out.append("</section>")
+    return "".join(out)
+
+
+def _paragraph_map(view: GroupView) -> str:
+    """The per-paragraph heat map: a row per response, a cell per paragraph, coloured by weight."""
+    rows = []
+    for r, weights in enumerate(view.paragraph_matrix):
+        cells = []
+        for j, weight in enumerate(weights):
+            swatch = view.shade(weight)[0]
+            ink = "#fff" if sum(swatch) < 380 else css(TEXT_RGB)
+            cells.append(f'<td data-weight="{weight:.6g}" style="background:{css(swatch)};color:{ink}" '
+                         f'title="response #{r}, ¶{j}: weight {weight:.4f}">{weight:.2f}</td>')
+        rows.append(f"<tr><th>#{r}</th>{''.join(cells)}</tr>")
+    return ('<div class="small muted">weight per paragraph (rows: responses; columns: paragraphs ¶0, ¶1, ...)'
+            f'</div><div class="pmap-wrap"><table class="pmap">{"".join(rows)}</table></div>')
+
+
+def _settings(view: GroupView) -> str:
+    lines = view.settings_lines()
+    out = []
+    if lines:
+        out.append('<h2>Settings</h2><ul class="settings small muted">'
+                   + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>")
+    for note in (view.normalize_note(), view.ZERO_ADVANTAGE_NOTE if view.advantages_all_zero else None):
+        if note:
+            out.append(f'<p class="note">{html.escape(note)}</p>')
     return "".join(out)
 
 
@@ -185,6 +218,9 @@ def render_html(view: GroupView) -> str:
         f'<div class="bar" style="background:linear-gradient(to right, {ramp})"></div>',
         f'<div class="scale small muted"><span>0</span><span>{top / 2:g}</span><span>{top:g}</span></div>',
     ]
+    right.append(_settings(view))
+    if any(view.paragraph_matrix):
+        right.append(_paragraph_map(view))
     right += [_response(view, r) for r in view.responses]
 
     style = _STYLE % {"text": css(TEXT_RGB), "muted": css(MUTED_RGB), "demo": css(DEMO_RGB),

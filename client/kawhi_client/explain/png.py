@@ -28,7 +28,6 @@ from kawhi_client.explain.style import (
     font,
     heat_rgb,
     weight_rgb,
-    weight_tint,
 )
 from kawhi_client.explain.view import GroupView, ResponseView
 
@@ -54,7 +53,8 @@ class Rendered:
 
     token_box: (x0, y0) of the overlay panel and its cell side in px, same on every page;
     heat_box: the same for the heat map, or None; segment_boxes[(r, s)] = (page, box) of
-    the weight swatch (blocks) or the first shaded run (inline) of segment s of response r.
+    the weight swatch (blocks) or the first shaded run (inline) of segment s of response r;
+    paragraph_map_box: where the per-paragraph heat map's cells are.
     """
 
     pages: list[Any]
@@ -62,6 +62,9 @@ class Rendered:
     token_origin: tuple[int, int]
     heat_origin: tuple[int, int] | None
     segment_boxes: dict[tuple[int, int], tuple[int, Box]] = field(default_factory=dict)
+    # (page, box) of the per-paragraph heat map's cells: cell (r, j) starts at
+    # (x0 + j * PMAP_CELL_W, y0 + r * (PMAP_CELL_H + 2))
+    paragraph_map_box: tuple[int, Box] | None = None
 
 
 def display_cell(grid: tuple[int, int]) -> int:
@@ -161,6 +164,7 @@ class _Item:
     keep_with_next: bool = False  # a header or label: never the last row of a page
     spacer: bool = False  # dropped at a page break
     resume: _Item | None = None  # drawn first on a new page when a break falls inside a segment
+    paragraph_map: bool = False  # the per-paragraph heat map (its box is recorded)
 
 
 def _fmt(value: float | None, signed: bool = False) -> str:
@@ -170,7 +174,6 @@ def _fmt(value: float | None, signed: bool = False) -> str:
 
 
 def _response_items(view: GroupView, response: ResponseView, width: int) -> list[_Item]:
-    top = view.weight_top
     items = [_header_item(response, width, continued=False)]
     if not response.segments:
         items.append(_text_item(response.index, None, "(empty response: no tokens to weight)", None, width,
@@ -178,7 +181,7 @@ def _response_items(view: GroupView, response: ResponseView, width: int) -> list
         return items
     if response.blocks:
         for seg in response.segments:
-            swatch, tint = weight_rgb(seg.weight, top), weight_tint(seg.weight, top)
+            swatch, tint = view.shade(seg.weight)
             numbers = f"weight {seg.weight:.3f}   α {seg.alpha:+.4f}   token advantage {seg.advantage:+.3f}"
             items.append(_text_item(response.index, seg.index, f"¶{seg.index}   {numbers}", (swatch, tint), width,
                                     size=SMALL, colour=MUTED_RGB, line=SMALL_LINE))
@@ -231,7 +234,6 @@ def _inline_items(view: GroupView, response: ResponseView, width: int) -> list[_
     """Sentences or tokens: one flowing text, each run shaded, its weight after it in small type."""
     import re
 
-    top = view.weight_top
     body, small = font(BODY), font(SMALL)
     label_each = len(response.segments) <= 60
     pieces: list[tuple[str, int | None]] = []  # (text, segment) ; segment None = a label
@@ -263,7 +265,7 @@ def _inline_items(view: GroupView, response: ResponseView, width: int) -> list[_
                 seg = response.segments[seg_index]
                 w = int(body.getlength(text))
                 box = (x0 + PAD + fx, y, x0 + PAD + fx + w, y + BODY_LINE)
-                d.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=weight_tint(seg.weight, top))
+                d.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=view.shade(seg.weight)[1])
                 d.text((box[0], y + 2), text, font=body, fill=TEXT_RGB)
                 first = first or box
             return first
@@ -336,6 +338,62 @@ def _left_column(view: GroupView, cell: int) -> tuple[int, int, Callable[[Any, A
     return width, height, draw
 
 
+PMAP_CELL_W, PMAP_CELL_H, PMAP_LABEL_W = 44, 20, 40
+
+
+def _paragraph_map(view: GroupView, width: int) -> _Item:
+    """The per-paragraph heat map: one row per response, one cell per paragraph, coloured
+    by its weight (paragraphs are what gets weighted); beyond the width, "+N" says how many."""
+    fit = max(1, (width - PMAP_LABEL_W - 30) // PMAP_CELL_W)
+    rows = view.paragraph_matrix
+    height = SMALL_LINE + 4 + len(rows) * (PMAP_CELL_H + 2) + 8
+
+    def draw(d: Any, x: int, y: int) -> Box:
+        d.text((x, y), "weight per paragraph (rows: responses; columns: paragraphs ¶0, ¶1, ...)", font=font(SMALL),
+               fill=MUTED_RGB)
+        y0 = y + SMALL_LINE + 4
+        for r, weights in enumerate(rows):
+            cy = y0 + r * (PMAP_CELL_H + 2)
+            d.text((x, cy + 3), f"#{r}", font=font(SMALL, True), fill=TEXT_RGB)
+            for j, weight in enumerate(weights[:fit]):
+                cx = x + PMAP_LABEL_W + j * PMAP_CELL_W
+                swatch = view.shade(weight)[0]
+                d.rectangle([cx, cy, cx + PMAP_CELL_W - 3, cy + PMAP_CELL_H - 1], fill=swatch)
+                label = f"{weight:.2f}"
+                ink = (255, 255, 255) if sum(swatch) < 380 else TEXT_RGB
+                d.text((cx + (PMAP_CELL_W - 3 - font(SMALL).getlength(label)) / 2, cy + 3), label, font=font(SMALL),
+                       fill=ink)
+            if len(weights) > fit:
+                d.text((x + PMAP_LABEL_W + fit * PMAP_CELL_W, cy + 3), f"+{len(weights) - fit}", font=font(SMALL),
+                       fill=MUTED_RGB)
+        return (x + PMAP_LABEL_W, y0, x + PMAP_LABEL_W + fit * PMAP_CELL_W, y0 + len(rows) * (PMAP_CELL_H + 2))
+
+    return _Item(height, draw, -1, continues=False, paragraph_map=True)
+
+
+def _intro_items(view: GroupView, width: int) -> list[_Item]:
+    """Above the responses: the settings that produced the weights, the notes that change
+    how to read them, and the per-paragraph heat map."""
+    items: list[_Item] = []
+    lines = view.settings_lines()
+    if lines:
+        items.append(_text_item(-1, None, "Settings", None, width, size=SMALL, colour=TEXT_RGB, line=SMALL_LINE))
+        for line in lines:
+            for text in wrap(line, SMALL, width - SWATCH - 2 * PAD):
+                items.append(_text_item(-1, None, text, None, width, size=SMALL, colour=MUTED_RGB, line=SMALL_LINE))
+    for note in (view.normalize_note(), view.ZERO_ADVANTAGE_NOTE if view.advantages_all_zero else None):
+        if note:
+            items.append(_spacer(-1, 4))
+            for text in wrap(note, SMALL, width - SWATCH - 2 * PAD, bold=True):
+                items.append(_text_item(-1, None, text, None, width, size=SMALL, colour=DEMO_RGB, line=SMALL_LINE))
+    if any(view.paragraph_matrix):
+        items.append(_spacer(-1, 6))
+        items.append(_paragraph_map(view, width))
+    for item in items:
+        item.continues = False
+    return items
+
+
 def _weight_legend(view: GroupView, width: int) -> _Item:
     top = view.weight_top
 
@@ -372,7 +430,8 @@ def render_pages(view: GroupView, *, max_page_height: int = DEFAULT_MAX_PAGE_HEI
     pages_items: list[list[_Item]] = [[]]
     used = 0
     legend = _weight_legend(view, TEXT_WIDTH)
-    stream: list[_Item] = []
+    stream: list[_Item] = _intro_items(view, TEXT_WIDTH)
+    stream.append(_spacer(-1, 10))
     for response in view.responses:
         stream.extend(_response_items(view, response, TEXT_WIDTH))
         stream.append(_spacer(response.index, 14))
@@ -420,6 +479,8 @@ def render_pages(view: GroupView, *, max_page_height: int = DEFAULT_MAX_PAGE_HEI
             box = item.draw(d, x, y)
             if box is not None and item.segment is not None:
                 rendered.segment_boxes.setdefault((item.response, item.segment), (number - 1, box))
+            if box is not None and item.paragraph_map:
+                rendered.paragraph_map_box = (number - 1, box)
             y += item.height
         rendered.pages.append(page)
     return rendered

@@ -19,6 +19,9 @@ MUTED_RGB: RGB = (95, 95, 95)
 POSITIVE_RGB: RGB = (0, 120, 60)
 NEGATIVE_RGB: RGB = (190, 30, 30)
 DEMO_RGB: RGB = (190, 30, 30)
+# a group whose advantages are all 0: its weights scale nothing, so they are not drawn in colour
+ZERO_ADVANTAGE_SWATCH: RGB = (200, 200, 200)
+ZERO_ADVANTAGE_TINT: RGB = (246, 246, 246)
 
 # Weight shading: pale yellow (weight 0) -> green -> deep green (the scale's top). Every
 # channel falls monotonically, so a larger weight is always a darker swatch.

@@ -78,6 +78,64 @@ class GroupView:
     heatmap_response: int | None = None
     model: str | None = None
     is_demo: bool = False
+    settings: Mapping[str, Any] | None = None  # the method settings that produced the weights (settings_lines)
+
+    @property
+    def advantages_all_zero(self) -> bool:
+        """Every response's group advantage is 0 (equal rewards): the weights change nothing."""
+        return all(r.advantage == 0 for r in self.responses)
+
+    @property
+    def paragraph_matrix(self) -> list[list[float]]:
+        """weights[r][j]: segment j of response r (ragged): what the per-paragraph heat map draws."""
+        return [[s.weight for s in r.segments] for r in self.responses]
+
+    def shade(self, weight: float) -> tuple[Any, Any]:
+        """(swatch, tint) of a segment: its weight's colours, or a flat grey when every
+        advantage is 0 (the weights scale nothing, so they are not drawn as if they did)."""
+        from kawhi_client.explain.style import ZERO_ADVANTAGE_SWATCH, ZERO_ADVANTAGE_TINT, weight_rgb, weight_tint
+
+        if self.advantages_all_zero:
+            return ZERO_ADVANTAGE_SWATCH, ZERO_ADVANTAGE_TINT
+        return weight_rgb(weight, self.weight_top), weight_tint(weight, self.weight_top)
+
+    ZERO_ADVANTAGE_NOTE = ("every group advantage is 0 (equal rewards): the weights below scale nothing in this "
+                           "group, so they are drawn in grey")
+
+    def settings_lines(self) -> list[str]:
+        """The settings block: enough to get from alpha to weight (docs/method.md §5)."""
+        s = self.settings
+        if not s:
+            return []
+        sguf = s.get("sguf") or {}
+        lines = [
+            f"weights: softmax(alpha / T), T = {s.get('temperature')}; smoothing lambda = {s.get('smoothing')}; "
+            f"w = w_min + (w_max - w_min) * w~ in [{s.get('w_min')}, {s.get('w_max')}]; "
+            f"normalize: {s.get('normalize')}; per {s.get('granularity', 'paragraph')}",
+            f"alignment heads: {s.get('heads')}" + (f" (source: {s['heads_source']})" if s.get("heads_source") else "")
+            + f"; similarity {s.get('similarity')}, q/k {s.get('rope')} RoPE",
+            f"regions: {s.get('regions')}" + (
+                f" (SGUF: key = components with energy > beta * median, beta = {sguf.get('beta')}; components "
+                f"merge 4-neighbours with structure distance < delta_s = {sguf.get('delta_s')} and luminance "
+                f"difference < delta_l = {sguf.get('delta_l')}; sigma = {sguf.get('sigma')})"
+                if s.get("regions") == "sguf" and sguf else "")
+            + f"; skip ratio {s.get('skip_ratio')}; seed {s.get('seed')}",
+            f"advantage estimator: {s.get('estimator')}" + (f" (std {s['std']})" if s.get("std") else ""),
+        ]
+        return lines
+
+    def normalize_note(self) -> str | None:
+        """With ``normalize: none`` the weights of M about equally aligned paragraphs are
+        w_min + (w_max - w_min) / M each: paragraph count, not alignment, dominates."""
+        s = self.settings or {}
+        if s.get("normalize") != "none" or not isinstance(s.get("w_min"), (int, float)):
+            return None
+        w_min, w_max = float(s["w_min"]), float(s["w_max"])
+        counts = sorted({len(r.segments) for r in self.responses if r.segments} | {1, 5})
+        examples = ", ".join(f"{m} paragraph{'s' if m > 1 else ''}: {w_min + (w_max - w_min) / m:.2f}" for m in counts)
+        return (f"normalize: none: with about equal alphas every paragraph of an M-paragraph answer gets "
+                f"w_min + (w_max - w_min) / M ({examples}), so the paragraph count dominates the weight; "
+                "normalize: mean rescales each response to a mean weight of 1")
 
     def token_class(self, index: int) -> str:
         """'key', 'sampled' (selected background) or 'other' for flat token ``index``."""
@@ -126,8 +184,12 @@ def build_view(
     visual_alignment: Sequence[Sequence[float]] | None = None,
     model: str | None = None,
     is_demo: bool = False,
+    settings: Mapping[str, Any] | None = None,
 ) -> GroupView:
     """The view of one reweighted group.
+
+    settings: the method settings that produced the result (``MethodConfig.to_dict()``,
+    plus ``heads_source``); shown as the view's settings block.
 
     image: the group's image, original or already resized; it is resized (bicubic, as
     the model's processor does) to ``grid`` tokens of ``patch_side`` px.
@@ -186,7 +248,8 @@ def build_view(
             raise ValueError(f"the alignment map holds {len(heatmap)} values for {n_tokens} visual tokens")
     prompt = group.prompt if group.prompt is not None else _messages_text(group.messages or [])
     return GroupView(group.id, prompt, pil, (rows, cols), patch_side, key, selected, responses, heatmap,
-                     heatmap_response if heatmap is not None else None, model, is_demo)
+                     heatmap_response if heatmap is not None else None, model, is_demo,
+                     dict(settings) if settings else None)
 
 
 def _messages_text(messages: Sequence[Mapping[str, Any]]) -> str:

@@ -1,4 +1,4 @@
-"""The KAWHI service over gRPC (``pip install 'kawhi[grpc]'``: grpcio + protobuf, no torch).
+"""The KAWHI service over gRPC (``pip install 'kawhi-rl[grpc]'``: grpcio + protobuf, no torch).
 
 ``GrpcClient`` has ``Client``'s methods, results and retry policy; ``convert`` maps wire
 objects to kawhi.v1 messages and back (the server uses it too); ``status`` maps the

@@ -36,12 +36,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from kawhi_client.config import (
+    DEFAULT_READY_TIMEOUT_S,
+    READY_LOG_EVERY_S,
+    READY_LOG_FIRST_S,
     ClientStats,
     Limits,
     RetryPolicy,
     Timeouts,
     ready_timeout,
     retry_policy,
+    unreachable_grace,
 )
 from kawhi_client.errors import (
     ImageNotFound,
@@ -132,6 +136,7 @@ class GrpcClient:
         self.max_in_flight = max_in_flight
         self.max_groups_per_request = max_groups_per_request
         self._ready_timeout = ready_timeout(wait_ready)
+        self._unreachable_grace = unreachable_grace(wait_ready)
         self._ready = self._ready_timeout is None
         self.stats = ClientStats()
         self.limits: Limits | None = None
@@ -248,14 +253,17 @@ class GrpcClient:
         """Block until grpc.health.v1 says SERVING; raises ServerNotReady after ``timeout`` s
         (at once if the model failed to load)."""
         limit = self._ready_timeout if timeout is None else timeout
-        limit = 600.0 if limit is None else float(limit)
+        limit = DEFAULT_READY_TIMEOUT_S if limit is None else float(limit)
+        grace = self._unreachable_grace if timeout is None else None  # as Client: a wrong target fails fast
         start = time.monotonic()
         interval, state, reasons = 0.25, "unreachable", []
+        answered, next_log = False, READY_LOG_FIRST_S
         while True:
             remaining = limit - (time.monotonic() - start)
             try:
                 answer = self._health.Check(health_pb2.HealthCheckRequest(service=SERVICE),
                                             timeout=max(0.5, min(10.0, remaining)))
+                answered = True
                 if answer.status == health_pb2.HealthCheckResponse.SERVING:
                     self._ready = True
                     return {"state": "ready", "reasons": []}
@@ -273,6 +281,14 @@ class GrpcClient:
                 raise ServerNotReady(f"{self.target} not ready after {waited:.1f}s: {state}"
                                      + (f" ({'; '.join(reasons)})" if reasons else ""),
                                      state=state, reasons=reasons, waited_s=waited)
+            if not answered and grace is not None and waited >= grace:
+                raise ServerNotReady(f"nothing answers at {self.target} ({'; '.join(reasons)}; {waited:.1f}s): check "
+                                     "the target, or pass wait_ready=<seconds> to wait for a server that is still starting",
+                                     state=state, reasons=reasons, waited_s=waited)
+            if waited >= next_log:
+                log.warning("kawhi_client: waiting for %s (gRPC health): %s%s (%.0fs of %.0fs)", self.target, state,
+                            f" ({'; '.join(reasons)})" if reasons else "", waited, limit)
+                next_log = waited + READY_LOG_EVERY_S
             time.sleep(max(0.0, min(interval, limit - waited)))
             interval = min(2.0, interval * 2)
 

@@ -1,5 +1,7 @@
 """KAWHI in TRL: ``KawhiGRPOTrainer``, a ``trl.GRPOTrainer`` whose loss sees KAWHI's
-per-token advantages. Exercised with trl 1.16.0 (see docs/integrations.md).
+per-token advantages. Exercised with trl 1.16.0; importing this module with a trl outside
+``trl>=1.16,<1.17`` fails in one line (``KAWHI_ALLOW_UNTESTED_TRL=1``: a warning instead),
+since it overrides a private TRL method (see docs/integrations.md).
 
 The change to a TRL script is three lines::
 
@@ -49,10 +51,14 @@ also logged with TRL's metrics: ``kawhi/reweighted_frac``, ``kawhi/fallback_rows
 
 from __future__ import annotations
 
+import os
+import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+import trl
 from trl import GRPOTrainer
 
 from kawhi_client.integrations.common import (
@@ -68,6 +74,33 @@ from kawhi_client.integrations.common import (
 )
 
 __all__ = ["KawhiGRPOTrainer", "kawhi_rollouts_from_trl", "ref_logprobs_tensor", "token_advantages_tensor"]
+
+# KawhiGRPOTrainer overrides TRL's private _generate_and_score_completions and reads the keys
+# of the dict it returns: a TRL outside the range tested here may change both without notice
+# (the dev extra pins the same range, so CI tests exactly these releases).
+TESTED_TRL = ((1, 16), (1, 17))  # [lowest, highest) as (major, minor)
+TESTED_TRL_TEXT = "trl>=1.16,<1.17"
+UNTESTED_TRL_ENV = "KAWHI_ALLOW_UNTESTED_TRL"  # "1": only warn outside the range
+
+
+def check_trl_version(version: str, allow_untested: bool = False) -> None:
+    """ImportError (one line) when ``version`` is outside ``TESTED_TRL``; a warning instead
+    when ``allow_untested``."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    release = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+    low, high = TESTED_TRL
+    if low <= release < high:
+        return
+    message = (f"KawhiGRPOTrainer is tested with {TESTED_TRL_TEXT} (it overrides TRL's private "
+               f"_generate_and_score_completions); trl {version} is installed: pip install '{TESTED_TRL_TEXT}'"
+               f", or set {UNTESTED_TRL_ENV}=1 to try it anyway")
+    if allow_untested:
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        return
+    raise ImportError(message)
+
+
+check_trl_version(trl.__version__, allow_untested=os.environ.get(UNTESTED_TRL_ENV) == "1")
 
 # ref_per_token_logps outside completion_mask: very negative, so TRL's per-token KL there,
 # exp(ref - logp) - (ref - logp) - 1, stays finite (exp never overflows) before the mask zeroes it

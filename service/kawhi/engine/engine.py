@@ -132,7 +132,7 @@ class Engine:
         self._merge_groups = model.device.type == "cuda" if merge is None else merge
         self.identity = ModelIdentity.from_config(model.model.config, model.source_dir)
         self.head_set: HeadSet = resolve_head_set(self.identity, heads_file=heads_file, model_dir=model.source_dir)
-        if self.head_set.heads is None:
+        if self.head_set.heads is None and not is_demo:  # the demo's random heads: its one warning says enough
             log.warning("no vision-critical head set known for %s: 'preset' means all %d heads "
                         "(docs/heads.md: run `kawhi heads discover` and pass its output as --heads-file)",
                         self.model_name, model.num_heads)

@@ -13,12 +13,22 @@ from kawhi_client.schema import GroupResult, ImageRef, Options, Problem, Rollout
 
 from kawhi.engine.images import decode_image
 
-__all__ = ["explain_groups", "explanation_for"]
+__all__ = ["explain_groups", "explain_settings", "explanation_for"]
+
+
+def explain_settings(engine: Any, config: Any = None) -> dict[str, Any]:
+    """The settings block of a view: the resolved method config (the engine's defaults when
+    None) and where the preset heads came from."""
+    settings = (config if config is not None else engine.defaults).to_dict()
+    settings["heads_source"] = engine.head_set.source if settings.get("heads") == "preset" else "the request"
+    return settings
 
 
 def explanation_for(engine: Any, group: RolloutGroup, result: GroupResult, image: Any, *,
-                    heatmap_response: int | None = None, max_page_height: int | None = None) -> Explanation:
-    """The view of one reweighted group; ``image`` is its decoded PIL image (original size).
+                    heatmap_response: int | None = None, max_page_height: int | None = None,
+                    config: Any = None) -> Explanation:
+    """The view of one reweighted group; ``image`` is its decoded PIL image (original size);
+    ``config`` the resolved method config that produced ``result`` (None: the engine's defaults).
     Raises ValueError when the result is an error or ``heatmap_response`` does not exist."""
     resized, _ = engine.model.resize_image(image)
     if any(r.token_ids is not None for r in group.responses):
@@ -27,7 +37,8 @@ def explanation_for(engine: Any, group: RolloutGroup, result: GroupResult, image
                      for r in group.responses]
         group = group.model_copy(update={"responses": responses})
     return explain(group, result, resized, patch_side=engine.model.patch_side, heatmap_response=heatmap_response,
-                   model=engine.model_name, is_demo=engine.is_demo, max_page_height=max_page_height)
+                   model=engine.model_name, is_demo=engine.is_demo, max_page_height=max_page_height,
+                   settings=explain_settings(engine, config))
 
 
 def explain_groups(
@@ -47,6 +58,7 @@ def explain_groups(
 
     load_image = load_image or functools.partial(load_image_bytes, base_dir=base_dir)
     results = engine.reweight(groups, options, load_image=load_image, explain=True, base_dir=base_dir)
+    config = engine.resolve_options(options)
     out: list[Explanation | GroupResult] = []
     for raw, result in zip(groups, results):
         if result.error is not None:
@@ -56,7 +68,7 @@ def explain_groups(
         image = decode_image(load_image(group.image), engine.limits.image)
         try:
             out.append(explanation_for(engine, group, result, image, heatmap_response=heatmap_response,
-                                       max_page_height=max_page_height))
+                                       max_page_height=max_page_height, config=config))
         except ValueError as exc:
             out.append(GroupResult(id=group.id, error=Problem(title="Cannot explain this group", status=422,
                                                               detail=str(exc), pointer="")))

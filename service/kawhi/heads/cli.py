@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kawhi.helptext import DefaultsHelpFormatter
+
 
 def add_heads_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("heads", help="vision-critical heads: discover a model's set, show the set in use")
@@ -18,7 +20,7 @@ def add_heads_parser(subparsers: Any) -> argparse.ArgumentParser:
         "discover", help="find a model's vision-critical heads by masking each head (writes a --heads-file)",
         description="Mask each head index in every decoder layer and measure the drop of the gold answers' "
         "log-likelihood, with the image and with a blank one; see docs/heads.md for the decision rule.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelpFormatter)
     d.add_argument("--model", default=None, help="local model folder (default: the embedded demo model)")
     d.add_argument("--data", type=Path, default=None,
                    help="JSONL of {image, question, answer} (image: {path} relative to the file, or {data}); "

@@ -39,7 +39,7 @@ def locate_model(model: str | Path) -> Path:
             folder = Path(snapshot_download(text, local_files_only=True))
         except Exception:  # not cached (or no huggingface_hub): never download
             raise ModelNotFound(f"{text} is not in the local Hugging Face cache and nothing is downloaded; "
-                                f"run `huggingface-cli download {text}` (or pass a local folder)") from None
+                                f"run `hf download {text}` (or pass a local folder)") from None
         if not (folder / "config.json").is_file():
             raise ModelNotFound(f"the cached snapshot of {text} has no config.json; download it again")
         return folder

@@ -165,6 +165,10 @@ def parse_group(raw: Any, *, checked: bool = False, depth: int = 0) -> RolloutGr
         raw = raw.model_dump(exclude_none=True)
     if not checked:
         check_values(raw, depth=depth)
+    image = raw.get("image") if isinstance(raw, Mapping) else None
+    if isinstance(image, Mapping) and "url" in image:  # not a wire field, but what docs/server.md promises for it
+        raise GroupError("/image/url", "a URL is never fetched; send 'data' (base64) or 'sha256'",
+                         kind="path-not-allowed")
     try:
         return RolloutGroup.model_validate(raw, strict=True)
     except ValidationError as exc:

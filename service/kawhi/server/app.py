@@ -42,6 +42,12 @@ log = logging.getLogger("kawhi.server")
 # ---------------------------------------------------------------------- lifespan
 
 
+def load_failure_reason(exc: BaseException) -> str:
+    """One line for an operator: the exception's type and the first line of its message."""
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first[:300]}" if first else type(exc).__name__
+
+
 def _make_lifespan(state: ServerState):
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -60,8 +66,11 @@ def _make_lifespan(state: ServerState):
                     engine = await asyncio.to_thread(state.load_engine)
                 except Exception as exc:  # keep serving /healthz and /readyz with the reason
                     state.phase = "failed"
-                    state.load_error = str(exc)[:300]
-                    log.exception("model failed to load")
+                    state.load_error = load_failure_reason(exc)
+                    log.error("model failed to load: %s", state.load_error)
+                    log.debug("model load traceback", exc_info=True)
+                    if state.on_load_failure is not None:
+                        state.on_load_failure(state.load_error)
                     return
                 log.info("model loaded", extra={"seconds": round(time.perf_counter() - t0, 3)})
                 state.engine_ready(engine)

@@ -137,7 +137,7 @@ async def _explain(request: Request, state: ServerState, pipeline: Pipeline, med
         raise checked.placed(parsed.prefix(0))
     image = _decode(data, state)
     body_out, pages = await asyncio.to_thread(_draw, pipeline.engine, admitted.group, result, image, media,
-                                              heatmap, page)
+                                              heatmap, page, admission.config)
     return Response(body_out, media_type=media + ("; charset=utf-8" if media == HTML else ""),
                     headers={"X-Kawhi-Pages": str(pages)})
 
@@ -157,10 +157,10 @@ def _decode(data: bytes | None, state: ServerState) -> Any:
 
 
 def _draw(engine: Any, group: Any, result: Any, image: Any, media: str, heatmap: int | None,
-          page: int) -> tuple[bytes, int]:
+          page: int, config: Any = None) -> tuple[bytes, int]:
     from kawhi.engine.explain import explanation_for
 
-    view = explanation_for(engine, group, result, image, heatmap_response=heatmap)
+    view = explanation_for(engine, group, result, image, heatmap_response=heatmap, config=config)
     if media == HTML:
         return view.html().encode("utf-8"), 1
     pages = view.pages()

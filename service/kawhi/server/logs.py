@@ -1,4 +1,4 @@
-"""Structured logs: one JSON object per line, carrying the request id of the request being served."""
+"""Logs: one JSON object per line (text lines on a terminal), carrying the request id of the request being served."""
 
 from __future__ import annotations
 
@@ -58,8 +58,11 @@ class TextFormatter(logging.Formatter):
         return f"{line} [{rid}]" if rid else line
 
 
-def configure_logging(level: str = "info", json_logs: bool = True) -> None:
-    """Route the root, uvicorn and kawhi loggers to one stderr handler."""
+def configure_logging(level: str = "info", json_logs: bool | None = None) -> None:
+    """Route the root, uvicorn and kawhi loggers to one stderr handler: JSON lines, or text
+    lines (``json_logs`` False, or None and stderr a terminal: a person reading it)."""
+    if json_logs is None:
+        json_logs = not sys.stderr.isatty()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if json_logs else TextFormatter())
     root = logging.getLogger()

@@ -6,6 +6,10 @@ setting (``kawhi.server.settings.Settings``) is a flag named after it
 ``KAWHI_*`` environment variable > default. ``python -m kawhi.server.main`` runs the
 same command on its own.
 
+Start-up mistakes are one line on stderr and a non-zero exit, never a traceback in a log
+line: a taken HTTP or gRPC port (exit 2, checked before the model loads) and a model
+that does not load (exit 1, once the load fails: a pod crash-loops with the reason).
+
 SIGTERM drains: the first signal flips the server to *draining* (``/readyz`` 503,
 new /v1 work 503 + Retry-After, the listener stays open so load balancers see
 it), in-flight requests finish (at most ``drain_timeout_s``), then uvicorn shuts
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 import sys
 import threading
 import time
@@ -79,7 +84,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         "model": parser.add_argument_group("model"),
         "network": parser.add_argument_group("network and auth"),
         "server": parser.add_argument_group("limits, scheduling, caches, logging"),
-        "method": parser.add_argument_group("method defaults (kawhi/engine/config.py)"),
+        "method": parser.add_argument_group("method defaults (a request's options override them, docs/api.md)"),
     }
     for name, field in Settings.model_fields.items():
         group = groups["method" if name in METHOD_FIELDS else _GROUPS.get(name, "server")]
@@ -88,7 +93,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         default = field.default
         if isinstance(default, SecretStr):
             default = "<redacted>"
-        help_text = f"{field.description or ''} [env {env}; default {default!r}]"
+        help_text = f"{field.description or ''} [env {env}" + ("]" if default is None else f"; default {default!r}]")
         tp, choices, is_bool = _flag_type(field.annotation)
         if is_bool:
             group.add_argument(flag, dest=_DEST + name, action=argparse.BooleanOptionalAction,
@@ -198,17 +203,65 @@ def make_server(settings: Any, app: Any) -> Any:
     return DrainingServer(config, app.state.kawhi)
 
 
-def serve(settings: Any) -> None:
-    """Run the server in this (main) thread until SIGTERM/SIGINT."""
+class StartupError(Exception):
+    """A start-up mistake `kawhi serve` reports in one line (exit 2)."""
+
+
+def _address(host: str, port: int) -> tuple[int, tuple]:
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return family, address
+
+
+def bind_listener(host: str, port: int, what: str = "HTTP") -> socket.socket:
+    """A socket bound to ``host:port`` as uvicorn binds it (SO_REUSEADDR), before any model loads:
+    a taken port is one line at once, not an error among the model's load warnings."""
+    family, address = _address(host, port)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        hint = f" (--{what.lower()}-port or KAWHI_{what.upper()}_PORT picks another)" if what == "gRPC" else \
+            " (--port or KAWHI_PORT picks another)"
+        raise StartupError(f"cannot listen for {what} on {host}:{port}: {exc.strerror or exc}{hint}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(settings: Any) -> int:
+    """Run the server in this (main) thread until SIGTERM/SIGINT. Returns the exit status:
+    0 after a drain, 1 when the model failed to load (the reason on stderr)."""
     from kawhi.server.app import create_app
     from kawhi.server.logs import configure_logging
 
+    if settings.grpc_port and settings.grpc_port == settings.port:
+        raise StartupError(f"--grpc-port {settings.grpc_port} is the HTTP port too; give gRPC a port of its own")
+    listener = bind_listener(settings.host, settings.port)
+    if settings.grpc_port:  # gRPC binds once the app starts; a taken port is refused now, in one line
+        bind_listener(settings.host, settings.grpc_port, "gRPC").close()
     configure_logging(settings.log_level, settings.log_json)
-    server = make_server(settings, create_app(settings))
+    app = create_app(settings)
+    server = make_server(settings, app)
+    failed: list[str] = []
+
+    def stop_on_load_failure(reason: str) -> None:
+        failed.append(reason)
+        server.should_exit = True
+
+    app.state.kawhi.on_load_failure = stop_on_load_failure
     # uvicorn re-raises the captured signal once it has shut down; exit 0 then (a clean drain).
     signal.signal(signal.SIGTERM, _exit_zero)
     signal.signal(signal.SIGINT, _exit_zero)
-    server.run()
+    server.run(sockets=[listener])
+    if failed:
+        print(f"kawhi serve: cannot load the model {settings.model or '(the demo model)'}: {failed[0]}",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -242,8 +295,11 @@ def run_serve(args: argparse.Namespace) -> int:
     except HeadsFileError as exc:
         print(f"kawhi serve: {exc}", file=sys.stderr)
         return 2
-    serve(settings)
-    return 0
+    try:
+        return serve(settings)
+    except StartupError as exc:
+        print(f"kawhi serve: {exc}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:

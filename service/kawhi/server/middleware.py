@@ -16,6 +16,8 @@ from kawhi.server.logs import accept_request_id, request_id_var
 from kawhi.server.problems import problem_response
 
 log = logging.getLogger("kawhi.server.access")
+# Probes and scrapes are logged at debug, not info: one line per kubelet probe forever is noise.
+PROBE_PATHS = frozenset({"/healthz", "/health", "/readyz", "/metrics"})
 
 
 class _BodyTooLarge(Exception):
@@ -106,7 +108,8 @@ class RequestContextMiddleware:
             route = _route_label(scope.get("app") or self.app, scope)
             metrics.requests.labels("http", route, status).inc()
             metrics.request_duration.labels("http", route, status).observe(elapsed)
-            log.info(
+            log.log(
+                logging.DEBUG if scope.get("path") in PROBE_PATHS else logging.INFO,  # a kubelet probes every few s
                 "request",
                 extra={
                     "method": scope.get("method"),

@@ -47,6 +47,7 @@ v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=
 # ====================================================================== probes
 
 
+@router.get("/health", tags=["probes"], summary="liveness, as /healthz (the name TEI, vLLM and infinity use)")
 @router.get("/healthz", tags=["probes"], summary="liveness: the process answers")
 async def healthz(state: ServerState = Depends(get_state)) -> Response:
     return JSONResponse({"status": "ok", "phase": state.phase, "version": __version__})

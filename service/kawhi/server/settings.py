@@ -140,7 +140,8 @@ class _ServerSettings(BaseSettings):
 
     # --- logging -----------------------------------------------------------------
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
-    log_json: bool = Field(True, description="structured JSON logs (one object per line)")
+    log_json: bool | None = Field(
+        None, description="structured JSON logs (one object per line); unset: text on a terminal, JSON otherwise")
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -236,7 +237,7 @@ def redact_url(url: str) -> str:
 
 def _setting_field(spec: Any, name: str, what: str) -> tuple[Any, Any]:
     """A settings field from one option of the one definition (kawhi_client/options.py)."""
-    description = f"{what} `{spec.name}`: {spec.help} (kawhi_client/options.py)"
+    description = f"{what} `{spec.name}`: {spec.help}"
     if spec.kind == "float":
         bound = {"gt" if spec.exclusive_minimum else "ge": spec.minimum, "le": spec.maximum}
         return float, Field(spec.default, description=description, allow_inf_nan=False,

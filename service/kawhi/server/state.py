@@ -85,6 +85,9 @@ class ServerState:
         self.batcher: Batcher | None = None
         self.phase = "loading"  # loading | ready | failed | draining | stopped
         self.load_error: str | None = None
+        # kawhi serve sets this: a model that cannot load ends the process (exit 1, one line) so a
+        # pod crash-loops with a readable reason; an app built in-process keeps answering /readyz.
+        self.on_load_failure: Any = None
         self.draining = False
         self.prepare_pool = ThreadPoolExecutor(settings.prepare_threads, thread_name_prefix="kawhi-prepare")
         self.inflight: dict[str, asyncio.Future] = {}  # idempotency key -> response bytes being computed
@@ -206,7 +209,8 @@ class ServerState:
                 return "degraded", ["redis is unreachable; serving from the in-process cache"]
             return "ready", reasons
         if self.phase == "failed":
-            reasons.append("the model failed to load; see the server log")
+            reasons.append(f"the model failed to load: {self.load_error}" if self.load_error
+                           else "the model failed to load; see the server log")
         if self.phase == "loading":
             reasons.append("the reference model is loading")
         if self.phase == "draining":
