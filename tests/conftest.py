@@ -66,6 +66,7 @@ FILE_MARKS: dict[str, tuple[str, ...]] = {
     "test_integration_trl_ref.py": ("slow",),
     "test_bench_rl.py": ("slow",),
     "test_integration_verl_ref.py": ("slow",),
+    "test_integration_verl_v1.py": ("slow",),
     "test_wire_encoding.py": ("slow",),
     # grpc: servers on real sockets, a subprocess `kawhi serve`
     "test_grpc.py": ("slow",),
@@ -84,6 +85,7 @@ FILE_MARKS: dict[str, tuple[str, ...]] = {
 # long render. tests/repo/test_cost_marks.py checks that every name here exists.
 TEST_MARKS: dict[str, tuple[str, ...]] = {
     "test_ref_logprobs.py::test_cli_flags": ("slow",),
+    "test_verl_v1_parts.py::test_a_hanging_service_is_a_failure_after_the_deadline_not_a_hang": ("slow",),
     "test_logs_and_probes.py::test_probes_are_not_logged_at_info_and_health_is_an_alias": ("slow",),
     "test_logs_and_probes.py::test_serve_help_says_what_log_json_unset_means": ("slow",),
     "test_heads.py::test_heads_show_and_reweight_with_a_heads_file": ("slow",),

@@ -1,5 +1,5 @@
 """The integration examples stay runnable: examples/trl_grpo.py trains a step (demo policy,
-in-process KAWHI) and the KAWHI overrides of examples/verl/run_qwen2_5_vl_grpo_kawhi.sh
+in-process KAWHI) and the KAWHI overrides of examples/verl/run_qwen2_5_vl_grpo_kawhi_legacy.sh
 compose with verl's own Hydra config and resolve to the KAWHI classes."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 from test_integration_helpers import ROOT
 
 TRL_EXAMPLE = ROOT / "examples" / "trl_grpo.py"
-VERL_LAUNCHER = ROOT / "examples" / "verl" / "run_qwen2_5_vl_grpo_kawhi.sh"
+VERL_LAUNCHER = ROOT / "examples" / "verl" / "run_qwen2_5_vl_grpo_kawhi_legacy.sh"
 
 
 def test_trl_example_marks_exactly_three_kawhi_lines() -> None:

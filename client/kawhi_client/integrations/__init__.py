@@ -11,8 +11,12 @@ each trainer module imports its trainer when *it* is imported:
   ``common`` gathers their names for the trainer modules.
 * ``kawhi_client.integrations.trl`` — ``KawhiGRPOTrainer``, a ``trl.GRPOTrainer`` whose
   loss sees KAWHI's ``[batch, tokens]`` advantages.
-* ``kawhi_client.integrations.verl`` — ``KawhiRewardManager`` (reward stage) and the
-  ``grpo_kawhi`` advantage estimator.
+* ``kawhi_client.integrations.verl_v1`` — verl's v1 trainer (its default): one KAWHI
+  request per GRPO group from the agent loop, the ``kawhi`` trainer mode, the entry point
+  ``python -m kawhi_client.integrations.verl_v1``.
+* ``kawhi_client.integrations.verl`` — verl's legacy trainer (deprecated by verl):
+  ``KawhiRewardManager`` (reward stage) and the ``grpo_kawhi`` advantage estimator;
+  ``verl_shared`` holds what both verl paths share.
 
 See docs/integrations.md.
 """
