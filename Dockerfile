@@ -22,8 +22,8 @@
 #
 # Model weights are never baked in.  Mount them (volume / PVC) under /models and
 # set KAWHI_MODEL=/models/<dir>; with KAWHI_MODEL unset the image serves the
-# embedded demo model (random weights, shipped inside the kawhi wheel: it
-# exercises every code path, but its advantages mean nothing).
+# embedded kawhi-tiny model (shipped inside the kawhi wheel, trained on a
+# synthetic visual task: docs/tiny.md; for trying kawhi, not for real training).
 #
 # The image listens on 0.0.0.0:8000 and runs as uid/gid 10001.  Every
 # `kawhi serve` setting is a KAWHI_* environment variable (docs/server.md).

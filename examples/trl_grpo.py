@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--demo", action="store_true", help="tiny random demo policy + in-process demo KAWHI (CPU)")
     parser.add_argument("--kawhi", default=None,
                         help="KAWHI service URL, or 'in-process' (default: in-process with --demo, else $KAWHI_URL)")
-    parser.add_argument("--kawhi-model", default=None, help="reference model for --kawhi in-process (default: demo)")
+    parser.add_argument("--kawhi-model", default=None, help="reference model for --kawhi in-process (default: the demo with --demo, else the embedded kawhi-tiny)")
     parser.add_argument("--kawhi-device", default="cpu", help="device of the in-process reference model")
     parser.add_argument("--on-error", choices=["raise", "fallback"], default="raise",
                         help="when the service fails: fail the step, or keep the uniform advantages (counted, warned)")
@@ -141,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     if kawhi is None:
         parser.error("--kawhi URL (or in-process) is required, or set KAWHI_URL")
     if kawhi == "in-process":
-        kawhi = InProcessBackend(model=args.kawhi_model, device=args.kawhi_device)
+        from kawhi.engine.engine import DEMO_MODEL_DIR
+
+        # --demo's random policy speaks the demo model's tokenizer: its reference is the demo too
+        model = args.kawhi_model or (str(DEMO_MODEL_DIR) if args.demo else None)
+        kawhi = InProcessBackend(model=model, device=args.kawhi_device)
 
     config = GRPOConfig(
         output_dir=args.output_dir,

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Closed-loop load test of `kawhi serve`: requests/s and latency percentiles.
 
-By default it starts its own server (the embedded demo model, on a free port, no
+By default it starts its own server (the embedded kawhi-tiny model, on a free port, no
 auth, no Redis) and stops it at the end; ``--url`` targets a running one instead.
 Every request is distinct (its group ids carry a counter), so no answer comes from
 the idempotency cache; the images are the repository's examples, inline base64.
@@ -156,7 +156,7 @@ async def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--url", help="a running server (default: start one with the demo model)")
+    p.add_argument("--url", help="a running server (default: start one with the embedded kawhi-tiny model)")
     p.add_argument("--api-key")
     p.add_argument("--concurrency", type=int, default=8, help="clients, each with one request in flight")
     p.add_argument("--duration", type=float, default=20.0, help="seconds of measurement")

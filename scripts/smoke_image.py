@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_MODEL_NAME = "kawhi-demo-qwen2.5-vl-tiny"  # service/kawhi/engine/engine.py
+TINY_MODEL_NAME = "kawhi-tiny-qwen2.5-vl"  # service/kawhi/engine/engine.py: the default with no KAWHI_MODEL
 EXPECTED_UID = 10001  # the chart's runAsUser (helm/kawhi/values.yaml)
 
 
@@ -201,11 +201,11 @@ def smoke(image: str, ready_timeout: float, result: dict[str, Any]) -> None:
             check(hc.returncode == 0, "the image's HEALTHCHECK command passes" + (f": {hc.stderr[-500:]}" if hc.returncode else ""))
 
             out.seek(0)
-            check("DEMO model" in out.read(), "the server's log warns that it serves the embedded DEMO model")
-
             status, body = http("GET", base + "/v1/info")
-            check(status == 200 and body.get("is_demo") is True and body.get("model") == DEMO_MODEL_NAME,
-                  f"/v1/info labels the model as the demo ({body.get('model')}, is_demo={body.get('is_demo')})")
+            check(status == 200 and body.get("is_demo") is False and body.get("model") == TINY_MODEL_NAME
+                  and bool((body.get("model_card") or {}).get("val_accuracy")),
+                  f"/v1/info names the embedded kawhi-tiny with its card ({body.get('model')}, "
+                  f"is_demo={body.get('is_demo')})")
 
             request = example_request()
             t0 = time.monotonic()
@@ -213,7 +213,7 @@ def smoke(image: str, ready_timeout: float, result: dict[str, Any]) -> None:
             result["reweight_s"] = round(time.monotonic() - t0, 2)
             check(status == 200, f"POST /v1/reweight answers 200 (in {result['reweight_s']} s): "
                   + (json.dumps(body)[:300] if status != 200 else "ok"))
-            check(body["model"] == DEMO_MODEL_NAME, f"the reweight response names the demo model ({body['model']})")
+            check(body["model"] == TINY_MODEL_NAME, f"the reweight response names kawhi-tiny ({body['model']})")
             responses = body["results"][0]["responses"]
             n = len(request["groups"][0]["responses"])
             check(len(responses) == n and all(math.isfinite(r["advantage"]) and r["paragraphs"] for r in responses),

@@ -39,6 +39,8 @@ collect_ignore = ["support"]
 FILE_MARKS: dict[str, tuple[str, ...]] = {
     # engine: several tiny-model loads per architecture, or real forwards per test
     "test_heads_discover.py": ("slow",),
+    # kawhi-tiny: the shipped model's accuracy with and without the image; a 2-step training run
+    "test_tiny_model.py": ("slow",),
     # server: demo model loads, subprocess servers
     "test_server.py": ("slow",),
     "test_server_lifecycle.py": ("slow",),
@@ -86,7 +88,7 @@ TEST_MARKS: dict[str, tuple[str, ...]] = {
     "test_heads.py::test_heads_show_and_reweight_with_a_heads_file": ("slow",),
     "test_heads.py::test_serve_and_reweight_refuse_a_mismatching_file_before_starting": ("slow",),
     "test_heads.py::test_server_reports_heads_and_their_source": ("slow",),
-    "test_demo_model.py::test_demo_loads_with_the_hub_switched_off": ("slow",),
+    "test_demo_model.py::test_embedded_models_load_with_the_hub_switched_off": ("slow",),
     "test_demo_model.py::test_build_script_regenerates_the_shipped_files": ("slow",),
     "test_engine.py::test_real_qwen_token_ids_from_a_trainer_are_scored_one_to_one": ("slow",),
     "test_weights.py::test_weights_lie_in_range": ("slow",),

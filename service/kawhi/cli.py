@@ -281,7 +281,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
-                        help="local model folder or a hub id in the local Hugging Face cache (default: the demo model)")
+                        help="local model folder or a hub id in the local Hugging Face cache (default: the embedded kawhi-tiny model)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default: cpu)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--heads-file", default=os.environ.get("KAWHI_HEADS_FILE") or None,

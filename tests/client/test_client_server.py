@@ -1,4 +1,4 @@
-"""The client against the real service: `kawhi serve` (embedded demo model) in a
+"""The client against the real service: `kawhi serve` (the embedded kawhi-tiny model) in a
 subprocess, over a real socket, with an API key and an image cache small enough
 (50 kB) that uploading a third example image evicts the first — so eviction and
 re-upload are exercised for real, not scripted.

@@ -450,7 +450,7 @@ def test_settings_are_real_and_parse(rendered: dict[str, list[dict]], scenario: 
 def test_default_values_serve_the_demo_model(rendered: dict[str, list[dict]]) -> None:
     docs = rendered["default"]
     env = container_env(docs)
-    assert "KAWHI_MODEL" not in env  # unset -> the embedded demo model
+    assert "KAWHI_MODEL" not in env  # unset -> the embedded kawhi-tiny model
     assert env["KAWHI_DEVICE"] == "cpu"
     assert "KAWHI_REDIS_URL" not in env and "KAWHI_API_KEYS" not in env
     c = kawhi_container(docs)
@@ -759,7 +759,7 @@ def test_dockerfile_promises() -> None:
     env_text = " ".join(r for w, r in ins if w == "ENV")
     assert "KAWHI_HOST=0.0.0.0" in env_text and f"KAWHI_PORT={CONTAINER_PORT}" in env_text
     assert f"KAWHI_GRPC_PORT={GRPC_PORT}" in env_text
-    assert "KAWHI_MODEL" not in env_text, "no KAWHI_MODEL in the image: the embedded demo model is the default"
+    assert "KAWHI_MODEL" not in env_text, "no KAWHI_MODEL in the image: the embedded kawhi-tiny model is the default"
     assert [r for w, r in final if w == "EXPOSE"] == [f"{CONTAINER_PORT} {GRPC_PORT}"]
     # healthcheck with python on /healthz, no curl anywhere
     hc = [r for w, r in ins if w == "HEALTHCHECK"]

@@ -62,7 +62,7 @@ def test_build_tags_what_the_chart_and_compose_run() -> None:
 
 def test_smoke_expectations_are_the_services_and_the_charts() -> None:
     engine = (ROOT / "service" / "kawhi" / "engine" / "engine.py").read_text()
-    assert f'DEMO_MODEL_NAME = "{smoke_image.DEMO_MODEL_NAME}"' in engine
+    assert f'TINY_MODEL_NAME = "{smoke_image.TINY_MODEL_NAME}"' in engine
     values = yaml.safe_load((ROOT / "helm" / "kawhi" / "values.yaml").read_text())
     assert values["securityContext"]["runAsUser"] == smoke_image.EXPECTED_UID
     request = smoke_image.example_request()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from kawhi.engine.engine import DEMO_MODEL_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,14 +70,16 @@ def test_demo_is_small_and_labelled():
     assert label["demo"] is True and "never train" in label["note"]
 
 
-def test_demo_loads_with_the_hub_switched_off():
+@pytest.mark.parametrize(("model", "is_demo", "log"), [("DEMO_MODEL_DIR", "True", "DEMO"), ("None", "False", "")])
+def test_embedded_models_load_with_the_hub_switched_off(model, is_demo, log):
+    """The demo (as --model) and the default kawhi-tiny (no --model) load offline."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": "/nonexistent"}
-    code = ("from kawhi.engine.engine import Engine; e = Engine.load(); "
+    code = (f"from kawhi.engine.engine import DEMO_MODEL_DIR, Engine; e = Engine.load({model}); "
             "r = e.reweight([{'image': {'path': 'examples/images/triangle.png'}, 'prompt': 'p', "
             "'responses': [{'text': 'a\\n\\nb', 'reward': 1.0}, {'text': 'c', 'reward': 0.0}]}]); "
             "assert r[0].error is None, r[0].error; print(e.info()['is_demo'])")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
                          timeout=300)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.strip() == "True"
-    assert "DEMO" in run.stderr
+    assert run.stdout.strip() == is_demo
+    assert log in run.stderr

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 from kawhi.engine.config import MethodConfig
-from kawhi.engine.engine import Engine, EngineLimits, GroupError, OptionsError
+from kawhi.engine.engine import DEMO_MODEL_DIR, Engine, EngineLimits, GroupError, OptionsError
 from kawhi.engine.images import decode_image, sha256_hex
 from kawhi_client.schema import RolloutGroup
 from PIL import Image, ImageDraw
@@ -40,7 +40,8 @@ def group_dict(rewards=(1.0, 0.0, 1.0), texts=TEXTS, **extra) -> dict:
 
 @pytest.fixture(scope="module")
 def demo_engine():
-    return Engine.load()
+    """The random-weight demo: these tests pin its specifics (no heads file, its tokenizer)."""
+    return Engine.load(DEMO_MODEL_DIR)
 
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)

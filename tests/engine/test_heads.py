@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from kawhi.engine.engine import DEMO_MODEL_DIR, Engine
+from kawhi.engine.engine import TINY_MODEL_DIR, Engine
 from kawhi.heads.files import (
     ALL_HEADS_SOURCE,
     FOLDER_HEADS_FILE,
@@ -173,12 +173,13 @@ def test_engine_uses_and_reports_the_heads_file(tmp_path):
         Engine(reference, heads_file=other)
 
 
-def demo_identity() -> ModelIdentity:
-    return ModelIdentity.from_folder(DEMO_MODEL_DIR)
+def default_identity() -> ModelIdentity:
+    """The model `kawhi serve` / `kawhi reweight` load with no --model: the embedded kawhi-tiny."""
+    return ModelIdentity.from_folder(TINY_MODEL_DIR)
 
 
 def test_server_reports_heads_and_their_source(tmp_path):
-    path = heads_file(tmp_path / "demo-heads.json", demo_identity(), [0, 2])
+    path = heads_file(tmp_path / "tiny-heads.json", default_identity(), [0, 2])
     with ServerThread(engine=None, heads_file=str(path)) as server:
         server.wait_ready()
         info = httpx.get(server.url + "/v1/info", timeout=30).json()
@@ -214,10 +215,10 @@ def test_serve_and_reweight_refuse_a_mismatching_file_before_starting(tmp_path):
 
 
 def test_heads_show_and_reweight_with_a_heads_file(tmp_path):
-    path = heads_file(tmp_path / "demo-heads.json", demo_identity(), [1])
+    path = heads_file(tmp_path / "tiny-heads.json", default_identity(), [0, 2])
     shown = kawhi("heads", "show", "--heads-file", str(path))
     assert shown.returncode == 0, shown.stderr
-    assert json.loads(shown.stdout) == {"model": demo_identity().to_dict(), "heads": [1],
+    assert json.loads(shown.stdout) == {"model": default_identity().to_dict(), "heads": [0, 2],
                                         "heads_source": f"file:{path}"}
     out = tmp_path / "out.jsonl"
     run = kawhi("reweight", str(ROOT / "examples" / "rollouts.jsonl"), "-o", str(out), "--quiet",
@@ -227,8 +228,8 @@ def test_heads_show_and_reweight_with_a_heads_file(tmp_path):
         return [{k: v for k, v in json.loads(line).items() if k != "kawhi"} for line in out.read_text().splitlines()]
 
     with_file = results()
-    run = kawhi("reweight", str(ROOT / "examples" / "rollouts.jsonl"), "-o", str(out), "--quiet", "--heads", "1")
+    run = kawhi("reweight", str(ROOT / "examples" / "rollouts.jsonl"), "-o", str(out), "--quiet", "--heads", "0,2")
     assert run.returncode == 0, run.stderr
     assert with_file == results()  # 'preset' resolved to the file's heads
     run = kawhi("reweight", str(ROOT / "examples" / "rollouts.jsonl"), "-o", str(out), "--quiet")
-    assert results() != with_file  # the demo's default: all heads
+    assert results() != with_file  # kawhi-tiny's default: its shipped heads file ([1])

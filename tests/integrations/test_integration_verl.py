@@ -163,7 +163,8 @@ def verl_config(tmp_path: Any, kawhi: dict[str, Any]) -> Any:
                                "module": {"path": "pkg://kawhi_client.integrations.verl", "name": None}},
             "custom_reward_function": {"path": str(score), "name": "compute_score", "reward_kwargs": {}},
             "sandbox_fusion": None,
-            "kawhi": kawhi,
+            # the in-process reference is the demo, whose tokenizer the demo policy above shares
+            "kawhi": {"model": str(DEMO_MODEL_DIR), **kawhi},
         },
         "algorithm": {"adv_estimator": "grpo_kawhi", "norm_adv_by_std_in_grpo": True, "gamma": 1.0, "lam": 1.0},
     })

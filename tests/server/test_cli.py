@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 
@@ -22,17 +24,25 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_reweight_examples(tmp_path):
+@pytest.mark.parametrize("examples", ["rollouts.jsonl", "tiny_rollouts.jsonl"])
+def test_reweight_examples(tmp_path, examples):
     out = tmp_path / "out.jsonl"
-    run = kawhi("reweight", str(EXAMPLES / "rollouts.jsonl"), "-o", str(out), "--quiet")
+    run = kawhi("reweight", str(EXAMPLES / examples), "-o", str(out), "--quiet")
     assert run.returncode == 0, run.stderr
-    demo_lines = [line for line in run.stderr.splitlines() if "DEMO" in line or "head set" in line]
-    assert len(demo_lines) == 1, run.stderr  # the demo model is announced once, not three times
-    inputs = read_jsonl(EXAMPLES / "rollouts.jsonl")
+    announced = [line for line in run.stderr.splitlines() if "DEMO" in line or "head set" in line]
+    assert announced == [], run.stderr  # no --model: kawhi-tiny, trained and with its heads file
+    if examples == "rollouts.jsonl":  # the random demo, asked for, is announced once, not three times
+        demo = kawhi("reweight", str(EXAMPLES / examples), "-o", str(tmp_path / "demo.jsonl"), "--quiet",
+                     "--model", str(ROOT / "service" / "kawhi" / "models" / "demo"))
+        assert demo.returncode == 0, demo.stderr
+        demo_lines = [line for line in demo.stderr.splitlines() if "DEMO" in line or "head set" in line]
+        assert len(demo_lines) == 1, demo.stderr
+    inputs = read_jsonl(EXAMPLES / examples)
     results = read_jsonl(out)
     assert [r["id"] for r in results] == [g["id"] for g in inputs]
     for group, result in zip(inputs, results):
         assert "error" not in result
+        assert result["kawhi"]["model"] == "kawhi-tiny-qwen2.5-vl"
         assert len(result["grid"]) == 2 and result["selected_tokens"]
         assert len(result["responses"]) == len(group["responses"])
         for response in result["responses"]:

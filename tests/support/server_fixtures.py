@@ -165,7 +165,9 @@ _MODEL_LOCK = threading.Lock()
 
 
 def demo_engine(settings: Any = None) -> Any:
-    """A real demo-model Engine configured exactly as `kawhi serve` would build it from ``settings``.
+    """A real demo-model Engine configured exactly as `kawhi serve --model <demo>` would build it
+    from ``settings`` (the random-weight demo: server tests pin its specifics and its tokenizer,
+    which the test policies share).
 
     The weights are loaded once per session; each call wraps them in a new Engine
     with the settings' method defaults and limits (the same as app.load_engine).
@@ -178,7 +180,9 @@ def demo_engine(settings: Any = None) -> Any:
     settings = settings if settings is not None else Settings()
     with _MODEL_LOCK:
         if _MODEL is None:
-            _MODEL = load_engine(Settings())
+            from kawhi.engine.engine import DEMO_MODEL_DIR
+
+            _MODEL = load_engine(Settings(model=str(DEMO_MODEL_DIR)))
     base = _MODEL
     return Engine(base.model, settings.method_config(), limits=engine_limits(settings), is_demo=base.is_demo,
                   model_name=base.model_name)

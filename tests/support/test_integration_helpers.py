@@ -29,12 +29,15 @@ for _p in (ROOT / "service", ROOT / "client"):  # a checkout without `pip instal
 
 @contextlib.contextmanager
 def kawhi_serve(*extra_args: str, ready_timeout: float = 120.0) -> Iterator[str]:
-    """`kawhi serve` (demo model) in a subprocess on a free port; yields its URL; stops it."""
+    """`kawhi serve` (the demo model, whose tokenizer the test policies share; a later --model in
+    ``extra_args`` wins) in a subprocess on a free port; yields its URL; stops it."""
+    from kawhi.engine.engine import DEMO_MODEL_DIR
+
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("KAWHI_")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "service"), str(ROOT / "client"), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "kawhi.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--log-level", "warning", *extra_args]
+           "--log-level", "warning", "--model", str(DEMO_MODEL_DIR), *extra_args]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -65,9 +68,10 @@ def kawhi_serve(*extra_args: str, ready_timeout: float = 120.0) -> Iterator[str]
 
 @functools.cache
 def demo_engine() -> Any:
-    from kawhi.engine.engine import Engine
+    """The random-weight demo model: the test policies (tiny_models) share its tokenizer."""
+    from kawhi.engine.engine import DEMO_MODEL_DIR, Engine
 
-    return Engine.load()
+    return Engine.load(DEMO_MODEL_DIR)
 
 
 def small_image(name: str = "triangle.png", side: int = 84) -> Any:

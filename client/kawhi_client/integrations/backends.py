@@ -69,8 +69,8 @@ class InProcessBackend:
     """The KAWHI engine inside this process: no HTTP, no server.
 
     ``engine``: a loaded ``kawhi.engine.engine.Engine``; when None, one is loaded with
-    ``Engine.load(model, **load_kwargs)`` (``model=None``: the embedded demo model —
-    plumbing only, its advantages mean nothing). The engine is not thread-safe; calls
+    ``Engine.load(model, **load_kwargs)`` (``model=None``: the embedded kawhi-tiny model —
+    trained on a synthetic task, docs/tiny.md: for trying kawhi, not a real reference). The engine is not thread-safe; calls
     are serialised by a lock.
     """
 
@@ -116,7 +116,7 @@ def as_backend(obj: Any) -> Any:
     * a ``kawhi_client.Client`` — wrapped in ``HttpBackend``;
     * a ``kawhi.engine.engine.Engine`` — wrapped in ``InProcessBackend``;
     * a URL string (``"http://kawhi:8000"``) — ``HttpBackend(url)``;
-    * ``"in-process"`` — ``InProcessBackend()`` (the embedded demo model).
+    * ``"in-process"`` — ``InProcessBackend()`` (the embedded kawhi-tiny model, docs/tiny.md).
     """
     if obj is None:
         raise TypeError("a KAWHI backend is required: a URL, a kawhi_client.Client, a kawhi Engine, "

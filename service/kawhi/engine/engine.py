@@ -47,14 +47,16 @@ from kawhi.models.logprobs import has_lm_head, response_logprobs
 from kawhi.models.prefix import PrefixCache, prefix_key
 from kawhi.models.qwen import PromptInputs, QwenVLReference, TokenizedText
 
-__all__ = ["Engine", "EngineLimits", "GroupError", "OptionsError", "PreparedGroup", "DEMO_MODEL_DIR"]
+__all__ = ["Engine", "EngineLimits", "GroupError", "OptionsError", "PreparedGroup", "DEMO_MODEL_DIR", "TINY_MODEL_DIR"]
 
 log = logging.getLogger(__name__)
 
+# The default with no --model: kawhi-tiny, trained on the kawhi-tiny task (docs/tiny.md).
+TINY_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "tiny"
+TINY_MODEL_NAME = "kawhi-tiny-qwen2.5-vl"
+# Random weights, kept for tests that need an untrained model (pass it as --model).
 DEMO_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "demo"
 DEMO_MODEL_NAME = "kawhi-demo-qwen2.5-vl-tiny"
-
-
 @dataclass(frozen=True)
 class EngineLimits:
     """Sizes a group may have; larger ones are refused (413) before any model work."""
@@ -118,6 +120,7 @@ class Engine:
         is_demo: bool = False,
         model_name: str | None = None,
         heads_file: str | Path | None = None,
+        model_card: dict[str, Any] | None = None,
     ) -> None:
         """heads_file: a heads file for ``heads="preset"`` (kawhi.heads.files: it wins over a
         ``kawhi_heads.json`` in the model folder and over the published sets). Raises
@@ -126,6 +129,7 @@ class Engine:
         self.defaults = defaults or MethodConfig()
         self.limits = limits or EngineLimits()
         self.is_demo = is_demo
+        self.model_card = model_card  # what the embedded kawhi-tiny was trained on and scores (docs/tiny.md)
         self.model_name = model_name or model.name
         self.tokenizer_fingerprint = model.tokenizer_fingerprint()
         merge = self.limits.merge_groups
@@ -150,22 +154,29 @@ class Engine:
         heads_file: str | Path | None = None,
     ) -> Engine:
         """Load a local model folder or a hub id already in the local Hugging Face cache
-        (never downloaded), or the embedded demo model when ``model`` is None."""
-        from kawhi.models.locate import check_device, locate_model
+        (never downloaded), or the embedded kawhi-tiny model when ``model`` is None.
+
+        A folder holding KAWHI_MODEL_CARD.json (kawhi-tiny) or KAWHI_DEMO.json (the
+        random-weight demo) is named by it, and ``info()`` reports the card / ``is_demo``."""
+        from kawhi.models.locate import check_device, embedded_label, locate_model
 
         check_device(device)  # ModelNotFound / DeviceUnavailable: a message for the user
-        folder = DEMO_MODEL_DIR if model is None else locate_model(model)
+        folder = TINY_MODEL_DIR if model is None else locate_model(model)
         if heads_file:  # a mismatching heads file is refused before any weights are read
             from kawhi.heads.files import check_model_folder_heads
 
             check_model_folder_heads(folder, heads_file)
-        if model is None:
-            reference = QwenVLReference.from_pretrained(DEMO_MODEL_DIR, device=device, dtype="float32",
-                                                        name=DEMO_MODEL_NAME)
-            log.warning("serving the embedded DEMO model (random weights): its advantages are for plumbing, "
-                        "not for training; pass --model /path/to/Qwen2.5-VL-7B-Instruct for real use")
-            return cls(reference, defaults, limits=limits, is_demo=True, model_name=DEMO_MODEL_NAME,
-                       heads_file=heads_file)
+        label, is_demo, card = embedded_label(folder)
+        if label is not None:  # an embedded model: tiny, float32 whatever the device prefers
+            reference = QwenVLReference.from_pretrained(folder, device=device, dtype="float32", name=label)
+            if is_demo:
+                log.warning("serving the DEMO model (random weights): its advantages are for plumbing, "
+                            "not for training; pass --model /path/to/Qwen2.5-VL-7B-Instruct for real use")
+            else:
+                log.info("serving the embedded %s (trained on a synthetic task, docs/tiny.md): for trying kawhi; "
+                         "pass --model /path/to/Qwen2.5-VL-7B-Instruct for real use", label)
+            return cls(reference, defaults, limits=limits, is_demo=is_demo, model_name=label,
+                       heads_file=heads_file, model_card=card)
         hub_id = None if Path(model).expanduser().is_dir() else str(model)  # a cached hub id keeps its id
         reference = QwenVLReference.from_pretrained(folder, device=device, dtype=dtype, name=hub_id)
         return cls(reference, defaults, limits=limits, heads_file=heads_file)
@@ -205,6 +216,7 @@ class Engine:
         return {
             "model": self.model_name,
             "is_demo": self.is_demo,
+            "model_card": self.model_card,
             "model_type": m.model_type,
             "version": __version__,
             "tokenizer_fingerprint": self.tokenizer_fingerprint,

@@ -21,7 +21,7 @@ def add_heads_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Mask each head index in every decoder layer and measure the drop of the gold answers' "
         "log-likelihood, with the image and with a blank one; see docs/heads.md for the decision rule.",
         formatter_class=DefaultsHelpFormatter)
-    d.add_argument("--model", default=None, help="local model folder (default: the embedded demo model)")
+    d.add_argument("--model", default=None, help="local model folder (default: the embedded kawhi-tiny model)")
     d.add_argument("--data", type=Path, default=None,
                    help="JSONL of {image, question, answer} (image: {path} relative to the file, or {data}); "
                    "default: a synthetic set of --synthetic-items charts and shapes")
@@ -36,6 +36,9 @@ def add_heads_parser(subparsers: Any) -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--limit", type=int, default=None, help="use only the first N items")
     d.add_argument("--synthetic-items", type=int, default=48, help="size of the default synthetic set")
+    d.add_argument("--synthetic-task", choices=["charts", "tiny"], default=None,
+                   help="the default synthetic set: kawhi-tiny's task (docs/tiny.md) or charts and shapes "
+                   "with one-word answers (default: tiny for the embedded kawhi-tiny model, charts otherwise)")
     d.add_argument("--batch-heads", type=int, default=8, help="heads masked per forward, one per batch row "
                    "(speed and memory only; results do not depend on it beyond float rounding)")
     d.add_argument("--device", default="cpu")
@@ -48,26 +51,30 @@ def add_heads_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", type=Path, required=True, help="folder for vqa.jsonl and images/")
     s.add_argument("--items", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--size", type=int, default=224, help="image side in pixels")
+    s.add_argument("--size", type=int, default=224, help="image side in pixels (charts)")
+    s.add_argument("--task", choices=["charts", "tiny"], default="charts",
+                   help="charts and shapes, or kawhi-tiny's task (112 px, answers `Answer: X`)")
     s.set_defaults(func=cmd_synth)
 
     show = sub.add_parser("show", help="print a model's identity, its head set and where the set comes from")
-    show.add_argument("--model", default=None, help="local model folder (default: the embedded demo model)")
+    show.add_argument("--model", default=None, help="local model folder (default: the embedded kawhi-tiny model)")
     show.add_argument("--heads-file", default=os.environ.get("KAWHI_HEADS_FILE") or None,
                       help="heads file to check against the model (default: $KAWHI_HEADS_FILE)")
     show.set_defaults(func=cmd_show)
     return parser
 
 
-def _demo_dir() -> Path:
-    return Path(__file__).resolve().parents[1] / "models" / "demo"
+def _default_dir() -> Path:
+    from kawhi.engine.engine import TINY_MODEL_DIR
+
+    return TINY_MODEL_DIR
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     from kawhi.heads.files import HeadsFileError, check_model_folder_heads
     from kawhi.heads.identity import ModelIdentity
 
-    folder = Path(args.model) if args.model else _demo_dir()
+    folder = Path(args.model) if args.model else _default_dir()
     try:
         head_set = check_model_folder_heads(folder, args.heads_file)
     except HeadsFileError as exc:
@@ -82,7 +89,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     from kawhi.heads.synthetic import write_synthetic_vqa
 
-    path = write_synthetic_vqa(args.output, args.items, args.seed, args.size)
+    path = write_synthetic_vqa(args.output, args.items, args.seed, args.size, args.task)
     print(f"kawhi: {args.items} labelled items -> {path}", file=sys.stderr)
     return 0
 
@@ -90,10 +97,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_discover(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from kawhi.engine.engine import DEMO_MODEL_DIR
     from kawhi.heads.discover import DiscoveryError, DiscoverySettings, discover, items_hash, load_vqa_jsonl
     from kawhi.heads.files import write_heads_file
-    from kawhi.heads.synthetic import synthetic_vqa
+    from kawhi.heads.synthetic import synthetic_items
     from kawhi.models.qwen import QwenVLReference
 
     try:
@@ -104,16 +110,14 @@ def cmd_discover(args: argparse.Namespace) -> int:
             items, data_hash = load_vqa_jsonl(args.data, args.limit)
             source = str(args.data)
         else:
-            items = synthetic_vqa(args.synthetic_items, seed=args.seed)[: args.limit]
-            data_hash, source = items_hash(items), f"synthetic (kawhi heads synth --items {args.synthetic_items} " \
-                                                    f"--seed {args.seed})"
+            task = args.synthetic_task or ("tiny" if args.model is None else "charts")
+            items = synthetic_items(task, args.synthetic_items, seed=args.seed)[: args.limit]
+            data_hash, source = items_hash(items), f"synthetic (kawhi heads synth --task {task} " \
+                                                    f"--items {args.synthetic_items} --seed {args.seed})"
     except (DiscoveryError, ValueError) as exc:
         print(f"kawhi: {exc}", file=sys.stderr)
         return 2
-    if args.model is None:
-        print("kawhi: using the embedded DEMO model (random weights): its heads mean nothing. "
-              "Pass --model PATH for real use.", file=sys.stderr)
-    reference = QwenVLReference.from_pretrained(args.model or DEMO_MODEL_DIR, device=args.device,
+    reference = QwenVLReference.from_pretrained(args.model or _default_dir(), device=args.device,
                                                 dtype="float32" if args.model is None else args.dtype)
     state_path = args.output.with_name(args.output.name + ".partial.jsonl")
     if args.restart:

@@ -120,11 +120,21 @@ def resolve_head_set(identity: ModelIdentity, *, heads_file: str | Path | None =
     if model_dir is not None:
         folder_file = Path(model_dir) / FOLDER_HEADS_FILE
         if folder_file.is_file():
-            return HeadSet(check_heads_file(folder_file, identity), f"file:{folder_file}")
+            return HeadSet(check_heads_file(folder_file, identity), f"file:{_shown_path(folder_file)}")
     preset = published_heads(identity)
     if preset is not None:
         return HeadSet(preset.heads, f"published:{preset.name}")
     return HeadSet(None, ALL_HEADS_SOURCE)
+
+
+def _shown_path(path: Path) -> str:
+    """A heads file shipped inside the kawhi package as ``kawhi/models/...`` (the same on every
+    install, no machine's folders in /v1/info or a picture); any other file as given."""
+    package = Path(__file__).resolve().parents[1]
+    try:
+        return str(Path("kawhi") / path.resolve().relative_to(package))
+    except ValueError:
+        return str(path)
 
 
 def check_model_folder_heads(model_dir: str | Path, heads_file: str | Path | None = None) -> HeadSet:

@@ -119,13 +119,38 @@ def synthetic_vqa(n: int, seed: int = 0, size: int = 224) -> list[VQAItem]:
     return [VQAItem(*kinds[i % len(kinds)](rng, size)) for i in range(n)]
 
 
-def write_synthetic_vqa(folder: str | Path, n: int, seed: int = 0, size: int = 224) -> Path:
+def tiny_vqa(n: int, seed: int = 0, split: str = "val") -> list[VQAItem]:
+    """``n`` kawhi-tiny items (kawhi.tiny.task, kinds in turn) with the gold response the
+    embedded kawhi-tiny model was trained to give: ``Answer: X``."""
+    from kawhi.tiny.task import KINDS, make_item
+
+    if n < 1:
+        raise ValueError("need n >= 1")
+    kinds = list(KINDS)
+    items = [make_item(kinds[i % len(kinds)], i // len(kinds), seed=seed, split=split) for i in range(n)]
+    return [VQAItem(item.image, item.question, f"Answer: {item.answer}") for item in items]
+
+
+SYNTHETIC_TASKS = ("charts", "tiny")
+
+
+def synthetic_items(task: str, n: int, seed: int = 0, size: int = 224) -> list[VQAItem]:
+    """The synthetic set ``task``: "charts" (:func:`synthetic_vqa`, one-word answers) or
+    "tiny" (:func:`tiny_vqa`, 112 px, ``Answer: X``; ``size`` is not used)."""
+    if task == "tiny":
+        return tiny_vqa(n, seed)
+    if task == "charts":
+        return synthetic_vqa(n, seed, size)
+    raise ValueError(f"unknown synthetic task {task!r}; use one of {', '.join(SYNTHETIC_TASKS)}")
+
+
+def write_synthetic_vqa(folder: str | Path, n: int, seed: int = 0, size: int = 224, task: str = "charts") -> Path:
     """Write ``folder``/vqa.jsonl and ``folder``/images/NNNN.png; returns the JSONL path."""
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     path = folder / "vqa.jsonl"
     with path.open("w", encoding="utf-8") as out:
-        for i, item in enumerate(synthetic_vqa(n, seed, size)):
+        for i, item in enumerate(synthetic_items(task, n, seed, size)):
             name = f"images/{i:04d}.png"
             item.image.save(folder / name)
             out.write(json.dumps({"image": {"path": name}, "question": item.question, "answer": item.answer}) + "\n")

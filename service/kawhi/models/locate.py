@@ -7,8 +7,10 @@ that is not there before any weights are read.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+from typing import Any
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -63,3 +65,22 @@ def check_device(device: str) -> None:
         raise DeviceUnavailable(f"--device {device}: MPS is not available on this machine; use --device cpu")
     elif dev.type not in ("cpu", "cuda", "mps"):
         raise DeviceUnavailable(f"--device {device}: unsupported device type; use cpu or cuda")
+
+
+MODEL_CARD_FILE = "KAWHI_MODEL_CARD.json"
+DEMO_MARKER_FILE = "KAWHI_DEMO.json"
+
+
+def embedded_label(folder: Path) -> tuple[str | None, bool, dict[str, Any] | None]:
+    """(name, is_demo, model card) a model folder declares: its KAWHI_MODEL_CARD.json (a trained
+    embedded model) or its KAWHI_DEMO.json (random weights); (None, False, None) for neither."""
+    for file, demo in ((MODEL_CARD_FILE, False), (DEMO_MARKER_FILE, True)):
+        path = folder / file
+        if path.is_file():
+            try:
+                card = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(card, dict):
+                return card.get("name"), bool(card.get("demo", demo)), None if demo else card
+    return None, False, None

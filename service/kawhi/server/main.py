@@ -74,7 +74,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         "serve",
         help="run the HTTP service (FastAPI + uvicorn), and gRPC beside it with --grpc-port",
         description=(
-            "Serve KAWHI over HTTP (and gRPC with --grpc-port). With no arguments: the embedded demo model on "
+            "Serve KAWHI over HTTP (and gRPC with --grpc-port). With no arguments: the embedded kawhi-tiny model (docs/tiny.md) on "
             "127.0.0.1:8000. "
             "Every flag also reads KAWHI_<NAME> from the environment (flag > env > default)."
         ),
@@ -258,7 +258,7 @@ def serve(settings: Any) -> int:
     signal.signal(signal.SIGINT, _exit_zero)
     server.run(sockets=[listener])
     if failed:
-        print(f"kawhi serve: cannot load the model {settings.model or '(the demo model)'}: {failed[0]}",
+        print(f"kawhi serve: cannot load the model {settings.model or '(the embedded kawhi-tiny model)'}: {failed[0]}",
               file=sys.stderr)
         return 1
     return 0
@@ -279,7 +279,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     from kawhi.heads.files import FOLDER_HEADS_FILE, HeadsFileError, check_model_folder_heads
 
-    model_dir = str(Path(__file__).resolve().parents[1] / "models" / "demo")
+    model_dir = str(Path(__file__).resolve().parents[1] / "models" / "tiny")
     if settings.model is not None:  # a user's mistake is one line now, not a failed load later
         from kawhi.models.locate import DeviceUnavailable, ModelNotFound, check_device, locate_model
 

@@ -41,7 +41,7 @@ class _ServerSettings(BaseSettings):
 
     # --- model -------------------------------------------------------------------
     model: str | None = Field(
-        None, description="reference model: a local checkpoint folder (loaded offline); unset = the embedded tiny demo model"
+        None, description="reference model: a local checkpoint folder (loaded offline); unset = the embedded kawhi-tiny model (docs/tiny.md)"
     )
     device: str = Field("cpu", description="torch device of the reference model (cpu, cuda, cuda:1 ...)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
