@@ -27,7 +27,8 @@ def quiet() -> None:
 
 class Bench:
     def __init__(self, model: str = "demo", *, device: str = "cpu", dtype: str = "auto",
-                 threads: int | None = None, split_attention: bool | None = None) -> None:
+                 threads: int | None = None, split_attention: bool | None = None, layers: int | None = None,
+                 vision_depth: int | None = None) -> None:
         import torch
 
         quiet()
@@ -43,7 +44,8 @@ class Bench:
         if model == "demo":
             self.engine = Engine.load(device=device, limits=limits)
         else:
-            self.engine = Engine(build_reference(model, device=device, dtype=dtype), limits=limits)
+            self.engine = Engine(build_reference(model, device=device, dtype=dtype, layers=layers,
+                                                 vision_depth=vision_depth), limits=limits)
         self.reference = self.engine.model
         self.threads = torch.get_num_threads()
 

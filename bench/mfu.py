@@ -28,7 +28,12 @@ import torch
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.mfu", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="bench", choices=("demo", "bench", "qwen7b"))
+    from bench.real_shapes import SHAPES
+
+    parser.add_argument("--model", default="bench", choices=("demo", "bench", "qwen7b", *SHAPES))
+    parser.add_argument("--layers", type=int, default=None, help="real shapes: decoder layers kept")
+    parser.add_argument("--vision-depth", type=int, default=None, help="real shapes: vision blocks kept")
+    parser.add_argument("--profile", action="store_true", help="also profile one forward: time per op class")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--group", type=int, default=4)
@@ -45,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     from bench.measure import compare
     from bench.workload import GroupSpec
 
-    bench = Bench(args.model, device=args.device, dtype=args.dtype, threads=args.threads)
+    bench = Bench(args.model, device=args.device, dtype=args.dtype, threads=args.threads, layers=args.layers,
+                  vision_depth=args.vision_depth)
     ref = bench.reference
     prepared = bench.prepare(bench.groups(GroupSpec(args.tokens, args.group, (448, 336), 3)))
     engines = {split: Engine(ref, limits=EngineLimits(prefix_cache_bytes=0, split_attention=split))
@@ -92,8 +98,39 @@ def main(argv: list[str] | None = None) -> int:
         "load_avg_1m": [round(load_start, 2), round(os.getloadavg()[0], 2)],
         "command": "python -m bench.mfu " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
+    if args.profile:
+        with torch.inference_mode():
+            out["profile"] = profile_forward(lambda: engines[best == "forward_split"].run(prepared))
     print(json.dumps(out))
     return 0
+
+
+# op classes of the forward's profile: what runs at matmul speed and what does not
+OP_CLASSES = {
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"),
+    "attention": ("aten::_scaled_dot_product", "aten::scaled_dot_product", "aten::_efficient_attention",
+                  "aten::_flash_attention"),
+}
+
+
+def profile_forward(fn: Any) -> dict[str, Any]:
+    """Self CPU time of one call by op class (matmul, attention, everything else) and the top ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    classes = {name: 0.0 for name in (*OP_CLASSES, "other")}
+    for e in events:
+        kind = next((c for c, prefixes in OP_CLASSES.items() if e.key.startswith(prefixes)), "other")
+        classes[kind] += e.self_cpu_time_total
+    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]
+    return {"self_cpu_s": round(total / 1e6, 3),
+            "fraction": {k: round(v / total, 3) for k, v in classes.items()},
+            "top_ops": [{"op": e.key, "self_s": round(e.self_cpu_time_total / 1e6, 3), "calls": e.count,
+                         "fraction": round(e.self_cpu_time_total / total, 3)} for e in top]}
 
 
 if __name__ == "__main__":

@@ -90,10 +90,20 @@ def _image_processor(kind: str) -> Any:
     return Qwen2VLImageProcessorPil(size=BENCH_PIXELS if kind == "bench" else QWEN7B_PIXELS)
 
 
-def build_reference(kind: str, *, device: str = "cpu", dtype: str = "auto", attn: str = "sdpa") -> Any:
-    """A QwenVLReference of ``kind`` with attention implementation ``attn`` (sdpa | eager)."""
+def build_reference(kind: str, *, device: str = "cpu", dtype: str = "auto", attn: str = "sdpa",
+                    layers: int | None = None, vision_depth: int | None = None) -> Any:
+    """A QwenVLReference of ``kind`` with attention implementation ``attn`` (sdpa | eager).
+
+    ``kind`` may also be a real shape of ``bench.real_shapes.SHAPES`` (random weights, the real
+    Qwen tokenizer), cut to ``layers`` decoder layers / ``vision_depth`` vision blocks."""
     from kawhi.models.qwen import QwenVLReference, resolve_dtype
 
+    from bench.real_shapes import SHAPES, build_model
+
+    if kind in SHAPES:
+        model, tokenizer, processor = build_model(kind, dtype=resolve_dtype(dtype, device), device=device,
+                                                  layers=layers, vision_depth=vision_depth, attn=attn)
+        return QwenVLReference(model, tokenizer, processor, f"kawhi-bench-{kind}")
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model {kind!r}; choose from {MODEL_KINDS}")
     if kind == "demo":

@@ -100,7 +100,11 @@ def _load() -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ref_logprobs", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="bench", choices=["demo", "bench", "qwen7b"])
+    from bench.real_shapes import SHAPES
+
+    parser.add_argument("--model", default="bench", choices=["demo", "bench", "qwen7b", *SHAPES])
+    parser.add_argument("--layers", type=int, default=None, help="real shapes: decoder layers kept")
+    parser.add_argument("--vision-depth", type=int, default=None, help="real shapes: vision blocks kept")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--response-tokens", type=int, default=256)
@@ -112,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="write the JSON result here too")
     args = parser.parse_args(argv)
 
-    bench = Bench(args.model, device=args.device, threads=args.threads)
+    bench = Bench(args.model, device=args.device, threads=args.threads, layers=args.layers,
+                  vision_depth=args.vision_depth)
     vocab = attach_lm_head(bench.reference, args.vocab)
     spec = GroupSpec(response_tokens=args.response_tokens, group_size=args.group_size)
     groups = bench.groups(spec, args.groups)

@@ -86,9 +86,12 @@ def image_png(size: tuple[int, int], seed: int = 0) -> bytes:
 
 
 def ordinary_ids(tokenizer: Any) -> range:
-    """Token ids that are not special/added tokens (contiguous after the specials for our tokenizers)."""
+    """Token ids that are not special/added tokens: contiguous after the specials (the demo
+    tokenizer) or before them (Qwen's, whose added tokens follow the 151,643 BPE tokens)."""
     special = {int(i) for i in tokenizer.added_tokens_decoder}
     first = max(special) + 1 if special else 0
+    if first >= len(tokenizer):
+        return range(0, min(special))
     return range(first, len(tokenizer))
 
 

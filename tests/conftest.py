@@ -41,6 +41,8 @@ FILE_MARKS: dict[str, tuple[str, ...]] = {
     "test_heads_discover.py": ("slow",),
     # kawhi-tiny: the shipped model's accuracy with and without the image; a 2-step training run
     "test_tiny_model.py": ("slow",),
+    # the real 151,936-token vocabulary: 2 x 1,024 tokens scored, and 1.2 GB of logits in the control arm
+    "test_logprobs_vocab_memory.py": ("slow",),
     # server: demo model loads, subprocess servers
     "test_server.py": ("slow",),
     "test_server_lifecycle.py": ("slow",),
@@ -65,6 +67,7 @@ FILE_MARKS: dict[str, tuple[str, ...]] = {
     "test_client_replicas.py": ("slow",),
     "test_openapi_fuzz.py": ("slow",),  # a `kawhi serve` subprocess and ~500 schemathesis cases
     "test_integration_trl_ref.py": ("slow",),
+    "test_bench_rl.py": ("slow",),
     "test_integration_verl_ref.py": ("slow",),
     "test_wire_encoding.py": ("slow",),
     # grpc: servers on real sockets, a subprocess `kawhi serve`

@@ -141,6 +141,10 @@ class Engine:
                         "(docs/heads.md: run `kawhi heads discover` and pass its output as --heads-file)",
                         self.model_name, model.num_heads)
         self.prefix_cache = PrefixCache(self.limits.prefix_cache_bytes)
+        if model.device.type == "cpu":  # freed logits chunks leave the resident set (kawhi.engine.memory)
+            from kawhi.engine.memory import return_freed_memory_to_os
+
+            return_freed_memory_to_os()
 
     @classmethod
     def load(
@@ -239,7 +243,15 @@ class Engine:
                 "image_formats": list(self.limits.image.formats),
             },
             "defaults": self.defaults.to_dict(),
+            "memory": self.memory_summary(),
         }
+
+    def memory_summary(self) -> dict[str, Any]:
+        """The memory model of this reference (kawhi.engine.memory): per-token bytes and batch budgets."""
+        from kawhi.engine.memory import ModelShape, summary
+
+        return summary(ModelShape.of(self.model.model), prefix_cache_bytes=self.limits.prefix_cache_bytes,
+                       max_forward_tokens=self.limits.max_forward_tokens)
 
     # ------------------------------------------------------------------ prepare
     def prepare(
