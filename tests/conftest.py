@@ -63,6 +63,7 @@ FILE_MARKS: dict[str, tuple[str, ...]] = {
     "test_integration_trl.py": ("slow",),
     "test_integration_verl.py": ("slow",),
     "test_client_replicas.py": ("slow",),
+    "test_openapi_fuzz.py": ("slow",),  # a `kawhi serve` subprocess and ~500 schemathesis cases
     "test_integration_trl_ref.py": ("slow",),
     "test_bench_rl.py": ("slow",),
     "test_integration_verl_ref.py": ("slow",),

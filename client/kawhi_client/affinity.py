@@ -12,17 +12,33 @@ from typing import Any
 import httpx
 
 from kawhi_client.actions import Job, Lookup
-from kawhi_client.config import RetryPolicy
+from kawhi_client.config import RetryPolicy, Timeouts
 from kawhi_client.planning import PreparedGroup
-from kawhi_client.replicas import ReplicaSet
+from kawhi_client.replicas import MAX_COOLDOWN_S, ReplicaSet
 
 log = logging.getLogger("kawhi_client")
 
+
+class ReplicaTimeout(httpx.TimeoutException):
+    """An attempt that another healthy replica could have taken was not answered (or its
+    body not read) within the failover timeout: the replica is hung or far behind."""
+
+    def __init__(self, cause: httpx.TimeoutException, timeout: httpx.Timeout) -> None:
+        self.seconds = float(timeout.read or 0.0)
+        super().__init__(f"{type(cause).__name__} after {self.seconds:.1f}s", request=getattr(cause, "_request", None))
+
+
 # The failures that send the next attempt to another replica: the replica is not answering.
-# (A read timeout is not one of them: the replica may still be working on it, and a retry
-# there joins that work through the server's idempotency key.)
-FAILOVER_EXCEPTIONS = (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ConnectTimeout)
+# A timeout of the full read timeout is not one of them (the replica may still be working on
+# it, and a retry there joins that work through the server's idempotency key); one of the
+# shorter failover timeout is (ReplicaTimeout): a stopped process with its TCP still
+# accepting answers nothing else.
+FAILOVER_EXCEPTIONS = (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ConnectTimeout, ReplicaTimeout)
 FAILOVER_STATUSES = frozenset({429, 503})
+# The timeouts that, on an attempt with the failover timeout, mean "this replica is hung".
+HUNG_EXCEPTIONS = (httpx.ReadTimeout, httpx.WriteTimeout)
+# How long a replica that left an attempt unanswered is skipped (then one call tries it again).
+HUNG_COOLDOWN_S = MAX_COOLDOWN_S
 
 
 class ReplicaJobs:
@@ -30,6 +46,7 @@ class ReplicaJobs:
 
     replicas: ReplicaSet | None
     retry: RetryPolicy
+    timeouts: Timeouts
     clock: Callable[[], float]
 
     def refresh_replicas(self) -> Job:
@@ -59,6 +76,19 @@ class ReplicaJobs:
                 return u
         return next((u for u in order if u not in avoid), order[0] if order else None)
 
+    def attempt_timeout(
+        self, endpoint: str | None, failed: set[str], attempt: int, tokens: int
+    ) -> httpx.Timeout | None:
+        """The failover timeout (``Timeouts.for_failover``) when another healthy replica
+        could take this attempt over if ``endpoint`` does not answer in time; else None
+        (the attempt gets the full timeout: nowhere better to go)."""
+        if self.replicas is None or endpoint is None or attempt >= self.retry.max_attempts:
+            return None
+        now = self.clock()
+        if not any(u != endpoint and u not in failed and self.replicas.is_up(u, now) for u in self.replicas.urls):
+            return None
+        return self.timeouts.for_failover(tokens)
+
     def _fail_over(
         self, failure: Any, endpoint: str, retry_after: float | None, failed: set[str], attempt: int
     ) -> bool:
@@ -69,6 +99,8 @@ class ReplicaJobs:
         if not (isinstance(failure, FAILOVER_EXCEPTIONS) or status in FAILOVER_STATUSES):
             return False
         now = self.clock()
+        if isinstance(failure, ReplicaTimeout):
+            retry_after = HUNG_COOLDOWN_S
         self.replicas.mark_down(endpoint, now, retry_after)
         failed.add(endpoint)
         if attempt >= self.retry.max_attempts:

@@ -22,6 +22,7 @@ import httpx
 
 from kawhi_client.actions import Call, Job, Lookup, Sleep, check_action, resume
 from kawhi_client.config import (
+    DEFAULT_FAILOVER_TIMEOUT_S,
     ClientConfig,
     ClientStats,
     Limits,
@@ -66,6 +67,7 @@ class _Base:
         replicas: str | Sequence[str] | None = None,
         resolve_every: float = 30.0,
         shared_image_cache: bool = False,
+        failover_timeout: float | None = DEFAULT_FAILOVER_TIMEOUT_S,
     ) -> None:
         """Connect to a KAWHI service (nothing is sent until the first call).
 
@@ -100,6 +102,10 @@ class _Base:
             resolve_every: seconds between DNS lookups of a ``dns+`` replica name.
             shared_image_cache: the replicas share one image store (Redis): upload each
                 image once instead of once per replica that uses it.
+            failover_timeout: with several replicas, seconds (plus ``timeout_per_token`` per
+                estimated token) an attempt waits for its replica before it moves to the
+                next healthy one, which is then skipped for 30 s: a hung replica costs a
+                call this long. None: wait the full read timeout (a retry goes back to it).
         """
         if replicas is not None:
             from kawhi_client.replicas import ReplicaSet
@@ -110,7 +116,8 @@ class _Base:
         config = ClientConfig(
             base_url=resolve_base_url(base_url),
             headers=request_headers(api_key, headers),
-            timeouts=Timeouts(base=timeout, per_token=timeout_per_token, connect=connect_timeout),
+            timeouts=Timeouts(base=timeout, per_token=timeout_per_token, connect=connect_timeout,
+                              failover=failover_timeout),
             retry=retry_policy(retries, backoff),
             max_in_flight=max_in_flight,
             ready_timeout=ready_timeout(wait_ready),

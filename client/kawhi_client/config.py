@@ -28,6 +28,11 @@ UNREACHABLE_GRACE_S = 5.0
 # While waiting for /readyz the client logs (warning) first after this long, then every READY_LOG_EVERY_S.
 READY_LOG_FIRST_S = 5.0
 READY_LOG_EVERY_S = 30.0
+# With several replicas, an attempt that has not been answered after this many seconds (plus
+# timeout_per_token per estimated token) goes to the next healthy replica: a hung replica
+# (stopped, deadlocked, its TCP still accepting) costs a call this long, not the full read
+# timeout on every retry. See Timeouts.for_failover and docs/client.md.
+DEFAULT_FAILOVER_TIMEOUT_S = 20.0
 
 
 def _client_version() -> str:
@@ -132,17 +137,31 @@ class Timeouts:
     (see ``estimate_tokens``), so the longest rollouts are never cut off by a fixed
     short timeout. ``connect`` bounds making a connection; ``base`` also bounds writing
     the body and waiting for a pooled connection.
+
+    ``failover`` (several replicas only): the shorter wait of an attempt that another
+    healthy replica could take over instead (see ``for_failover``).
     """
 
     base: float = 60.0
     per_token: float = 0.002
     connect: float = 10.0
+    failover: float | None = DEFAULT_FAILOVER_TIMEOUT_S
 
     def read_timeout(self, tokens: int) -> float:
         return self.base + self.per_token * max(0, tokens)
 
     def for_tokens(self, tokens: int) -> httpx.Timeout:
         return httpx.Timeout(connect=self.connect, read=self.read_timeout(tokens), write=self.base, pool=self.base)
+
+    def for_failover(self, tokens: int) -> httpx.Timeout | None:
+        """The timeouts of an attempt that another replica could take over: it waits
+        ``failover + per_token * tokens`` seconds (never more than ``for_tokens``) for
+        the answer and for the replica to read the body; None when ``failover`` is None."""
+        if self.failover is None:
+            return None
+        full = self.for_tokens(tokens)
+        wait = min(self.failover + self.per_token * max(0, tokens), full.read or self.base)
+        return httpx.Timeout(connect=self.connect, read=wait, write=min(wait, self.base), pool=self.base)
 
 
 @dataclass(frozen=True)
@@ -206,6 +225,7 @@ class ClientStats:
     image_reuploads: int = 0  # uploads repeated because the server had evicted the hash
     splits_on_413: int = 0
     failovers: int = 0  # attempts sent to the next replica after one failed (several replicas)
+    replica_timeouts: int = 0  # attempts a replica left unanswered past the failover timeout (hung?)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **counts: int) -> None:

@@ -52,7 +52,7 @@ import httpx
 from pydantic import ValidationError
 
 from kawhi_client.actions import Call, Job, Lookup, Parallel, Sleep, check_action, resume  # noqa: F401 (re-exported)
-from kawhi_client.affinity import ReplicaJobs
+from kawhi_client.affinity import HUNG_COOLDOWN_S, HUNG_EXCEPTIONS, ReplicaJobs, ReplicaTimeout
 from kawhi_client.config import (
     DEFAULT_READY_TIMEOUT_S,
     READY_LOG_EVERY_S,
@@ -164,13 +164,16 @@ class Core(ReplicaJobs):
         request_id: str | None = None,
         route: str | None = None,
         where: dict[str, Any] | None = None,
+        tokens: int = 0,
     ) -> Job:
         """Send one request, retrying transient failures; returns the 2xx response
         or raises the typed error. The same X-Request-ID goes with every attempt.
 
         ``route``: the routing key, sent as a header; with several replicas it also
         picks the replica of each attempt (failing over as the module doc says).
-        ``where["url"]`` is set to the replica of the latest attempt."""
+        ``where["url"]`` is set to the replica of the latest attempt. ``tokens``: the
+        estimated work, which sets the failover timeout (``Timeouts.for_failover``) of an
+        attempt that another healthy replica could take over."""
         rid = request_id or new_request_id()
         headers = {"X-Request-ID": rid}
         if content_type:
@@ -190,12 +193,15 @@ class Core(ReplicaJobs):
             self.stats.add(http_requests=1)
             retry_after: float | None = None
             failure: Any
+            attempt_timeout = self.attempt_timeout(endpoint, failed_replicas, attempt, tokens) or timeout
             try:
                 if self.replicas is not None and endpoint is None:
                     raise httpx.ConnectError(f"no replica of {self.replicas.description} is known yet")
-                resp = yield Call(method, path, headers, timeout, content, endpoint)
+                resp = yield Call(method, path, headers, attempt_timeout, content, endpoint)
             except RETRY_EXCEPTIONS as exc:
                 failure = exc
+                if attempt_timeout is not timeout and isinstance(exc, HUNG_EXCEPTIONS):
+                    failure = ReplicaTimeout(exc, attempt_timeout)
             except httpx.HTTPError as exc:  # a bad URL, an unsupported scheme ...: retrying cannot help
                 raise KawhiConnectionError(
                     f"{method} {endpoint or self.base_url}{path} failed: {type(exc).__name__}: {exc}", request_id=rid,
@@ -211,6 +217,10 @@ class Core(ReplicaJobs):
                     raise self._http_error(resp, rid, attempt, None)
                 failure = resp
                 retry_after = parse_retry_after(resp.headers.get("retry-after"), now=self.wallclock())
+            if isinstance(failure, ReplicaTimeout):
+                self.stats.add(replica_timeouts=1)
+                log.warning("kawhi: %s did not answer %s %s in %.1fs; skipping it for %.0fs [request_id=%s]",
+                            endpoint, method, path, failure.seconds, HUNG_COOLDOWN_S, rid)
             if endpoint is not None and self._fail_over(failure, endpoint, retry_after, failed_replicas, attempt):
                 self.stats.add(retries=1, failovers=1)
                 log.info("kawhi: %s %s attempt %d failed on %s (%s); trying the next replica [request_id=%s]",
@@ -243,7 +253,8 @@ class Core(ReplicaJobs):
         where = f"{method} {self.base_url}{path}"
         if isinstance(failure, httpx.TimeoutException):
             return KawhiTimeout(
-                f"{where}: no answer in time ({type(failure).__name__}; read timeout {timeout.read:.1f}s) "
+                f"{where}: no answer in time ({type(failure).__name__}; read timeout "
+                f"{failure.seconds if isinstance(failure, ReplicaTimeout) else timeout.read:.1f}s) "
                 f"after {attempts} attempt(s) [request_id={rid}]",
                 request_id=rid, attempts=attempts,
             )
@@ -365,7 +376,7 @@ class Core(ReplicaJobs):
         where: dict[str, Any] = {}
         resp = yield from self.exchange(
             "POST", "/v1/images", timeout=timeout, content=image.data, content_type=image.content_type,
-            route=route, where=where,
+            route=route, where=where, tokens=IMAGE_TOKENS_ESTIMATE,
         )
         body = _json_or_none(resp.content)
         sha = body.get("sha256") if isinstance(body, dict) else None
@@ -466,11 +477,11 @@ class Core(ReplicaJobs):
 
         while True:
             body = build_body([g.json for g in chunk], opts, per_group_errors, self.wire)
-            timeout = self.timeouts.for_tokens(sum(g.tokens for g in chunk))
+            tokens = sum(g.tokens for g in chunk)
             try:
                 resp = yield from self.exchange(
-                    "POST", "/v1/reweight", timeout=timeout, content=body, content_type="application/json",
-                    request_id=request_id, route=route, where=where,
+                    "POST", "/v1/reweight", timeout=self.timeouts.for_tokens(tokens), content=body,
+                    content_type="application/json", request_id=request_id, route=route, where=where, tokens=tokens,
                 )
             except ImageNotFound as err:
                 sha = err.sha256 or sha_at(err.pointer, chunk)

@@ -29,8 +29,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _exactly_one_of(fields: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """JSON Schema for "exactly one of these fields is given (not null)": one ``oneOf``
+    branch per field, which requires it non-null and the others absent or null."""
+    return {"oneOf": [
+        {"required": [name], "properties": {other: ({"type": "null"} if other != name else spec)
+                                             for other in fields}}
+        for name, spec in fields.items()
+    ]}
+
+
 class ImageRef(_Strict):
     """Exactly one of: base64 bytes, the sha256 of bytes sent earlier, or a path (CLI only)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_exactly_one_of(
+        {"data": {"type": "string"}, "sha256": {"type": "string"}, "path": {"type": "string"}}))
 
     data: str | None = Field(None, description="base64 PNG/JPEG/WebP bytes")
     sha256: str | None = Field(None, description="hex sha256 of bytes the service already holds")
@@ -51,6 +64,9 @@ class ResponseIn(_Strict):
 
 
 class RolloutGroup(_Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_exactly_one_of(
+        {"prompt": {"type": "string"}, "messages": {"type": "array"}}))
+
     id: str | None = None
     image: ImageRef
     prompt: str | None = None

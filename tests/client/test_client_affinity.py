@@ -14,8 +14,10 @@ from typing import Any
 
 import httpx
 import pytest
-from kawhi_client import Client, KawhiConnectionError, Limits
+from kawhi_client import Client, KawhiConnectionError, KawhiTimeout, Limits
+from kawhi_client.affinity import HUNG_COOLDOWN_S
 from kawhi_client.core import Call, Core, Lookup, Parallel, Sleep, resume
+from kawhi_client.planning import IMAGE_TOKENS_ESTIMATE
 from kawhi_client.replicas import ReplicaSet, rank
 from kawhi_client.routing import GRPC_METADATA_KEY, ROUTING_HEADER, ROUTING_KEY_RE, group_routing_key, routing_key
 
@@ -87,6 +89,7 @@ class Replica:
         self.url = url
         self.images: set[str] = set()
         self.fail: Any | None = None  # an exception to raise, or (status, headers) to answer
+        self.hung = False  # accepts the connection, never answers (the World lets the timeout pass)
         self.calls: list[Call] = []
 
     def handle(self, call: Call) -> httpx.Response:
@@ -149,7 +152,12 @@ class World:
             try:
                 if isinstance(action, Call):
                     assert action.endpoint is not None, "with replicas every call names its replica"
-                    value = self.by_url[action.endpoint].handle(action)
+                    replica = self.by_url[action.endpoint]
+                    if replica.hung:  # a fake of a stopped process (the real one: test_client_replicas.py)
+                        replica.calls.append(action)
+                        self.now += action.timeout.read
+                        raise httpx.ReadTimeout("timed out")
+                    value = replica.handle(action)
                 elif isinstance(action, Lookup):
                     self.lookups += 1
                     if self.dns is None:
@@ -278,6 +286,65 @@ def test_503_and_429_send_the_request_to_the_next_replica_for_the_retry_after(st
     world.now += 2  # past it: the key is back on its first choice, which never got the image
     world.run(core.reweight_job([g], None, {}, False, None))
     assert [c.path for c in reps[first].calls[1:]] == ["/v1/images", "/v1/reweight"]
+
+
+def test_a_hung_replica_is_failed_over_after_the_failover_timeout_and_skipped_for_a_while() -> None:
+    core = make_core(URLS)
+    reps = {u: Replica(u) for u in URLS}
+    world = World(core, list(reps.values()))
+    g = groups(1)[0]
+    first, second = rank(key_of(g), URLS)[:2]
+    reps[first].hung = True
+    out = world.run(core.reweight_job([g], None, {}, False, "h1"))
+    assert out.results[0].id == "g0" and world.sleeps == []
+    # the upload waited the failover timeout on the hung replica, not the full read timeout
+    [stuck] = reps[first].calls
+    assert stuck.path == "/v1/images"
+    assert stuck.timeout.read == pytest.approx(core.timeouts.for_failover(IMAGE_TOKENS_ESTIMATE).read)
+    assert stuck.timeout.read < core.timeouts.for_tokens(IMAGE_TOKENS_ESTIMATE).read
+    assert world.now == pytest.approx(stuck.timeout.read)
+    assert core.stats.replica_timeouts == 1 and core.stats.failovers == 1
+    assert [c.path for c in reps[second].calls] == ["/v1/images", "/v1/reweight"]
+
+    # skipped for HUNG_COOLDOWN_S: the next calls cost nothing
+    world.now += HUNG_COOLDOWN_S - 1
+    world.run(core.reweight_job([g], None, {}, False, "h2"))
+    assert len(reps[first].calls) == 1 and len(reps[second].reweights()) == 2
+
+    # after it, one call tries it again; it answers again, so the key is back home
+    reps[first].hung = False
+    world.now += 2
+    world.run(core.reweight_job([g], None, {}, False, "h3"))
+    assert [c.path for c in reps[first].calls[1:]] == ["/v1/images", "/v1/reweight"]
+
+
+def test_without_a_failover_timeout_a_hung_replica_gets_every_retry() -> None:
+    core = make_core(URLS, failover_timeout=None)
+    reps = {u: Replica(u) for u in URLS}
+    world = World(core, list(reps.values()))
+    g = groups(1)[0]
+    first = rank(key_of(g), URLS)[0]
+    reps[first].hung = True
+    with pytest.raises(KawhiTimeout):
+        world.run(core.reweight_job([g], None, {}, False, None))
+    assert len(reps[first].calls) == 5 and core.stats.failovers == 0  # what the issue saw: minutes per call
+    assert world.now > 5 * core.timeouts.base
+
+
+def test_the_last_attempt_and_a_lone_healthy_replica_get_the_full_timeout() -> None:
+    core = make_core(URLS)
+    reps = [Replica(u) for u in URLS]
+    for r in reps:
+        r.hung = True
+    world = World(core, reps)
+    with pytest.raises(KawhiTimeout):
+        world.run(core.reweight_job(groups(1), None, {}, False, None))
+    reads = [c.timeout.read for r in reps for c in r.calls]
+    short = core.timeouts.for_failover(IMAGE_TOKENS_ESTIMATE).read
+    full = core.timeouts.for_tokens(IMAGE_TOKENS_ESTIMATE).read
+    # two replicas were moved away from; then none healthy is left: the full timeout, with backoff
+    assert sorted(reads) == [short, short, full, full, full]
+    assert core.stats.replica_timeouts == 2 and core.stats.failovers == 2
 
 
 def test_with_every_replica_down_the_retry_policy_waits_then_gives_up() -> None:

@@ -1,7 +1,8 @@
 """Three real `kawhi serve` replicas (demo model, loopback ports) and a workload of groups
 sent one sample per request: every group's requests land on one replica, the work spreads
-over the replicas, the affinity ratio equals one replica's, and SIGKILLing a replica mid-run
-loses no request. What each replica saw is read from its own /metrics
+over the replicas, the affinity ratio equals one replica's, a SIGSTOPped replica (hung, its
+TCP still accepting) is failed over after the failover timeout, and SIGKILLing a replica
+mid-run loses no request. What each replica saw is read from its own /metrics
 (``kawhi_routing_requests_total``, the image uploads, ``kawhi_prefix_cache_misses_total``:
 each group's prefix is computed once in all, as on one replica); the harness is
 bench/replicas.py.
@@ -9,8 +10,11 @@ bench/replicas.py.
 
 from __future__ import annotations
 
+import signal
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -20,7 +24,7 @@ for _p in (ROOT, ROOT / "service", ROOT / "client"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from kawhi_client import AsyncClient  # noqa: E402
+from kawhi_client import AsyncClient, Client, KawhiError, KawhiTimeout  # noqa: E402
 from kawhi_client.replicas import rank  # noqa: E402
 from kawhi_client.routing import ROUTING_HEADER  # noqa: E402
 
@@ -55,6 +59,44 @@ def test_each_group_stays_on_one_replica_and_the_work_spreads(three) -> None:
     assert out["client"]["failovers"] == 0
     # the prefix cache: each group's image + prompt computed once, in all (as on one replica)
     assert out["prefixes_computed"] == GROUPS
+
+
+def _answer_with_one_replica_stopped(three, tag: str, **client_kw) -> tuple[float, Any, dict[str, int]]:
+    """SIGSTOP the replica that owns a fresh group (its TCP still accepts), send that group,
+    SIGCONT it: (seconds to the answer or the error, the results or the error, the stats)."""
+    urls = [s.url for s in three]
+    request = workload(1, 1, tag=tag)[0]
+    victim = next(s for s in three if s.url == rank(key_of(request), urls)[0])
+    assert victim.proc is not None and victim.proc.poll() is None
+    victim.proc.send_signal(signal.SIGSTOP)
+    try:
+        with Client(replicas=urls, wait_ready=False, **client_kw) as client:
+            t0 = time.perf_counter()
+            try:
+                out: Any = client.reweight([request])
+            except KawhiError as exc:
+                out = exc
+            return time.perf_counter() - t0, out, client.stats.snapshot()
+    finally:
+        victim.proc.send_signal(signal.SIGCONT)
+
+
+def test_a_stopped_replica_is_failed_over_after_the_failover_timeout(three) -> None:
+    # with failover: the call moves on after 2 s (the first of it on the stopped replica)
+    took, out, stats = _answer_with_one_replica_stopped(three, "hung-", timeout=30, failover_timeout=2.0)
+    print(f"stopped replica, failover_timeout=2: answered in {took:.2f}s, {stats}")
+    assert not isinstance(out, Exception), out
+    assert out[0].id == "hung-g0.s0"
+    assert stats["replica_timeouts"] >= 1 and stats["failovers"] >= 1
+    assert took < 15  # the full read timeout (30 s) never elapsed
+
+    # without (what the issue saw): every attempt waits the full read timeout on the stopped replica
+    took, out, stats = _answer_with_one_replica_stopped(three, "stuck-", timeout=4, failover_timeout=None,
+                                                        retries=1, backoff=0.0)
+    print(f"stopped replica, no failover timeout: gave up after {took:.2f}s, {stats}")
+    assert isinstance(out, KawhiTimeout), out
+    assert stats["failovers"] == 0 and stats["replica_timeouts"] == 0
+    assert took >= 8  # two attempts of 4 s, both on the stopped replica
 
 
 def test_killing_a_replica_mid_run_loses_no_request(three) -> None:

@@ -603,3 +603,21 @@ def test_kawhi_client_imports_without_torch() -> None:
             "assert 'numpy' not in sys.modules, 'numpy is imported lazily'; "
             "assert 'PIL' not in sys.modules, 'the client never decodes images'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT / "client")
+
+
+def test_the_json_schema_says_exactly_one_image_source_and_one_of_prompt_or_messages() -> None:
+    """What the models' validators enforce, the published JSON Schema (and so /openapi.json) says."""
+    jsonschema = pytest.importorskip("jsonschema")
+    image = jsonschema.Draft202012Validator(ImageRef.model_json_schema())
+    cases = [{"data": "aGk="}, {"sha256": "0" * 64}, {"path": "a.png"}, {"data": "aGk=", "sha256": None},
+             {}, {"data": "aGk=", "sha256": "0" * 64}, {"sha256": "0" * 64, "path": "a.png"}, {"data": None}]
+    for case in cases:
+        accepted = True
+        try:
+            ImageRef.model_validate(case)
+        except ValueError:
+            accepted = False
+        assert image.is_valid(case) == accepted, case
+    group = jsonschema.Draft202012Validator({"oneOf": RolloutGroup.model_json_schema()["oneOf"]})
+    assert group.is_valid({"prompt": "q"}) and group.is_valid({"messages": [], "prompt": None})
+    assert not group.is_valid({"prompt": "q", "messages": []}) and not group.is_valid({})

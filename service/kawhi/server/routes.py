@@ -16,9 +16,10 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from kawhi_client.schema import Problem, ReweightResponse
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from kawhi import __version__
+from kawhi.engine.images import ImageLimits
 from kawhi.errors import PROBLEM_MEDIA_TYPE, KawhiError, pointer
 from kawhi.pipeline.answers import JSON
 from kawhi.pipeline.service import ClientClosed, ReweightService
@@ -40,6 +41,21 @@ _PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
         429: "queue full; see Retry-After",
         503: "loading or draining; see Retry-After",
         504: "request deadline exceeded",
+    }.items()
+}
+
+_IMAGE_LIMITS = ImageLimits()  # the defaults; GET /v1/info answers the limits a server enforces
+_IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": Problem, "content": {PROBLEM_MEDIA_TYPE: {}}, "description": desc}
+    for code, desc in {
+        413: f"the image is over max_image_bytes (default {_IMAGE_LIMITS.max_bytes} bytes) or its header says "
+             f"more than max_image_pixels (default {_IMAGE_LIMITS.max_pixels} pixels), or the body is over "
+             "max_body_bytes; limits in GET /v1/info",
+        415: "never answered here: the Content-Type is not trusted, the bytes are sniffed (a body that is not "
+             "an image is 422)",
+        422: f"not a {'/'.join(_IMAGE_LIMITS.formats)} image, an empty body or multipart without a file part, "
+             f"a side under min_image_side (default {_IMAGE_LIMITS.min_side} px) or an aspect ratio over "
+             f"{_IMAGE_LIMITS.max_aspect_ratio:g}",
     }.items()
 }
 
@@ -107,7 +123,14 @@ async def readyz(request: Request, state: ReweightService = Depends(get_service)
     return problem_response(err, getattr(request.state, "request_id", None))
 
 
-@router.get("/metrics", tags=["probes"], summary="Prometheus metrics")
+@router.get(
+    "/metrics",
+    tags=["probes"],
+    summary="Prometheus metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"description": "the Prometheus text exposition format (version 0.0.4), not JSON",
+                     "content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
 async def metrics(state: ReweightService = Depends(get_service)) -> Response:
     return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
@@ -127,6 +150,7 @@ async def info(state: ReweightService = Depends(get_service)) -> Response:
     "/images",
     tags=["v1"],
     summary="upload image bytes (raw body or multipart); answers the sha256 to reference them by",
+    responses=_IMAGE_RESPONSES,
     openapi_extra={
         "requestBody": {
             "required": True,
