@@ -104,7 +104,7 @@ extras, todo, reqs = project['optional-dependencies'], ['server'], list(project[
  for extra in todo for r in extras[extra]]; print('\n'.join(dict.fromkeys(reqs)))" > /tmp/requirements.txt \
     && pip install --no-cache-dir -r /tmp/requirements.txt
 
-# kawhi as a wheel (the demo model is package data inside it), then its server
+# kawhi as a wheel (the embedded kawhi-tiny and demo models are package data inside it), then its server
 # extra into the venv (already satisfied: only kawhi itself is added).  Only the
 # files a wheel needs are copied (.dockerignore is an allow-list too).
 COPY README.md ./
