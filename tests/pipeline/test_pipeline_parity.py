@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from grpc_fixtures import GrpcServerThread
+from kawhi.engine.engine import DEMO_MODEL_DIR
 from kawhi.pipeline.local import LocalService
 from server_fixtures import ROOT, b64, demo_engine, png_bytes, small_group, subprocess_env
 
@@ -89,6 +90,7 @@ ROWS: list[tuple[str, Callable[[dict], None], str, str]] = [
 UNREPRESENTABLE = {
     "reward as text", "reward as bool", "fractional token id", "token id as text", "lone surrogate in text",
     "lone surrogate in prompt", "bad base64", "image data and sha256", "unknown field", "group not an object",
+    "image URL",  # the proto's image is a oneof of data / sha256 / path: a url has no field
 }
 
 
@@ -166,16 +168,18 @@ def test_every_front_end_agrees(server: GrpcServerThread, tmp_path) -> None:
         r = client.post("/v1/reweight", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 200, r.text[:500]
     remote = r.json()["results"]
-    # CLI, one group per line, the same limits as the server
+    # CLI, one group per line, the same model and limits as the server (the CLI's default is kawhi-tiny)
+    same_model = ["--model", str(DEMO_MODEL_DIR)]
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps(g, allow_nan=True) + "\n" for g in groups))
     out = tmp_path / "out.jsonl"
-    run = subprocess.run([sys.executable, "-m", "kawhi.cli", "reweight", str(src), "-o", str(out), "-q"],
+    run = subprocess.run([sys.executable, "-m", "kawhi.cli", "reweight", str(src), "-o", str(out), "-q", *same_model],
                          capture_output=True, text=True, timeout=600, env=subprocess_env(), cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
     cli = [json.loads(line) for line in out.read_text().splitlines()]
     # kawhi explain, the same file
-    run = subprocess.run([sys.executable, "-m", "kawhi.cli", "explain", str(src), "-o", str(tmp_path / "views")],
+    run = subprocess.run([sys.executable, "-m", "kawhi.cli", "explain", str(src), "-o", str(tmp_path / "views"),
+                          *same_model],
                          capture_output=True, text=True, timeout=600, env=subprocess_env(), cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
     explained = _explain_errors(run.stderr, len(groups))
