@@ -21,7 +21,7 @@ import pytest
 from kawhi.pipeline.local import LocalService
 from kawhi_client.integrations import KawhiIntegrationError
 from kawhi_client.integrations import verl as kv
-from test_integration_helpers import demo_engine, demo_policy, png, small_image
+from test_integration_helpers import demo_engine, demo_policy, png, reference_logprobs, small_image
 from test_integration_verl import PROMPTS, legacy_batch, needs_verl, ray_session, verl_config  # noqa: F401
 
 TEMPERATURE = 0.8
@@ -72,8 +72,7 @@ def policy_logprobs(batch: Any) -> Any:
     by a plain transformers forward of image + chat prompt + response, at verl's temperature."""
     import torch
 
-    engine, policy = demo_engine(), demo_policy().eval()
-    ref = engine.model
+    policy = demo_policy().eval()
     T = batch.batch["responses"].shape[1]
     out = torch.zeros(len(batch), T)
     for i in range(len(batch)):
@@ -82,16 +81,7 @@ def policy_logprobs(batch: Any) -> Any:
         ids = item.batch["responses"][:valid].tolist()
         question = item.non_tensor_batch["raw_prompt"][0]["content"][1]["text"]
         (_, image_name, _), = [p for p in PROMPTS if p[0] == question]
-        resized, _ = ref.resize_image(small_image(image_name))
-        prompt = ref.encode_prompt(resized, messages=[{"role": "user", "content": [{"type": "image"},
-                                                                                 {"type": "text", "text": question}]}])
-        seq = torch.cat([prompt.input_ids, torch.tensor(ids)])[None]
-        with torch.no_grad():
-            logits = policy(input_ids=seq, pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw,
-                            mm_token_type_ids=(seq == ref.image_token_id).int()).logits[0]
-        P = prompt.input_ids.numel()
-        logp = torch.log_softmax(logits[P - 1:-1].float() / TEMPERATURE, -1)
-        out[i, :valid] = logp.gather(-1, torch.tensor(ids)[:, None])[:, 0]
+        out[i, :valid] = reference_logprobs(policy, question, image_name, ids, TEMPERATURE)
     return out
 
 

@@ -29,7 +29,15 @@ import uuid
 from typing import Any
 
 import pytest
-from test_integration_helpers import ROOT, demo_engine, demo_policy, free_port, kawhi_serve, png, small_image
+from test_integration_helpers import (
+    ROOT,
+    demo_policy,
+    free_port,
+    kawhi_serve,
+    png,
+    reference_logprobs,
+    small_image,
+)
 
 HAVE_VERL = all(importlib.util.find_spec(m) is not None for m in ("verl", "ray", "transfer_queue"))
 pytestmark = pytest.mark.skipif(not HAVE_VERL, reason="verl, ray and TransferQueue not installed: "
@@ -210,21 +218,8 @@ def sample_prompt(data: Any, i: int) -> tuple[str, str]:
 
 
 def plain_reference_forward(question: str, image_name: str, ids: list[int]) -> Any:
-    """Per-token log-probs of ``ids`` under the demo model (the weights the service serves), by a
-    plain transformers forward of image + chat prompt + response at verl's temperature."""
-    import torch
-
-    ref, policy = demo_engine().model, demo_policy().eval()
-    resized, _ = ref.resize_image(small_image(image_name))
-    prompt = ref.encode_prompt(resized, messages=[{"role": "user", "content": [{"type": "image"},
-                                                                             {"type": "text", "text": question}]}])
-    seq = torch.cat([prompt.input_ids, torch.tensor(ids)])[None]
-    with torch.no_grad():
-        logits = policy(input_ids=seq, pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw,
-                        mm_token_type_ids=(seq == ref.image_token_id).int()).logits[0]
-    P = prompt.input_ids.numel()
-    logp = torch.log_softmax(logits[P - 1:-1].float() / TEMPERATURE, -1)
-    return logp.gather(-1, torch.tensor(ids)[:, None])[:, 0]
+    """Per-token log-probs of ``ids`` under the demo model at verl's temperature (a plain forward)."""
+    return reference_logprobs(demo_policy().eval(), question, image_name, ids, TEMPERATURE)
 
 
 # ---------------------------------------------------------------------- tests

@@ -117,3 +117,22 @@ def demo_policy(seed: int = 0) -> Any:
     torch.manual_seed(seed)
     return Qwen2_5_VLForConditionalGeneration.from_pretrained(DEMO_MODEL_DIR, dtype=torch.float32,
                                                               local_files_only=True)
+
+
+def reference_logprobs(policy: Any, question: str, image_name: str, ids: list[int], temperature: float) -> Any:
+    """Per-token log-probs of ``ids`` under ``policy`` (the demo weights the service serves), by a plain
+    transformers forward of image + chat prompt + response at ``temperature``: the oracle the
+    service's reference log-probs are checked against."""
+    import torch
+
+    ref = demo_engine().model
+    resized, _ = ref.resize_image(small_image(image_name))
+    prompt = ref.encode_prompt(resized, messages=[{"role": "user", "content": [{"type": "image"},
+                                                                             {"type": "text", "text": question}]}])
+    seq = torch.cat([prompt.input_ids, torch.tensor(ids)])[None]
+    with torch.no_grad():
+        logits = policy(input_ids=seq, pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw,
+                        mm_token_type_ids=(seq == ref.image_token_id).int()).logits[0]
+    P = prompt.input_ids.numel()
+    logp = torch.log_softmax(logits[P - 1:-1].float() / temperature, -1)
+    return logp.gather(-1, torch.tensor(ids)[:, None])[:, 0]
