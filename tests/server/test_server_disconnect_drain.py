@@ -172,3 +172,42 @@ def test_drain_is_bounded_by_the_drain_timeout_and_answers_503() -> None:
         stopped = time.monotonic() - t0
         assert not srv.thread.is_alive()
         assert stopped < drain + 0.5, f"shutdown took {stopped:.2f} s for a drain timeout of {drain} s"
+
+
+def _abandoned_body(path: str, content_type: str, first_bytes: bytes) -> bytes:
+    """The head of a POST declaring 5000 body bytes and only the first few of them."""
+    head = (f"POST {path} HTTP/1.1\r\nHost: kawhi\r\nContent-Type: {content_type}\r\n"
+            "Content-Length: 5000\r\n\r\n").encode()
+    return head + first_bytes
+
+
+ABANDONED = [
+    ("/v1/reweight", "application/json", b'{"groups": [' + b" " * 100),
+    ("/v1/explain", "application/json", b'{"groups": [' + b" " * 100),
+    ("/v1/images", "image/png", b"\x89PNG\r\n\x1a\n" + b"\0" * 100),
+    ("/v1/images", "multipart/form-data; boundary=kb",
+     b'--kb\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n' + b"\0" * 100),
+]
+
+
+def test_a_client_gone_while_sending_its_body_is_a_499_without_a_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 26.1: the body never finishes, the socket closes: client-closed (499), not a 500."""
+    with ProductServer() as srv, caplog.at_level("INFO"):
+        for path, content_type, first in ABANDONED:
+            conn = srv.raw(_abandoned_body(path, content_type, first))
+            time.sleep(0.2)  # the route is reading the body
+            conn.close()
+        routes = ("/v1/reweight", "/v1/explain", "/v1/images")
+
+        def answered(status: str) -> float:
+            text = srv.metrics()
+            return sum(metric(text, "kawhi_requests_total", f'frontend="http",route="{r}",status="{status}"')
+                       for r in routes)
+
+        _until(lambda: answered("499") == len(ABANDONED))
+        text = srv.metrics()
+        assert answered("500") == 0 and metric(text, "kawhi_errors_total", 'type="internal"') == 0
+        assert metric(text, "kawhi_errors_total", 'type="client-closed"') == len(ABANDONED)
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= 40], [r.getMessage() for r in caplog.records]
+    access = [r for r in caplog.records if r.name == "kawhi.server.access" and getattr(r, "path", "") in routes]
+    assert sorted(r.status for r in access) == [499] * len(ABANDONED)
