@@ -32,7 +32,7 @@ from kawhi_client.routing import GRPC_METADATA_KEY
 from kawhi_client.schema import GroupResult, Problem
 
 from kawhi.errors import KawhiError
-from kawhi.grpc.messages import PROTOBUF, parse_group_message, parse_request_message
+from kawhi.grpc.messages import PROTOBUF, Undecodable, parse_group_message, parse_request_message
 from kawhi.logs import accept_request_id, request_id_var
 from kawhi.pipeline.auth import bearer_token, key_is_valid, unauthorized
 from kawhi.pipeline.service import ReweightService
@@ -135,6 +135,8 @@ class KawhiServicer(pb_grpc.KawhiServicer):
     async def Reweight(self, request: pb.ReweightRequest, context: grpc.aio.ServicerContext) -> bytes:
         """The answer as the serialised message (kawhi.grpc.server sends bytes as they are)."""
         async with _Rpc(self.state, context, "Reweight"):
+            if isinstance(request, Undecodable):
+                raise request.error()
             self.state.metrics.observe_routing_key(_metadata(context, GRPC_METADATA_KEY) or None)
             service = self.state
             service.require_engine()  # loading / draining
@@ -174,7 +176,9 @@ class KawhiServicer(pb_grpc.KawhiServicer):
         try:
             k = 0
             async for message in requests:
-                options = convert.options_from_message(message.options) if message.HasField("options") else None
+                if isinstance(message, Undecodable):
+                    raise message.error()  # the stream's framing is lost: the call ends INVALID_ARGUMENT
+                options = message.options if message.HasField("options") else None
                 arrays = message.token_arrays if message.HasField("token_arrays") else True
                 for j, group in enumerate(message.groups):
                     task = asyncio.ensure_future(self._one_group(k, j, group, options, arrays, context, done))
@@ -184,11 +188,11 @@ class KawhiServicer(pb_grpc.KawhiServicer):
             done.put_nowait(None)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # a broken inbound stream ends the call
+        except Exception as exc:  # a broken inbound stream ends the call (a KawhiError: its status)
             done.put_nowait(exc)
 
     async def _one_group(
-        self, k: int, j: int, group: pb.RolloutGroup, options: dict[str, Any] | None, token_arrays: bool,
+        self, k: int, j: int, group: pb.RolloutGroup, options: pb.Options | None, token_arrays: bool,
         context: grpc.aio.ServicerContext, done: asyncio.Queue,
     ) -> None:
         """One group of a stream through the pipeline as a one-group request; any problem
@@ -208,7 +212,7 @@ class KawhiServicer(pb_grpc.KawhiServicer):
         done.put_nowait(msg)
 
     async def _group_result(
-        self, k: int, j: int, group: pb.RolloutGroup, options: dict[str, Any] | None, token_arrays: bool,
+        self, k: int, j: int, group: pb.RolloutGroup, options: pb.Options | None, token_arrays: bool,
         context: grpc.aio.ServicerContext,
     ) -> pb.ReweightStreamResult:
         service = self.state
@@ -241,6 +245,8 @@ class KawhiServicer(pb_grpc.KawhiServicer):
             parts: list[bytes] = []
             size = 0
             async for chunk in chunks:
+                if isinstance(chunk, Undecodable):
+                    raise chunk.error()
                 size += len(chunk.data)
                 if size > limit:  # stop reading: never hold more than the limit
                     raise KawhiError("too-large", f"the image is over the limit of {limit} bytes")
@@ -250,4 +256,6 @@ class KawhiServicer(pb_grpc.KawhiServicer):
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> Any:
         async with _Rpc(self.state, context, "Info"):
+            if isinstance(request, Undecodable):
+                raise request.error()
             return convert.to_struct(self.state.info().to_dict())
