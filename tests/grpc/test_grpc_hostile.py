@@ -1,5 +1,7 @@
-"""Hostile kawhi.v1 messages over a real grpc channel (issue 26.4): a non-finite number inside a
-google.protobuf.Value, bytes that are no message at all, garbage in the middle of a stream.
+"""Hostile kawhi.v1 clients over a real grpc channel (issue 26.4, 26.5): a non-finite number
+inside a google.protobuf.Value, bytes that are no message at all, garbage in the middle of a
+stream, a stream message over the unary group limit, a stalled upload, a stream whose results
+are never read, a stream cancelled half way.
 
 Each is sent as bytes through a generic call (``channel.unary_unary`` / ``stream_stream``
 without a serializer), as a hostile client would, and each has an HTTP twin: the same
@@ -10,8 +12,11 @@ is that group's error and the stream goes on.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import threading
+import time
 from typing import Any
 
 import grpc
@@ -19,16 +24,18 @@ import pytest
 from grpc_fixtures import GrpcServerThread, problem_of
 from kawhi_client.grpc import convert
 from kawhi_client.grpc._proto import kawhi_pb2 as pb
-from server_fixtures import small_group
+from server_fixtures import metric, small_group
 
 REWEIGHT = "/kawhi.v1.Kawhi/Reweight"
 STREAM = "/kawhi.v1.Kawhi/ReweightStream"
 GARBAGE = b"\xff\xff\xff\xff\x0f\x12\x80"  # a field with wire type 7 and a truncated varint: no message
+WINDOW = 4  # stream_window_groups of the server here
+BODY_TIMEOUT_S = 1.0
 
 
 @pytest.fixture(scope="module")
 def server() -> Any:
-    with GrpcServerThread() as s:
+    with GrpcServerThread(stream_window_groups=WINDOW, body_timeout_s=BODY_TIMEOUT_S) as s:
         s.wait_ready()
         yield s
 
@@ -135,3 +142,119 @@ def test_garbage_in_the_middle_of_a_stream_is_invalid_argument(server: GrpcServe
     assert error is not None and error.code() == grpc.StatusCode.INVALID_ARGUMENT, error and error.details()
     assert "DecodeError" not in (error.details() or "") and problem_of(error).status == 400
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+def test_a_stream_message_over_the_group_limit_is_refused_like_a_unary_call(server: GrpcServerThread) -> None:
+    limit = server.settings.max_groups
+    message = pb.ReweightRequest(groups=[_group_message(1000 + i) for i in range(limit + 1)])
+    before = _groups_run(server)
+    unary = _unary(server, message.SerializeToString())
+    _, error = _stream(server, [message.SerializeToString()])
+    assert error is not None and error.code() == unary.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    streamed, called = problem_of(error), problem_of(unary)
+    assert (streamed.type, streamed.pointer, streamed.detail) == (called.type, "/groups", called.detail)
+    assert _groups_run(server) == before
+
+
+def test_a_stalled_upload_is_cut_after_body_timeout_s(server: GrpcServerThread) -> None:
+    """Issue 26.5: one chunk, then nothing: the server ends the call (its own problem, not the
+    client's deadline) as HTTP answers a stalled body 408."""
+    release = threading.Event()
+
+    def chunks() -> Any:
+        yield pb.ImageChunk(data=b"\x89PNG\r\n\x1a\n")
+        release.wait(60)  # the client holds the stream open and sends nothing more
+
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            server.stub().PutImage(chunks(), timeout=20 * BODY_TIMEOUT_S)
+    finally:
+        release.set()
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    problem = problem_of(info.value)
+    assert problem.type.endswith("/request-timeout") and problem.status == 408, problem
+
+
+def _groups_run(server: GrpcServerThread) -> float:
+    with server.client() as c:
+        return metric(c.get("/metrics").text, "kawhi_groups_total")
+
+
+def _settled_groups(server: GrpcServerThread, quiet_s: float = 2.0) -> float:
+    """kawhi_groups_total once the server has held still (no group queued, none running, the
+    count unchanged) for ``quiet_s``: what an unread stream got computed."""
+    deadline = time.monotonic() + 180
+    last, since = -1.0, time.monotonic()
+    while True:
+        with server.client() as c:
+            text = c.get("/metrics").text
+        count = metric(text, "kawhi_groups_total")
+        busy = metric(text, "kawhi_queue_depth") > 0 or (server.state.batcher is not None and server.state.batcher.busy)
+        if count != last or busy:
+            last, since = count, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return count
+        assert time.monotonic() < deadline, "the server never held still"
+        time.sleep(0.1)
+
+
+def test_an_unread_stream_is_not_computed_ahead_of_its_reader(server: GrpcServerThread) -> None:
+    """Issue 26.5: 120 groups sent, no result read: the server computes its window of groups
+    plus what the client's HTTP/2 receive window takes in, then stops reading the stream.
+
+    The client here advertises a fixed 8 KiB window (no BDP probing: grpc's default grows the
+    window on loopback to hold hundreds of these 1.1 KB results, which no server can tell apart
+    from a client reading them; docs/operations.md)."""
+    sent = 120
+    before = _groups_run(server)
+    messages = [pb.ReweightRequest(groups=[_group_message(2000 + 10 * m + j) for j in range(10)]) for m in range(12)]
+    channel = grpc.insecure_channel(server.target, options=[("grpc.http2.bdp_probe", 0),
+                                                            ("grpc.http2.lookahead_bytes", 8192)])
+    call = channel.stream_stream(STREAM)(iter(m.SerializeToString() for m in messages), timeout=300)
+    try:
+        computed = _settled_groups(server) - before
+    finally:
+        call.cancel()
+        channel.close()
+    buffered = 8192 // 1000 + 1  # results the client's window takes in
+    assert 0 < computed <= WINDOW + buffered, f"{computed:g} of {sent} groups computed for a stream nobody reads"
+
+
+def test_a_cancelled_stream_logs_no_error(server: GrpcServerThread, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 26.5: a stream cancelled with groups in flight, or past its deadline, ends quietly
+    (it used to leave asyncio's "Task exception was never retrieved" at error level: the
+    request id's ContextVar reset failing in the generator's finalizer, another Context)."""
+    release = threading.Event()
+
+    def messages(n: int, hold: bool) -> Any:
+        for m in range(n):
+            yield pb.ReweightRequest(groups=[_group_message(3000 + 10 * m + j) for j in range(10)])
+        if hold:
+            release.wait(60)
+
+    def settle() -> None:
+        release.set()
+        deadline = time.monotonic() + 30
+        while server.state.active:  # the call's cleanup ran
+            assert time.monotonic() < deadline, "the cancelled stream is still counted in flight"
+            time.sleep(0.05)
+        release.clear()
+
+    stub = server.stub()
+    with caplog.at_level(logging.INFO):
+        call = stub.ReweightStream(messages(5, hold=False), timeout=120)
+        time.sleep(0.3)  # groups in flight, no result yet
+        call.cancel()
+        settle()
+        call = stub.ReweightStream(messages(2, hold=True), timeout=120)
+        next(call)
+        call.cancel()
+        settle()
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.ReweightStream(messages(3, hold=True), timeout=0.5))
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        settle()
+        time.sleep(1)
+        gc.collect()  # a task whose exception nobody retrieved is reported when it is collected
+    errors = [r.getMessage()[:300] for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not errors, errors

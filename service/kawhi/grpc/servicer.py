@@ -34,6 +34,7 @@ from kawhi_client.schema import GroupResult, Problem
 from kawhi.errors import KawhiError
 from kawhi.grpc.messages import PROTOBUF, Undecodable, parse_group_message, parse_request_message
 from kawhi.logs import accept_request_id, request_id_var
+from kawhi.pipeline.admit import check_request_size
 from kawhi.pipeline.auth import bearer_token, key_is_valid, unauthorized
 from kawhi.pipeline.service import ReweightService
 
@@ -96,7 +97,10 @@ class _Rpc:
             labels = ("grpc", self.route, self.code.name)
             self.state.metrics.requests.labels(*labels).inc()
             self.state.metrics.request_duration.labels(*labels).observe(time.perf_counter() - self.started)
-            request_id_var.reset(self.token)
+            try:
+                request_id_var.reset(self.token)
+            except ValueError:  # a stream's generator closed by asyncio's finalizer, in another Context
+                pass
 
     async def _abort(self, err: KawhiError) -> None:
         self.state.count_error(err)
@@ -147,13 +151,21 @@ class KawhiServicer(pb_grpc.KawhiServicer):
 
     async def ReweightStream(
         self, requests: AsyncIterator[pb.ReweightRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ReweightStreamResult]:
+    ) -> None:
+        """Results are written with ``context.write``, not yielded: a call cancelled while a write
+        waits on flow control cancels this coroutine there, so the cleanup below runs at once (a
+        generator left at its ``yield`` would be closed by asyncio's finalizer, late and in
+        another Context)."""
         async with _Rpc(self.state, context, "ReweightStream"):
             self.state.require_engine()  # loading / draining: the whole stream is refused
             self.state.metrics.observe_routing_key(_metadata(context, GRPC_METADATA_KEY) or None)
             done: asyncio.Queue = asyncio.Queue()
             tasks: set[asyncio.Task] = set()
-            reading = asyncio.ensure_future(self._read_stream(requests, context, done, tasks))
+            # Backpressure: a group takes a place before it is read on and gives it back once its
+            # result is sent; a client that does not read its results stops the reading, and the
+            # HTTP/2 flow control then stops its sending.
+            window = asyncio.Semaphore(self.state.settings.stream_window_groups)
+            reading = asyncio.ensure_future(self._read_stream(requests, context, done, tasks, window))
             try:
                 pending_reader = True
                 while pending_reader or tasks or not done.empty():
@@ -163,7 +175,8 @@ class KawhiServicer(pb_grpc.KawhiServicer):
                         continue
                     if isinstance(item, BaseException):
                         raise item
-                    yield item
+                    await context.write(item)
+                    window.release()
             finally:
                 reading.cancel()
                 for t in list(tasks):
@@ -171,16 +184,18 @@ class KawhiServicer(pb_grpc.KawhiServicer):
 
     async def _read_stream(
         self, requests: AsyncIterator[pb.ReweightRequest], context: grpc.aio.ServicerContext,
-        done: asyncio.Queue, tasks: set[asyncio.Task],
+        done: asyncio.Queue, tasks: set[asyncio.Task], window: asyncio.Semaphore,
     ) -> None:
         try:
             k = 0
             async for message in requests:
                 if isinstance(message, Undecodable):
                     raise message.error()  # the stream's framing is lost: the call ends INVALID_ARGUMENT
+                check_request_size(len(message.groups), self.state.limits)  # the unary limit, per message
                 options = message.options if message.HasField("options") else None
                 arrays = message.token_arrays if message.HasField("token_arrays") else True
                 for j, group in enumerate(message.groups):
+                    await window.acquire()
                     task = asyncio.ensure_future(self._one_group(k, j, group, options, arrays, context, done))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
@@ -241,18 +256,26 @@ class KawhiServicer(pb_grpc.KawhiServicer):
         async with _Rpc(self.state, context, "PutImage"):
             if self.state.draining:
                 self.state.require_engine()
-            limit = self.state.settings.max_image_bytes
-            parts: list[bytes] = []
-            size = 0
-            async for chunk in chunks:
-                if isinstance(chunk, Undecodable):
-                    raise chunk.error()
-                size += len(chunk.data)
-                if size > limit:  # stop reading: never hold more than the limit
-                    raise KawhiError("too-large", f"the image is over the limit of {limit} bytes")
-                parts.append(chunk.data)
-            stored = await self.state.store_image(b"".join(parts))
+            timeout = self.state.settings.body_timeout_s
+            try:  # a stalled upload is cut as a stalled HTTP body is (408 there)
+                data = await asyncio.wait_for(self._upload(chunks), timeout=timeout)
+            except asyncio.TimeoutError:
+                raise KawhiError("request-timeout", f"the upload did not arrive within {timeout:g} s") from None
+            stored = await self.state.store_image(data)
             return pb.ImageInfo(**stored.to_dict())
+
+    async def _upload(self, chunks: AsyncIterator[pb.ImageChunk]) -> bytes:
+        limit = self.state.settings.max_image_bytes
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in chunks:
+            if isinstance(chunk, Undecodable):
+                raise chunk.error()
+            size += len(chunk.data)
+            if size > limit:  # stop reading: never hold more than the limit
+                raise KawhiError("too-large", f"the image is over the limit of {limit} bytes")
+            parts.append(chunk.data)
+        return b"".join(parts)
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> Any:
         async with _Rpc(self.state, context, "Info"):
