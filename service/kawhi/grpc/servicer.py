@@ -99,7 +99,7 @@ class _Rpc:
             self.state.metrics.request_duration.labels(*labels).observe(time.perf_counter() - self.started)
             try:
                 request_id_var.reset(self.token)
-            except ValueError:  # a stream's generator closed by asyncio's finalizer, in another Context
+            except ValueError:  # wound up in another task's Context (a closed stream's): nothing to restore
                 pass
 
     async def _abort(self, err: KawhiError) -> None:
