@@ -256,5 +256,6 @@ def test_a_cancelled_stream_logs_no_error(server: GrpcServerThread, caplog: pyte
         settle()
         time.sleep(1)
         gc.collect()  # a task whose exception nobody retrieved is reported when it is collected
-    errors = [r.getMessage()[:300] for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    errors = [(r.getMessage()[:300], repr(r.exc_info and r.exc_info[1])) for r in caplog.records
+              if r.levelno >= logging.ERROR or r.exc_info]
     assert not errors, errors

@@ -175,7 +175,12 @@ class KawhiServicer(pb_grpc.KawhiServicer):
                         continue
                     if isinstance(item, BaseException):
                         raise item
-                    await context.write(item)
+                    try:
+                        await context.write(item)
+                    except Exception:
+                        if context.cancelled() or context.done():  # the caller went away during the write
+                            raise asyncio.CancelledError() from None
+                        raise
                     window.release()
             finally:
                 reading.cancel()
