@@ -144,9 +144,13 @@ class _GrpcBase:
         )
         self._core = Core(config, rng=rng, dialect=GrpcDialect(token_arrays))
         self._credentials = credentials
-        # the server enforces the message limits (the same as over HTTP); the client does not add its own
+        # the server enforces the message limits (the same as over HTTP); the client does not add its own.
+        # grpc's connect timeout (20 s unless set) is connect_timeout, as Client's: a replica that
+        # accepts TCP but never answers the HTTP/2 handshake is given up on after it.
         self._channel_options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
-                                 ("grpc.primary_user_agent", "kawhi-client"), *(options or ())]
+                                 ("grpc.primary_user_agent", "kawhi-client"),
+                                 ("grpc.min_reconnect_backoff_ms", max(1, int(connect_timeout * 1000))),
+                                 *(options or ())]
         self._open()
 
     def _open(self) -> None:

@@ -11,7 +11,8 @@ A status that carries our problem (``kawhi_client.grpc.status``) answers that pr
 its HTTP status, and RetryInfo as ``retry-after``: the core retries, fails over, splits a
 413 and re-uploads an evicted image exactly as over HTTP. A status without it is the
 transport's: UNAVAILABLE is a connection error, DEADLINE_EXCEEDED a read timeout (on an
-attempt with the failover timeout, a hung replica), UNKNOWN and INTERNAL a broken
+attempt with the failover timeout, a hung replica; so is a connection accepted but never
+answered within the connect timeout), UNKNOWN and INTERNAL a broken
 exchange; any other answers the HTTP status of its code (RESOURCE_EXHAUSTED without
 RetryInfo, a message over a size limit: 413).
 """
@@ -45,6 +46,11 @@ RPC_OF_CALL = {
 }
 _FORWARDED = ("x-request-id", "x-kawhi-routing-key")  # the core's headers that travel as metadata
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
+# A peer whose TCP accepted the connection but that never sent its HTTP/2 SETTINGS within the
+# connect timeout: a stopped or hung process (a dead one refuses the connection). The core
+# treats it as an unanswered attempt, as over HTTP a read that times out on an accepted
+# connection: on an attempt another replica could take over, a hung replica (skipped 30 s).
+_HUNG_PEER = "timed out before receiving SETTINGS frame"
 
 
 @dataclass
@@ -149,7 +155,7 @@ def reply_of_error(exc: grpc.RpcError, rpc: str, target: str) -> GrpcReply:
     status = status_of(exc)
     if "info" not in unpack_details(status):
         what = f"{target} {rpc}: {code.name}: {details}"
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED or (code == grpc.StatusCode.UNAVAILABLE and _HUNG_PEER in details):
             raise httpx.ReadTimeout(what)
         if code == grpc.StatusCode.UNAVAILABLE:
             raise httpx.ConnectError(what)
