@@ -163,6 +163,7 @@ class Core(ReplicaJobs, ReadinessJobs, ReweightJobs):
             retry_after: float | None = None
             failure: Any
             attempt_timeout = self.attempt_timeout(endpoint, failed_replicas, attempt, tokens) or timeout
+            sent = self.clock()
             try:
                 if self.replicas is not None and endpoint is None:
                     raise httpx.ConnectError(f"no replica of {self.replicas.description} is known yet")
@@ -189,7 +190,7 @@ class Core(ReplicaJobs, ReadinessJobs, ReweightJobs):
             if isinstance(failure, ReplicaTimeout):
                 self.stats.add(replica_timeouts=1)
                 log.warning("kawhi: %s did not answer %s %s in %.1fs; skipping it for %.0fs [request_id=%s]",
-                            endpoint, method, path, failure.seconds, HUNG_COOLDOWN_S, rid)
+                            endpoint, method, path, self.clock() - sent, HUNG_COOLDOWN_S, rid)
             if endpoint is not None and self._fail_over(failure, endpoint, retry_after, failed_replicas, attempt):
                 self.stats.add(retries=1, failovers=1)
                 log.info("kawhi: %s %s attempt %d failed on %s (%s); trying the next replica [request_id=%s]",

@@ -17,7 +17,7 @@ import pytest
 from grpc_fixtures import GrpcServerThread, rpc_error
 from kawhi_client import AsyncGrpcClient, Client, GrpcClient
 from kawhi_client.grpc import convert, transport
-from server_fixtures import png_bytes, small_group
+from server_fixtures import small_group
 
 
 @pytest.fixture(scope="module")
@@ -99,13 +99,26 @@ def test_each_failure_reaches_the_core_as_the_http_client_sees_it(server: GrpcSe
     missing = convert.request_to_message([dict(small_group(80), image={"sha256": "0" * 64})])
     reply = _reply(rpc_error(stub.Reweight, missing, timeout=30))
     assert reply.status_code == 404 and b"image-not-found" in reply.content
-    # the caller's own deadline, without our details: a read timeout
-    heavy = convert.request_to_message([small_group(81, n=6, image=png_bytes(224, 224, seed=81))])
-    assert isinstance(_reply(rpc_error(stub.Reweight, heavy, timeout=0.001)), httpx.ReadTimeout)
+    # a peer that accepts TCP and never answers (a stopped process): the caller's deadline
+    # without our details, or grpc's connect timeout before the HTTP/2 handshake: a read timeout
+    import socket
+
+    from kawhi_client.grpc._proto import kawhi_pb2_grpc
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the handshakes; nobody reads
+        target = f"127.0.0.1:{silent.getsockname()[1]}"
+        with grpc.insecure_channel(target) as channel:
+            exc = rpc_error(kawhi_pb2_grpc.KawhiStub(channel).Info, convert.pb.InfoRequest(), timeout=0.5)
+            assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert isinstance(_reply(exc, "info"), httpx.ReadTimeout)
+        with grpc.insecure_channel(target, options=[("grpc.min_reconnect_backoff_ms", 300)]) as channel:
+            exc = rpc_error(kawhi_pb2_grpc.KawhiStub(channel).Info, convert.pb.InfoRequest(), timeout=20)
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE and "SETTINGS" in (exc.details() or "")
+            assert isinstance(_reply(exc, "info"), httpx.ReadTimeout)
     # nothing listens: a connection error
     with grpc.insecure_channel("127.0.0.1:1") as dead:
-        from kawhi_client.grpc._proto import kawhi_pb2_grpc
-
         exc = rpc_error(kawhi_pb2_grpc.KawhiStub(dead).Info, convert.pb.InfoRequest(), timeout=5)
         assert isinstance(_reply(exc, "info"), httpx.ConnectError)
 

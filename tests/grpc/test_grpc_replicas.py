@@ -84,3 +84,19 @@ def test_the_async_client_spreads_over_the_replicas(three) -> None:
     expected = _owners(three, work)
     for s in three:
         assert scrape(s.url).get("routing_new", 0) - before[s.url].get("routing_new", 0) == expected[s.url]
+
+
+async def _dns_round_trip(target: str) -> tuple[tuple[str, ...], str]:
+    host, port = target.split(":")
+    async with AsyncGrpcClient(replicas=f"dns+grpc://{host}:{port}", wait_ready=30) as client:
+        result = (await client.reweight(workload(1, 1, tag="grpc-dns-")))[0]
+        return client.replicas, result.id
+
+
+def test_a_dns_name_of_grpc_replicas(three) -> None:
+    """``dns+grpc://NAME:PORT`` is looked up (here to the one loopback address) as over HTTP."""
+    target = three[0].grpc_target
+    before = scrape(three[0].url)
+    found, answered = asyncio.run(_dns_round_trip(target))
+    assert found == (target,) and answered == "grpc-dns-g0.s0"
+    assert scrape(three[0].url).get("routing_new", 0) - before.get("routing_new", 0) == 1
