@@ -102,34 +102,19 @@ def options_of_message(m: pb.Options) -> dict[str, Any]:
 
 def _group(m: pb.RolloutGroup) -> tuple[dict[str, Any], bytes | None, list[list[int] | None]]:
     """A group message -> (the wire dict its checks run on, its inline image bytes, each
-    response's token ids: int32 by the schema, set after validation)."""
-    g: dict[str, Any] = {}
-    data: bytes | None = None
-    if m.HasField("id"):
-        g["id"] = m.id
-    if m.HasField("image"):
-        which = m.image.WhichOneof("source")
-        if which == "data":
-            data = m.image.data
-            g["image"] = {"sha256": hashlib.sha256(data).hexdigest()}  # the bytes travel beside it
-        elif which is not None:
-            g["image"] = {which: getattr(m.image, which)}
-        else:
-            g["image"] = {}
-    if m.HasField("prompt"):
-        g["prompt"] = m.prompt
-    if len(m.messages):
-        g["messages"] = [{k: plain(v) for k, v in s.fields.items()} for s in m.messages]
-    responses, token_ids = [], []
-    for r in m.responses:
-        out: dict[str, Any] = {"text": r.text}
-        if r.HasField("reward"):
-            out["reward"] = r.reward
-        responses.append(out)
-        token_ids.append(r.token_ids[:] if len(r.token_ids) else None)  # a list (slicing is the fast copy)
-    g["responses"] = responses
-    if len(m.advantages):
-        g["advantages"] = m.advantages[:]
+    response's token ids: int32 by the schema, set after validation). Inline bytes travel
+    beside the dict, which names their hash. The messages are read here by :func:`plain`
+    (convert.group_parts reads them with json_format, which raises on NaN and infinity)."""
+    def inline(data: bytes) -> dict[str, Any]:
+        return {"sha256": hashlib.sha256(data).hexdigest()}
+
+    if not len(m.messages):
+        return convert.group_parts(m, inline)
+    rest = pb.RolloutGroup()
+    rest.CopyFrom(m)
+    rest.ClearField("messages")
+    g, data, token_ids = convert.group_parts(rest, inline)
+    g["messages"] = [{k: plain(v) for k, v in s.fields.items()} for s in m.messages]
     return g, data, token_ids
 
 
