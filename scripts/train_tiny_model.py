@@ -9,6 +9,9 @@ imperfect policies an RL experiment starts from) and the final model to <out>/.
 
     python scripts/train_tiny_model.py --out runs/tiny              # the shipped model's run
     python scripts/train_tiny_model.py --out runs/tiny --steps 600  # a short, imperfect policy
+    python scripts/train_tiny_model.py --out runs/tiny-long --init runs/tiny --steps 9000 --lr 1e-3
+        # continue a finished run (its weights and tokenizer) on a fresh schedule; the card
+        # records the chain of runs and the total steps
 """
 
 from __future__ import annotations
@@ -70,7 +73,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=2e-3,
+                        help="peak learning rate (docs/tiny.md: lower rates and what they did)")
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--short-share", type=float, default=0.4,
                         help="share of training responses that are `Answer: X` alone (the rest: 2-4 paragraphs)")
@@ -80,6 +84,14 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; on a shared 2-core machine 1 measured 6x faster than 2 (OpenMP spin)")
     parser.add_argument("--size", type=int, default=112, help="image side in px (a multiple of 28)")
+    parser.add_argument("--fewest-share", type=float, default=0.0,
+                        help="curriculum: share of training items drawn with the fewest objects (1 shape, 2 bars) "
+                             "at step 0, falling linearly to 0 at --fewest-until (a share of the steps)")
+    parser.add_argument("--fewest-until", type=float, default=0.5)
+    parser.add_argument("--init", type=Path, default=None,
+                        help="continue from this trained model folder (weights and tokenizer) instead of a fresh one")
+    parser.add_argument("--data-offset", type=int, default=None,
+                        help="first train-split item index (default: after the items the --init run used)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args()
 
@@ -87,8 +99,19 @@ def main() -> int:
     torch.manual_seed(SEED)
     random.seed(SEED)
     arch = Architecture()
-    tokenizer = build_tokenizer(arch)
-    model = build_model(tokenizer, arch, args.size)
+    previous: dict = {}
+    if args.init is None:
+        tokenizer = build_tokenizer(arch)
+        model = build_model(tokenizer, arch, args.size)
+    else:
+        from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+        previous = json.loads((args.init / "KAWHI_MODEL_CARD.json").read_text())
+        tokenizer = AutoTokenizer.from_pretrained(args.init)
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.init)
+    earlier_steps = int(previous.get("total_steps", previous.get("steps", 0)))
+    # a continued run sees new training items: it starts where the runs before it stopped
+    offset = earlier_steps * args.batch if args.data_offset is None else args.data_offset
     reference = QwenVLReference(model, tokenizer, image_processor(), MODEL_NAME)
     reference.split_attention = False
     parameters = sum(p.numel() for p in model.parameters())
@@ -102,6 +125,9 @@ def main() -> int:
             f"{len(kinds)} question kinds, {args.size} px images", "parameters": parameters,
             "architecture": dataclasses.asdict(arch), "training_command": command, "commit": git_commit(),
             "seed": SEED, "chance": {k: chance(k, args.size) for k in kinds}}
+    if previous:
+        card["continued_from"] = {k: previous.get(k) for k in ("training_command", "commit", "steps", "total_steps",
+                                                              "continued_from", "val_accuracy") if k in previous}
 
     def evaluate(step: int) -> dict[str, float]:
         model.eval()
@@ -111,11 +137,14 @@ def main() -> int:
 
     started, running = time.monotonic(), None
     rng = random.Random(SEED)
+    curriculum = random.Random(SEED + 1)  # its own stream: without a curriculum the run is the one before
     model.train()
     bar = tqdm(range(args.steps), disable=args.quiet, file=sys.stderr, desc="train kawhi-tiny", unit="step")
     for step in bar:
-        items = [make_item(kinds[(step * args.batch + j) % len(kinds)], step * args.batch + j, seed=0,
-                           size=args.size, split="train") for j in range(args.batch)]
+        fewest = args.fewest_share * max(0.0, 1 - step / max(1, args.fewest_until * args.steps))
+        items = [make_item(kinds[(step * args.batch + j) % len(kinds)], offset + step * args.batch + j, seed=0,
+                           size=args.size, split="train", fewest_objects=curriculum.random() < fewest)
+                 for j in range(args.batch)]
         rows = [encode_row(reference, item, training_response(item, rng, args.short_share)) for item in items]
         logprobs = row_logprobs(reference, rows)
         loss = -torch.cat(logprobs).mean()
@@ -137,8 +166,8 @@ def main() -> int:
         log.flush()
         if done % args.save_every == 0 and done != args.steps:
             save(reference, args.out / "checkpoints" / f"step_{done:05d}",
-                 {**card, "steps": done, "val_accuracy": record.get("val_accuracy")})
-    final = {**card, "steps": args.steps, "val_accuracy": record["val_accuracy"],
+                 {**card, "steps": done, "total_steps": earlier_steps + done, "val_accuracy": record.get("val_accuracy")})
+    final = {**card, "steps": args.steps, "total_steps": earlier_steps + args.steps, "val_accuracy": record["val_accuracy"],
              "train_seconds": round(time.monotonic() - started)}
     save(reference, args.out, final)
     print(json.dumps({"parameters": parameters, **{k: final[k] for k in ("steps", "val_accuracy", "train_seconds")}}))

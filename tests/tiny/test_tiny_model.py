@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from kawhi.engine.engine import TINY_MODEL_DIR, TINY_MODEL_NAME, Engine
 from kawhi.tiny.model import accuracy_by_kind
 from kawhi.tiny.task import KINDS, TinyItem, chance, tiny_items
@@ -63,3 +64,20 @@ def test_the_training_script_runs_and_writes_a_loadable_checkpoint(tmp_path):
     assert [r["step"] for r in log] == [1, 2] and set(log[-1]["val_accuracy"]) == set(KINDS)
     engine = Engine.load(tmp_path / "checkpoints" / "step_00001")
     assert engine.model_card["steps"] == 1 and not engine.is_demo
+
+
+def test_a_continued_run_starts_from_the_weights_and_items_where_the_first_stopped(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = ["--steps", "1", "--batch", "2", "--eval-every", "1", "--eval-items", "1", "-q"]
+    script = str(ROOT / "scripts" / "train_tiny_model.py")
+    for out, extra in ((first, []), (second, ["--init", str(first), "--fewest-share", "1.0"])):
+        run = subprocess.run([sys.executable, script, "--out", str(out), *common, *extra],
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-2000:]
+    card = json.loads((second / "KAWHI_MODEL_CARD.json").read_text())
+    assert card["steps"] == 1 and card["total_steps"] == 2
+    assert card["continued_from"]["steps"] == 1 and "--fewest-share" in card["training_command"]
+    before = Engine.load(first).model.model.state_dict()
+    after = Engine.load(second).model.model.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed  # one more optimiser step moved the weights it started from

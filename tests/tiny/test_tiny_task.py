@@ -115,3 +115,13 @@ def test_paired_responses_swap_only_the_order():
 def test_extract_answer_is_exact(text, expected):
     assert extract_answer(text) == expected
     assert answer_reward(text, "red") == (1.0 if expected == "red" else 0.0)
+
+
+def test_the_fewest_objects_curriculum_changes_only_the_count():
+    for kind in KINDS:
+        plain = [make_item(kind, i) for i in range(12)]
+        fewest = [make_item(kind, i, fewest_objects=True) for i in range(12)]
+        assert {len(it.objects) for it in fewest} == {1 if kind.startswith("shape") else 2}
+        assert len({len(it.objects) for it in plain}) > 1  # the default draws the count
+        assert all(it.answer in answer_set(kind) for it in fewest)
+    assert [make_item("bar_value", 3).question] == [make_item("bar_value", 3, fewest_objects=False).question]

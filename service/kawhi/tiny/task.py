@@ -99,10 +99,10 @@ def _shape_object(draw: ImageDraw.ImageDraw, rng: random.Random, shape: str, col
     return SceneObject(shape, colour, (x0, y0, x1 + 1, y1 + 1), (cell,))
 
 
-def shape_scene(rng: random.Random, size: int) -> tuple[Image.Image, list[SceneObject]]:
-    """1-4 shapes of different kinds and colours, each in its own cell."""
+def shape_scene(rng: random.Random, size: int, count: int | None = None) -> tuple[Image.Image, list[SceneObject]]:
+    """1-4 shapes of different kinds and colours, each in its own cell (``count``: fixed, else drawn)."""
     cells = size // CELL
-    count = rng.randint(1, len(SHAPES))
+    count = rng.randint(1, len(SHAPES)) if count is None else count
     shapes = rng.sample(SHAPES, count)
     colours = rng.sample(sorted(COLOURS), count)
     places = rng.sample([(r, c) for r in range(cells) for c in range(cells)], count)
@@ -112,10 +112,11 @@ def shape_scene(rng: random.Random, size: int) -> tuple[Image.Image, list[SceneO
     return image, objects
 
 
-def bar_chart(rng: random.Random, size: int) -> tuple[Image.Image, list[SceneObject]]:
-    """2-4 bars of different colours and heights (1..cells cells), one per column, left to right."""
+def bar_chart(rng: random.Random, size: int, count: int | None = None) -> tuple[Image.Image, list[SceneObject]]:
+    """2-4 bars of different colours and heights (1..cells cells), one per column, left to right
+    (``count``: fixed, else drawn)."""
     cells = size // CELL
-    count = rng.randint(2, min(4, cells))
+    count = rng.randint(2, min(4, cells)) if count is None else count
     columns = sorted(rng.sample(range(cells), count))
     values = rng.sample(range(1, cells + 1), count)
     colours = rng.sample(sorted(COLOURS), count)
@@ -142,36 +143,36 @@ def place_of(obj: SceneObject, size: int) -> str:
 # ------------------------------------------------------------------ questions
 
 
-def _shape_colour(rng: random.Random, size: int):
-    image, objects = shape_scene(rng, size)
+def _shape_colour(rng: random.Random, size: int, count: int | None = None):
+    image, objects = shape_scene(rng, size, count)
     i = rng.randrange(len(objects))
     return image, f"What colour is the {objects[i].kind}?", objects[i].colour, objects, (i,)
 
 
-def _shape_place(rng: random.Random, size: int):
-    image, objects = shape_scene(rng, size)
+def _shape_place(rng: random.Random, size: int, count: int | None = None):
+    image, objects = shape_scene(rng, size, count)
     i = rng.randrange(len(objects))
     return image, f"Where is the {objects[i].kind}?", place_of(objects[i], size), objects, (i,)
 
 
-def _shape_count(rng: random.Random, size: int):
-    image, objects = shape_scene(rng, size)
+def _shape_count(rng: random.Random, size: int, count: int | None = None):
+    image, objects = shape_scene(rng, size, count)
     return image, "How many shapes are there?", str(len(objects)), objects, tuple(range(len(objects)))
 
 
-def _bar_tallest(rng: random.Random, size: int):
-    image, objects = bar_chart(rng, size)
+def _bar_tallest(rng: random.Random, size: int, count: int | None = None):
+    image, objects = bar_chart(rng, size, count)
     i = max(range(len(objects)), key=lambda j: objects[j].value)
     return image, "Which bar is the tallest?", objects[i].colour, objects, (i,)
 
 
-def _bar_count(rng: random.Random, size: int):
-    image, objects = bar_chart(rng, size)
+def _bar_count(rng: random.Random, size: int, count: int | None = None):
+    image, objects = bar_chart(rng, size, count)
     return image, "How many bars are there?", str(len(objects)), objects, tuple(range(len(objects)))
 
 
-def _bar_value(rng: random.Random, size: int):
-    image, objects = bar_chart(rng, size)
+def _bar_value(rng: random.Random, size: int, count: int | None = None):
+    image, objects = bar_chart(rng, size, count)
     i = rng.randrange(len(objects))
     return image, f"How tall is the {objects[i].colour} bar?", str(objects[i].value), objects, (i,)
 
@@ -206,8 +207,16 @@ def chance(kind: str, size: int = DEFAULT_SIZE) -> float:
     return 1.0 / len(answer_set(kind, size // CELL))
 
 
-def make_item(kind: str, index: int, seed: int = 0, size: int = DEFAULT_SIZE, split: str = "train") -> TinyItem:
-    """Item ``index`` of (kind, seed, size, split): the same on every machine."""
+FEWEST_OBJECTS = {"shape": 1, "bar": 2}
+
+
+def make_item(kind: str, index: int, seed: int = 0, size: int = DEFAULT_SIZE, split: str = "train",
+              fewest_objects: bool = False) -> TinyItem:
+    """Item ``index`` of (kind, seed, size, split): the same on every machine.
+
+    ``fewest_objects``: a scene with the fewest objects its kind allows (one shape, two bars),
+    for a training curriculum; held-out splits use the default.
+    """
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; kinds: {', '.join(KINDS)}")
     if split not in SPLITS:
@@ -215,7 +224,8 @@ def make_item(kind: str, index: int, seed: int = 0, size: int = DEFAULT_SIZE, sp
     if size < 2 * CELL or size % CELL:
         raise ValueError(f"size must be a multiple of {CELL} and at least {2 * CELL}, got {size}")
     rng = random.Random(f"kawhi-tiny/{split}/{kind}/{seed}/{size}/{index}")
-    image, question, answer, objects, asked = KINDS[kind](rng, size)
+    count = FEWEST_OBJECTS[kind.split("_")[0]] if fewest_objects else None
+    image, question, answer, objects, asked = KINDS[kind](rng, size, count)
     return TinyItem(kind, image, question, answer, tuple(objects), asked, split, seed, index)
 
 
