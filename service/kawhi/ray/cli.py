@@ -85,6 +85,9 @@ def run_ray_serve(args: argparse.Namespace) -> int:
         ray.init(address=address)
     else:  # a local Ray sized to the application (GPUs as Ray detects them)
         ray.init(num_cpus=max(1, math.ceil(args.replicas * args.replica_cpus)), include_dashboard=False)
+    stop = threading.Event()  # after ray.init, whose driver handlers would exit on SIGTERM without deleting the app
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     serve.start(http_options={"host": settings.host, "port": settings.port})
     app = kawhi_app(settings, replicas=args.replicas, router=args.router, name=args.app_name,
                     ray_actor_options=actor_options(args))
@@ -98,9 +101,6 @@ def run_ray_serve(args: argparse.Namespace) -> int:
           f"and ray://{args.app_name}", flush=True)
     if args.detach:
         return 0
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     serve.delete(args.app_name)  # Ray stops routing to the replicas, then each drains
     return 0
