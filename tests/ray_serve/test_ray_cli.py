@@ -25,8 +25,6 @@ pytest.importorskip("ray.serve", reason="kawhi-rl[ray] is not installed")
 
 from server_fixtures import b64, free_port, png_bytes, subprocess_env, wait_ready
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[str]:

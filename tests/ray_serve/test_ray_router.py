@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("ray.serve", reason="kawhi-rl[ray] is not installed")
 
-from kawhi.ray.router import RendezvousRouter, preference, routing_key_of
+from kawhi.ray.router import OWNER_TURNS, RendezvousRouter, preference, routing_key_of
 from kawhi_client.integrations.ray_backend import group_key
 from kawhi_client.replicas import rank
 from kawhi_client.routing import routing_key
@@ -80,9 +80,21 @@ def test_choose_replicas_ranks_one_replica_per_rank() -> None:
     async def choose(**kwargs: object) -> list:  # a PendingRequest holds a future: built in a loop
         return await RendezvousRouter.choose_replicas(None, replicas, request(**kwargs))  # type: ignore[arg-type]
 
-    ranks = asyncio.run(choose(routing_key=KEYS[1]))
-    assert [r[0].replica_id.unique_id for r in ranks] == rank(KEYS[1], ["a", "b", "c"])
-    assert all(len(r) == 1 for r in ranks)
+    async def pending_after_choice() -> PendingRequest:
+        pending = request(routing_key=KEYS[1])
+        await RendezvousRouter.choose_replicas(None, replicas, pending)  # type: ignore[arg-type]
+        return pending
+
+    assert asyncio.run(pending_after_choice()).routing_context.should_backoff  # all full: back off, no busy loop
+    async def turns(n: int) -> list:  # the same request asked about n times (Ray's routing turns)
+        pending = request(routing_key=KEYS[1])
+        return [await RendezvousRouter.choose_replicas(None, replicas, pending) for _ in range(n)]  # type: ignore[arg-type]
+
+    order = rank(KEYS[1], ["a", "b", "c"])
+    *first, then = asyncio.run(turns(OWNER_TURNS + 1))
+    assert all([[r.replica_id.unique_id for r in rank_] for rank_ in ranks] == [[order[0]]] for ranks in first)
+    assert [r[0].replica_id.unique_id for r in then] == order  # then every replica, in the key's order
+    assert all(len(r) == 1 for r in then)
     unkeyed = asyncio.run(choose())
     assert len(unkeyed) == 1 and len(unkeyed[0]) == 2  # two choices, as Ray's default
 

@@ -29,8 +29,6 @@ from kawhi_client.integrations.ray_backend import RayBackend, group_key  # noqa:
 from kawhi_client.routing import ROUTING_HEADER  # noqa: E402
 from server_fixtures import ServerThread, b64, png_bytes  # noqa: E402
 
-pytestmark = pytest.mark.slow
-
 GROUPS, SAMPLES, IN_FLIGHT = 6, 4, 4
 
 

@@ -11,8 +11,12 @@ Kubernetes ingress hash with), one replica per rank, so:
   prefix are held;
 * keys move only when membership changes: a replica that leaves gives each of its keys to
   that key's next choice, one that joins takes a fair share; no other key moves;
-* a replica that is full, does not answer, or died (Ray removes it from the running set)
-  is passed over for the key's next choice.
+* a replica that died leaves the running set at once; one that is full or does not answer
+  Ray's queue probe is offered alone for a few turns (``OWNER_TURNS``), then passed over for
+  the key's next choice.
+
+It does not take Ray's ``FIFOMixin``: with it, a replica found for one request may be handed
+to an older pending request of another group, which would undo the affinity.
 
 The key comes from the ``routing_key`` keyword of a handle call (``RayBackend``), or from
 the ``X-Kawhi-Routing-Key`` header of an HTTP request through Ray's proxy. A request with
@@ -76,10 +80,31 @@ class RendezvousRouter(RequestRouter):
     ) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
+        if pending_request is not None:  # when no rank took the request, Ray backs off before asking again
+            pending_request.routing_context.should_backoff = True  # (instead of asking again at once)
         key = routing_key_of(pending_request)
         if key is None:
             return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
-        return [[replica] for replica in preference(key, candidate_replicas)]
+        ranked = preference(key, candidate_replicas)
+        if pending_request is not None and owner_turns(pending_request) <= OWNER_TURNS:
+            return [ranked[:1]]  # a live owner that is slow to answer its probe keeps its key
+        return [[replica] for replica in ranked]
+
+
+# Turns in which only the key's owner is offered. Ray probes a replica's queue with a deadline
+# that doubles each turn (RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S, 0.1 s, up to 1 s): offering
+# the next replica at once would move a group whenever its owner answers a probe late, which a
+# busy CPU machine does often (measured: 1.5 replicas per group instead of 1). A dead owner
+# leaves the candidates at once, so this only delays the fallback from a full or mute one.
+OWNER_TURNS = 4
+
+
+def owner_turns(request: PendingRequest) -> int:
+    """Count one more routing turn of ``request`` (kept on its routing context)."""
+    context = request.routing_context
+    turns = getattr(context, "kawhi_owner_turns", 0) + 1
+    context.kawhi_owner_turns = turns  # type: ignore[attr-defined]
+    return turns
 
 
 def preference(key: str, replicas: list[RunningReplica]) -> list[RunningReplica]:
