@@ -105,15 +105,16 @@ def main(argv: list[str] | None = None) -> int:
         for name, router, kill in (("rendezvous", "rendezvous", False), ("ray-default", "default", False),
                                    ("rendezvous, 1 replica killed", "rendezvous", True)):
             t0 = time.perf_counter()
+            app = f"kawhi-{len(report['runs'])}"  # a fresh name: a handle keeps the router of a name it has used
             handle = serve.run(kawhi_app(_settings(), replicas=2, router=router, name="kawhi",
-                                         ray_actor_options={"num_cpus": args.cpus / 2}), name="kawhi", route_prefix=None)
+                                         ray_actor_options={"num_cpus": args.cpus / 2}), name=app, route_prefix=None)
             deployed = time.perf_counter() - t0
             requests = workload(args.groups, args.samples, tag=name.split(",")[0] + str(kill))
             result = run(handle, requests, args.in_flight, kill_after=len(requests) // 3 if kill else None)
             result["deploy_s"] = round(deployed, 1)
             report["runs"][name] = result
             print(name, json.dumps(result), flush=True)
-            serve.delete("kawhi")
+            serve.delete(app)
     finally:
         serve.shutdown()
         ray.shutdown()
