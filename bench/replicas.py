@@ -97,10 +97,11 @@ def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]
 
 @contextlib.contextmanager
 def replicas(n: int, *, threads: int = 1, model_dir: Path | None = None,
-             flags: dict[str, Any] | None = None) -> Iterator[list[Server]]:
+             flags: dict[str, Any] | None = None, grpc: bool = False) -> Iterator[list[Server]]:
     """``n`` replicas on loopback ports (demo model, or ``model_dir``; extra ``kawhi serve``
-    ``flags``), started together, stopped on exit."""
-    servers = [Server(model_dir, flags=flags, threads=threads) for _ in range(n)]
+    ``flags``; ``grpc``: each with a gRPC listener too, ``server.grpc_target``), started
+    together, stopped on exit."""
+    servers = [Server(model_dir, flags=flags, threads=threads, grpc=grpc) for _ in range(n)]
     with contextlib.ExitStack() as stack:
         for s in servers:
             stack.push(s.__exit__)  # a replica that did start is stopped even if another did not

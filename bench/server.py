@@ -44,12 +44,17 @@ class Server:
 
     model_dir: a model folder (``bench.models.save_reference``) or None for the demo model.
     flags: extra ``kawhi serve`` flags, e.g. ``{"batch_wait_ms": 5, "queue_groups": 64}``.
+    grpc: also serve gRPC, on a port of its own (``srv.grpc_target``).
     """
 
     def __init__(self, model_dir: Path | None = None, *, flags: dict[str, Any] | None = None,
-                 threads: int | None = None, ready_timeout: float = 180.0) -> None:
+                 threads: int | None = None, ready_timeout: float = 180.0, grpc: bool = False) -> None:
         self.model_dir = model_dir
         self.flags = dict(flags or {})
+        self.grpc_target: str | None = None
+        if grpc:
+            self.flags["grpc_port"] = free_port()
+            self.grpc_target = f"{LOOPBACK}:{self.flags['grpc_port']}"
         self.threads = threads
         self.ready_timeout = ready_timeout
         self.port = free_port()

@@ -72,6 +72,8 @@ FILE_MARKS: dict[str, tuple[str, ...]] = {
     # grpc: servers on real sockets, a subprocess `kawhi serve`
     "test_grpc.py": ("slow",),
     "test_grpc_serve.py": ("slow",),
+    "test_grpc_client.py": ("slow",),
+    "test_grpc_replicas.py": ("slow",),  # three `kawhi serve` subprocesses, one SIGSTOPped
     # deploy: helm/promtool/hadolint, one live server, a real NGINX in front of three replicas
     "test_deploy.py": ("deploy", "slow"),
     "test_deploy_image.py": ("deploy", "slow"),

@@ -88,11 +88,11 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):  # GrpcClient needs the [grpc] extra: imported only when asked for
-    if name == "GrpcClient":
+def __getattr__(name: str):  # the gRPC clients need the [grpc] extra: imported only when asked for
+    if name in ("GrpcClient", "AsyncGrpcClient"):
         try:
-            from kawhi_client.grpc import GrpcClient
+            from kawhi_client import grpc
         except ImportError as exc:
-            raise ImportError(f"kawhi_client.GrpcClient needs the grpc extra: pip install 'kawhi-rl[grpc]' ({exc})") from None
-        return GrpcClient
+            raise ImportError(f"kawhi_client.{name} needs the grpc extra: pip install 'kawhi-rl[grpc]' ({exc})") from None
+        return getattr(grpc, name)
     raise AttributeError(f"module 'kawhi_client' has no attribute {name!r}")

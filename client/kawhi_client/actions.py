@@ -1,7 +1,13 @@
-"""What a client job asks its driver to do (see ``kawhi_client.core``): send an HTTP
-request, resolve a name, sleep, or run jobs concurrently; and the two helpers that
-advance a job. Both drivers (``Client``, ``AsyncClient``) and the tests' fake drivers
-answer exactly these."""
+"""What a client job asks its driver to do (see ``kawhi_client.core``): send a request,
+resolve a name, sleep, or run jobs concurrently; and the two helpers that advance a job.
+The drivers (``Client``, ``AsyncClient``, ``GrpcClient``, ``AsyncGrpcClient``) and the
+tests' fake drivers answer exactly these.
+
+The jobs speak HTTP's vocabulary: a ``Call`` names a method and path, its answer has a
+status code, headers and a body, and a failed exchange is an httpx exception. The gRPC
+drivers translate (``kawhi_client.grpc.transport``): each call to the RPC it stands for,
+each status to the HTTP status of the same problem, and a transport failure to the httpx
+exception of the same kind."""
 
 from __future__ import annotations
 
@@ -14,14 +20,16 @@ import httpx
 
 @dataclass
 class Call:
-    """Send one HTTP request; the driver answers the httpx.Response (body read) or
-    throws the httpx exception into the job."""
+    """Send one request; the driver answers the httpx.Response (body read; the gRPC
+    drivers an object with the same ``status_code``, ``headers``, ``content``) or throws
+    the httpx exception into the job. ``content``: the body (bytes), or what the dialect
+    built (a protobuf message over gRPC)."""
 
     method: str
     path: str
     headers: dict[str, str]
     timeout: httpx.Timeout
-    content: bytes | None = None
+    content: Any = None
     endpoint: str | None = None  # a replica's base URL; None: the client's base_url
 
 
@@ -49,6 +57,10 @@ class Parallel:
 
 
 Job = Generator[Any, Any, Any]
+
+# The failures a driver throws into a job that are worth another attempt: the network, a
+# dropped connection, a timeout.
+RETRY_EXCEPTIONS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 
 
 def resume(job: Job, value: Any, error: BaseException | None) -> tuple[bool, Any]:

@@ -95,7 +95,7 @@ class ReplicaJobs:
         """Mark a replica that did not serve the attempt down; True when another healthy
         replica can take the next attempt at once (no backoff wait)."""
         assert self.replicas is not None
-        status = failure.status_code if isinstance(failure, httpx.Response) else None
+        status = None if isinstance(failure, BaseException) else failure.status_code  # an answer, or an exception
         if not (isinstance(failure, FAILOVER_EXCEPTIONS) or status in FAILOVER_STATUSES):
             return False
         now = self.clock()

@@ -1,9 +1,9 @@
 """``Client`` and ``AsyncClient``: the KAWHI HTTP API (docs/api.md) from Python.
 
 Both share one constructor (``_Base``) and every operation (``kawhi_client.core``: the
-operations are generator jobs that yield what they need done); each class is only the
-small driver that runs those jobs, with ``httpx.Client``, ``time.sleep`` and a thread
-pool, or with ``httpx.AsyncClient``, ``asyncio.sleep`` and tasks. Configuration and the
+operations are generator jobs that yield what they need done); each class is a driver
+(``kawhi_client.drivers``: threads or tasks) that sends each call with ``httpx.Client``
+or ``httpx.AsyncClient``. Configuration and the
 server's limits live in ``kawhi_client.config``, request planning in
 ``kawhi_client.planning``.
 """
@@ -11,16 +11,13 @@ server's limits live in ``kawhi_client.config``, request planning in
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
-import time
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 
-from kawhi_client.actions import Call, Job, Lookup, Sleep, check_action, resume
+from kawhi_client.actions import Call
 from kawhi_client.config import (
     DEFAULT_FAILOVER_TIMEOUT_S,
     ClientConfig,
@@ -36,6 +33,7 @@ from kawhi_client.config import (
     unreachable_grace,
 )
 from kawhi_client.core import Core
+from kawhi_client.drivers import AsyncDriver, SyncDriver
 from kawhi_client.planning import GroupLike, OptionsLike, wire_fields
 from kawhi_client.schema import GroupResult, ReweightResponse
 
@@ -177,12 +175,7 @@ def _url(action: Call) -> str:
     return action.endpoint + action.path if action.endpoint else action.path
 
 
-def _addresses(infos: Iterable[Any]) -> list[str]:
-    """getaddrinfo's answer -> the distinct IP addresses, sorted."""
-    return sorted({info[4][0] for info in infos})
-
-
-class Client(_Base):
+class Client(_Base, SyncDriver):
     """Synchronous client of the KAWHI service (thread-safe; a context manager).
 
     ``reweight(groups, **options)`` -> ``list[GroupResult]`` in input order.
@@ -251,50 +244,12 @@ class Client(_Base):
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    # ------------------------------------------------------------------ driver
-    def _drive(self, job: Job, in_slot: bool = False) -> Any:
-        value: Any = None
-        error: BaseException | None = None
-        while True:
-            done, action = resume(job, value, error)
-            if done:
-                return action
-            check_action(action)
-            value, error = None, None
-            try:
-                if isinstance(action, Call):
-                    value = self._http.request(
-                        action.method, _url(action), content=action.content, headers=action.headers,
-                        timeout=action.timeout,
-                    )
-                elif isinstance(action, Lookup):
-                    value = _addresses(socket.getaddrinfo(action.host, action.port, type=socket.SOCK_STREAM))
-                elif isinstance(action, Sleep):
-                    time.sleep(action.seconds)
-                elif in_slot:  # already holding a slot: one after another in it
-                    value = [self._drive(j, True) for j in action.jobs]
-                elif len(action.jobs) == 1:
-                    value = [self._in_slot(action.jobs[0])]
-                else:
-                    value = self._parallel(action.jobs)
-            except Exception as exc:  # handed to the job, which decides
-                error = exc
-
-    def _in_slot(self, job: Job) -> Any:
-        with self._slots:
-            return self._drive(job, True)
-
-    def _parallel(self, jobs: list[Job]) -> list[Any]:
-        pool = ThreadPoolExecutor(max_workers=min(len(jobs), self._core.max_in_flight),
-                                  thread_name_prefix="kawhi-client")
-        try:
-            futures = [pool.submit(self._in_slot, j) for j in jobs]
-            return [f.result() for f in futures]
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+    def _send(self, call: Call) -> httpx.Response:
+        return self._http.request(call.method, _url(call), content=call.content, headers=call.headers,
+                                  timeout=call.timeout)
 
 
-class AsyncClient(_Base):
+class AsyncClient(_Base, AsyncDriver):
     """Asynchronous client of the KAWHI service (an async context manager); the same
     methods as ``Client``, as coroutines."""
 
@@ -354,45 +309,6 @@ class AsyncClient(_Base):
     async def __aexit__(self, *exc: Any) -> None:
         await self.aclose()
 
-    # ------------------------------------------------------------------ driver
-    async def _drive(self, job: Job, in_slot: bool = False) -> Any:
-        value: Any = None
-        error: BaseException | None = None
-        while True:
-            done, action = resume(job, value, error)
-            if done:
-                return action
-            check_action(action)
-            value, error = None, None
-            try:
-                if isinstance(action, Call):
-                    value = await self._http.request(
-                        action.method, _url(action), content=action.content, headers=action.headers,
-                        timeout=action.timeout,
-                    )
-                elif isinstance(action, Lookup):
-                    infos = await asyncio.get_running_loop().getaddrinfo(action.host, action.port,
-                                                                         type=socket.SOCK_STREAM)
-                    value = _addresses(infos)
-                elif isinstance(action, Sleep):
-                    await asyncio.sleep(action.seconds)
-                elif in_slot:
-                    value = [await self._drive(j, True) for j in action.jobs]
-                else:
-                    value = await self._parallel(action.jobs)
-            except Exception as exc:  # handed to the job, which decides
-                error = exc
-
-    async def _in_slot(self, job: Job) -> Any:
-        async with self._slots:
-            return await self._drive(job, True)
-
-    async def _parallel(self, jobs: list[Job]) -> list[Any]:
-        tasks = [asyncio.ensure_future(self._in_slot(j)) for j in jobs]
-        try:
-            return list(await asyncio.gather(*tasks))
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+    async def _send(self, call: Call) -> httpx.Response:
+        return await self._http.request(call.method, _url(call), content=call.content, headers=call.headers,
+                                        timeout=call.timeout)

@@ -110,6 +110,15 @@ def dumps_json(obj: Any) -> bytes:
     return json.dumps(obj, allow_nan=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
+def json_or_none(content: bytes) -> Any:
+    """A small JSON answer (readiness, info, an upload's hash) read leniently: None when
+    it is empty or not JSON."""
+    try:
+        return json.loads(content) if content else None
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
 GROUP_POINTER = re.compile(r"^/groups/(\d+)(?=/|$)")
 
 

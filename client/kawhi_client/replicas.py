@@ -49,10 +49,10 @@ def rank(key: str, replicas: Iterable[str]) -> list[str]:
     return sorted(replicas, key=lambda r: (score(key, r), r), reverse=True)
 
 
-def _normalise_url(url: str) -> str:
+def _normalise_url(url: str, schemes: Sequence[str] = ("http", "https")) -> str:
     url = url.strip().rstrip("/")
-    if not url.startswith(("http://", "https://")):
-        raise ValueError(f"a replica URL must start with http:// or https://, got {url!r}")
+    if not url.startswith(tuple(f"{s}://" for s in schemes)):
+        raise ValueError(f"a replica URL must start with {' or '.join(f'{s}://' for s in schemes)}, got {url!r}")
     return url
 
 
@@ -71,10 +71,10 @@ class DnsTarget:
     port: int
 
     @classmethod
-    def parse(cls, spec: str) -> DnsTarget:
+    def parse(cls, spec: str, schemes: Sequence[str] = ("http", "https")) -> DnsTarget:
         parts = urlsplit(spec[len(DNS_SCHEME_PREFIX):])
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"expected dns+http://NAME:PORT, got {spec!r}")
+        if parts.scheme not in schemes or not parts.hostname:
+            raise ValueError(f"expected dns+{schemes[0]}://NAME:PORT, got {spec!r}")
         return cls(parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
 
 
@@ -89,9 +89,11 @@ class ReplicaSet:
 
     ``spec``: a list of base URLs, a comma-separated string of them, or
     ``dns+http://NAME:PORT`` (a headless Service, re-resolved every ``resolve_every`` s).
+    ``schemes``: the URL schemes a replica may have (the gRPC clients': ``grpc``).
     """
 
-    def __init__(self, spec: ReplicasLike, *, resolve_every: float = 30.0) -> None:
+    def __init__(self, spec: ReplicasLike, *, resolve_every: float = 30.0,
+                 schemes: Sequence[str] = ("http", "https")) -> None:
         self.dns: DnsTarget | None = None
         self.resolve_every = float(resolve_every)
         self._urls: tuple[str, ...] = ()
@@ -99,11 +101,11 @@ class ReplicaSet:
         self._next_lookup = 0.0
         self._lock = threading.Lock()
         if isinstance(spec, str) and spec.strip().startswith(DNS_SCHEME_PREFIX):
-            self.dns = DnsTarget.parse(spec.strip())
+            self.dns = DnsTarget.parse(spec.strip(), schemes)
             self.description = spec.strip()
         else:
             items = spec.split(",") if isinstance(spec, str) else list(spec)
-            urls = tuple(dict.fromkeys(_normalise_url(u) for u in items if u and u.strip()))
+            urls = tuple(dict.fromkeys(_normalise_url(u, schemes) for u in items if u and u.strip()))
             if not urls:
                 raise ValueError("replicas: give at least one URL")
             self._set(urls)

@@ -11,7 +11,6 @@ bench/replicas.py.
 from __future__ import annotations
 
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,6 @@ import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-for _p in (ROOT, ROOT / "service", ROOT / "client"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
 
 from kawhi_client import AsyncClient, Client, KawhiError, KawhiTimeout  # noqa: E402
 from kawhi_client.replicas import rank  # noqa: E402

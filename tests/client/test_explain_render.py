@@ -5,15 +5,11 @@ from __future__ import annotations
 
 import random
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-for _p in (ROOT / "service", ROOT / "client"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
 
 PIL = pytest.importorskip("PIL", reason="the explain view needs Pillow (pip install 'kawhi-rl[explain]')")
 from kawhi_client.explain import ExplainedResult, build_view, explain  # noqa: E402

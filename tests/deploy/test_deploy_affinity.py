@@ -4,13 +4,9 @@ key header. Renders helm/kawhi with the tools and helpers of tests/test_deploy.p
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import yaml
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from deploy_support import ALL_VALUES, CHART, NAMESPACE, RELEASE, by_kind, helm, one, run  # noqa: F401
 from kawhi_client.routing import ROUTING_HEADER
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,9 +20,6 @@ import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-for _p in (ROOT, ROOT / "service", ROOT / "client"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
 
 from bench.replicas import replicas, run, workload  # noqa: E402
 from bench.server import free_port  # noqa: E402

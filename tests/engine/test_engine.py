@@ -181,11 +181,12 @@ def test_documented_rules_single_equal_empty(demo_engine):
     (lambda g: g.update(prompt=None, messages=[{"role": "user", "content": "no image here"}]), "/messages", 422),
 ])
 def test_bad_groups_get_a_pointer(demo_engine, mutate, pointer, status):
+    """Through admit (counts and sizes) and the engine (what needs the model), as every front end."""
     raw = group_dict()
     mutate(raw)
-    with pytest.raises(GroupError) as info:
-        prepare(demo_engine, raw)
-    assert info.value.pointer == pointer and info.value.status == status
+    result = LocalService(demo_engine).reweight([raw])[0]
+    assert result.error is not None, pointer
+    assert result.error.pointer == pointer and result.error.status == status
 
 
 def test_given_estimator_needs_advantages(demo_engine):

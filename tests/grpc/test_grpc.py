@@ -502,7 +502,7 @@ def test_a_batch_larger_than_4_mib_and_the_http_body_limit() -> None:
         assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and retry_after(exc) is None
         with GrpcClient(s.target, wait_ready=30) as g:  # the client raises what Client raises for a 413
             with pytest.raises(PayloadTooLarge):
-                g._call(g._stub.Reweight, bigger, 60)
+                g._drive(g._core.exchange("POST", "/v1/reweight", timeout=g.timeouts.for_tokens(0), content=bigger))
             too_big = dict(small_group(41), responses=[{"text": "x", "token_ids": [2**40]}])
             with pytest.raises(InvalidRequest):
                 g.reweight([too_big])

@@ -4,13 +4,11 @@ otherwise silently drop out of its mark and slow the fast subset down."""
 from __future__ import annotations
 
 import ast
-import sys
 from pathlib import Path
 
 import pytest
 
 TESTS = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(TESTS))
 import conftest  # noqa: E402
 
 TEST_FILES = {p.name: p for p in TESTS.rglob("test_*.py") if "support" not in p.parts}

@@ -24,9 +24,6 @@ import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-for _p in (ROOT, ROOT / "service", ROOT / "client"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
 
 from bench.server import Server  # noqa: E402
 

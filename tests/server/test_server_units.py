@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import server_fixtures  # noqa: F401  (puts service/ and client/ on sys.path in a bare checkout)
 
 
 def test_lru_is_bounded_in_bytes_and_evicts_least_recent() -> None:

@@ -23,9 +23,6 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-for _p in (ROOT / "service", ROOT / "client", ROOT / "scripts"):  # a checkout without `pip install -e .`
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
 
 import helm_schema  # noqa: E402  (scripts/helm_schema.py: the values.schema.json generator)
 

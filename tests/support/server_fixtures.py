@@ -17,7 +17,6 @@ import shutil
 import socket
 import struct
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -31,9 +30,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
-for _p in (ROOT / "service", ROOT / "client"):  # a checkout without `pip install -e .`
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
 
 REDIS_BIN = shutil.which("redis-server")
 

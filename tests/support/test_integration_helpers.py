@@ -22,9 +22,6 @@ from server_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
-for _p in (ROOT / "service", ROOT / "client"):  # a checkout without `pip install -e .`
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
@@ -138,15 +138,22 @@ def request_to_message(
     return req
 
 
-def group_from_message(m: pb.RolloutGroup) -> dict[str, Any]:
-    """RolloutGroup -> the wire dict an HTTP body holds for it (image bytes as base64)."""
+def group_parts(m: pb.RolloutGroup, inline_image: Callable[[bytes], dict[str, Any]],
+                ) -> tuple[dict[str, Any], bytes | None, list[list[int] | None]]:
+    """A group message -> (the wire dict of its fields, its inline image bytes, each
+    response's token ids or None). The one reading of a group message: the server checks
+    the dict and keeps the bytes and token ids as they are (``kawhi.grpc.messages``);
+    ``group_from_message`` puts them back into the HTTP body's shape. ``inline_image``:
+    what ``image`` holds when the bytes came inline."""
     g: dict[str, Any] = {}
+    data: bytes | None = None
     if m.HasField("id"):
         g["id"] = m.id
     if m.HasField("image"):
         which = m.image.WhichOneof("source")
         if which == "data":
-            g["image"] = {"data": base64.b64encode(m.image.data).decode("ascii")}
+            data = m.image.data
+            g["image"] = inline_image(data)
         elif which is not None:
             g["image"] = {which: getattr(m.image, which)}
         else:
@@ -155,17 +162,25 @@ def group_from_message(m: pb.RolloutGroup) -> dict[str, Any]:
         g["prompt"] = m.prompt
     if len(m.messages):
         g["messages"] = [json_format.MessageToDict(s) for s in m.messages]
-    responses = []
+    responses, token_ids = [], []
     for r in m.responses:
         out: dict[str, Any] = {"text": r.text}
         if r.HasField("reward"):
             out["reward"] = r.reward
-        if len(r.token_ids):
-            out["token_ids"] = list(r.token_ids)
         responses.append(out)
+        token_ids.append(r.token_ids[:] if len(r.token_ids) else None)  # a list (slicing is the fast copy)
     g["responses"] = responses
     if len(m.advantages):
-        g["advantages"] = list(m.advantages)
+        g["advantages"] = m.advantages[:]
+    return g, data, token_ids
+
+
+def group_from_message(m: pb.RolloutGroup) -> dict[str, Any]:
+    """RolloutGroup -> the wire dict an HTTP body holds for it (image bytes as base64)."""
+    g, _, token_ids = group_parts(m, lambda data: {"data": base64.b64encode(data).decode("ascii")})
+    for out, ids in zip(g["responses"], token_ids):
+        if ids is not None:
+            out["token_ids"] = ids
     return g
 
 

@@ -269,15 +269,16 @@ class Engine:
     ) -> PreparedGroup:
         """Validate and pre-process one group (everything but the forward).
 
+        The group has been admitted (``kawhi.pipeline.admit``: counts, sizes and image
+        limits are checked there, once, for every front end); the checks here are the ones
+        that need the model: the vocabulary, the placeholders, the tokenised lengths, the
+        prompt template, the rewards for the configured estimator.
         image: the decoded RGB image (see kawhi.engine.images.decode_image).
         region_cache: optional object with ``get(key) -> dict | None`` and
         ``set(key, dict)``; region selections are cached under a content-hash key.
         Raises GroupError (pointer relative to the group).
         """
         heads = self.resolve_heads(config)
-        if len(group.responses) > self.limits.max_responses:
-            raise GroupError("/responses", f"{len(group.responses)} responses; the limit is "
-                             f"{self.limits.max_responses}", kind="too-large")
         advantages = self._advantages(group, config)
         resized, grid = self.model.resize_image(image)
         regions = self._regions(resized, grid, config, image_sha256, region_cache)
@@ -302,10 +303,7 @@ class Engine:
         return PreparedGroup(index, group.id, config, heads, prompt, regions, responses)
 
     def _advantages(self, group: RolloutGroup, config: MethodConfig) -> np.ndarray:
-        if group.advantages is not None:
-            if len(group.advantages) != len(group.responses):
-                raise GroupError("/advantages", f"{len(group.advantages)} advantages for "
-                                 f"{len(group.responses)} responses")
+        if group.advantages is not None:  # one per response: admit checked the count
             return self._estimate(None, "given", config, group.advantages)
         if config.estimator == "given":
             raise GroupError("/advantages", "estimator 'given' needs 'advantages', one per response")
@@ -326,11 +324,8 @@ class Engine:
 
     def _tokens(self, response: Any, i: int) -> TokenizedText:
         limit = self.limits.max_response_tokens
-        if response.token_ids is not None:
+        if response.token_ids is not None:  # admit checked the count (and the sign)
             ids = response.token_ids
-            if len(ids) > limit:
-                raise GroupError(f"/responses/{i}/token_ids", f"{len(ids)} tokens; the limit is {limit}",
-                                 kind="too-large")
             for j, token in enumerate(ids):
                 if not 0 <= token < self.model.vocab_size:
                     raise GroupError(f"/responses/{i}/token_ids/{j}",
@@ -339,11 +334,7 @@ class Engine:
                     raise GroupError(f"/responses/{i}/token_ids/{j}",
                                      f"token id {token} is an image/video placeholder, which a response cannot hold")
             return self.model.decode(ids)
-        # Characters bound tokens from above; refuse absurd texts before tokenising them.
-        if len(response.text) > limit * 64:
-            raise GroupError(f"/responses/{i}/text", f"{len(response.text)} characters is far beyond "
-                             f"{limit} tokens", kind="too-large")
-        tokens = self.model.tokenize(response.text)
+        tokens = self.model.tokenize(response.text)  # admit refused texts far beyond the limit in characters
         if len(tokens.token_ids) > limit:
             raise GroupError(f"/responses/{i}/text", f"{len(tokens.token_ids)} tokens; the limit is {limit}",
                              kind="too-large")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from google.protobuf import json_format
 from kawhi_client.grpc import convert
 from kawhi_client.grpc._proto import kawhi_pb2 as pb
 from kawhi_client.schema import ReweightResponse
@@ -48,35 +47,9 @@ PROTOBUF = ProtobufCodec()
 
 def _group(m: pb.RolloutGroup) -> tuple[dict[str, Any], bytes | None, list[list[int] | None]]:
     """A group message -> (the wire dict its checks run on, its inline image bytes, each
-    response's token ids: int32 by the schema, set after validation)."""
-    g: dict[str, Any] = {}
-    data: bytes | None = None
-    if m.HasField("id"):
-        g["id"] = m.id
-    if m.HasField("image"):
-        which = m.image.WhichOneof("source")
-        if which == "data":
-            data = m.image.data
-            g["image"] = {"sha256": hashlib.sha256(data).hexdigest()}  # the bytes travel beside it
-        elif which is not None:
-            g["image"] = {which: getattr(m.image, which)}
-        else:
-            g["image"] = {}
-    if m.HasField("prompt"):
-        g["prompt"] = m.prompt
-    if len(m.messages):
-        g["messages"] = [json_format.MessageToDict(s) for s in m.messages]
-    responses, token_ids = [], []
-    for r in m.responses:
-        out: dict[str, Any] = {"text": r.text}
-        if r.HasField("reward"):
-            out["reward"] = r.reward
-        responses.append(out)
-        token_ids.append(r.token_ids[:] if len(r.token_ids) else None)  # a list (slicing is the fast copy)
-    g["responses"] = responses
-    if len(m.advantages):
-        g["advantages"] = m.advantages[:]
-    return g, data, token_ids
+    response's token ids: int32 by the schema, set after validation). Inline bytes travel
+    beside the dict, which names their hash."""
+    return convert.group_parts(m, lambda data: {"sha256": hashlib.sha256(data).hexdigest()})
 
 
 def _checked(g: dict[str, Any]) -> dict[str, Any]:
