@@ -124,6 +124,9 @@ def test_errors_are_the_same_problems_as_over_http(kawhi: Any) -> None:
     assert http.status_code == 422
     assert {k: answer["problem"][k] for k in ("type", "status", "pointer")} == \
         {k: http.json()[k] for k in ("type", "status", "pointer")}
+    for not_groups in ("groups", 5, []):  # a caller's mistake is a 422 at /groups, never an exception in the replica
+        problem = handle.reweight.remote(not_groups).result(timeout_s=60)["problem"]
+        assert (problem["status"], problem["pointer"]) == (422, "/groups"), problem
     from kawhi_client.errors import InvalidRequest
 
     with pytest.raises(InvalidRequest):

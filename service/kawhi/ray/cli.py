@@ -35,12 +35,13 @@ def add_ray_parser(subparsers: Any) -> argparse.ArgumentParser:
                          "HTTP proxy (--host/--port) and a DeploymentHandle, routed by group (rendezvous hashing on "
                          "the routing key). Every kawhi serve flag and KAWHI_* variable applies.")
     group = serve.add_argument_group("ray")
-    group.add_argument("--address", default=None,
+    group.add_argument("--address", default=argparse.SUPPRESS,
                        help="the Ray cluster to join (default: $RAY_ADDRESS, else start a local Ray)")
     group.add_argument("--replicas", type=int, default=1, help="replicas (one reference model each)")
     group.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs per replica (1 on a GPU cluster)")
     group.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per replica")
-    group.add_argument("--replica-memory-gb", type=float, default=None, help="memory Ray reserves per replica")
+    group.add_argument("--replica-memory-gb", type=float, default=argparse.SUPPRESS,
+                       help="memory Ray reserves per replica (default: none reserved)")
     group.add_argument("--router", choices=ROUTER_CHOICES, default="rendezvous",
                        help="rendezvous: a group's requests to one replica; default: Ray's power of two choices")
     group.add_argument("--app-name", default="kawhi", help="the Serve application (ray://<name> for RayBackend)")
@@ -53,7 +54,7 @@ def actor_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {"num_cpus": args.replica_cpus}
     if args.replica_gpus:
         options["num_gpus"] = args.replica_gpus
-    if args.replica_memory_gb:
+    if getattr(args, "replica_memory_gb", None):
         options["memory"] = int(args.replica_memory_gb * 1024 ** 3)
     return options
 
@@ -80,7 +81,7 @@ def run_ray_serve(args: argparse.Namespace) -> int:
 
     from kawhi.ray.deployment import kawhi_app
 
-    address = args.address or os.environ.get("RAY_ADDRESS")
+    address = getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
     else:  # a local Ray sized to the application (GPUs as Ray detects them)

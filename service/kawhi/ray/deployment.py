@@ -90,7 +90,8 @@ class KawhiReplica:
             service.enter()
             try:
                 admission = await service.admit_parsed(
-                    lambda: parse_handle_groups(groups, options, per_group_errors), len(groups or ()))
+                    lambda: parse_handle_groups(groups, options, per_group_errors),
+                    len(groups) if isinstance(groups, (list, tuple)) else 0)  # not a list: parse says so (422)
                 answer = await service.reweight(admission, deadline, PYTHON)
             finally:
                 service.leave()
