@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import shutil
 import socket
+import tempfile
 from typing import Any
 
 import pytest
@@ -46,17 +48,26 @@ def settings() -> Any:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """A local Ray with Serve's proxy on a free loopback port."""
+def cluster() -> Any:
+    """A local Ray with Serve's proxy on a free loopback port; its files under a short folder
+    (Ray's socket paths must stay under 108 bytes; pytest's temporary paths grow with its runs)."""
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    path = tempfile.mkdtemp(prefix="kr", dir="/tmp")
+    for attempt in (1, 2):  # Ray gives a starting node a fixed 30 s to register; loaded shared cores miss it at times
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=path)
+            break
+        except Exception as exc:
+            ray.shutdown()
+            if attempt == 2 or "timed out during startup" not in str(exc):
+                raise
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
