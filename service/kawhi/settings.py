@@ -99,7 +99,12 @@ class _ServerSettings(BaseSettings):
         10.0, gt=0, description="a connection whose request headers are not complete within this is closed"
     )
     body_timeout_s: float = Field(
-        30.0, gt=0, description="a request body not received within this is answered 408"
+        30.0, gt=0, description="a request body (or a gRPC PutImage upload) not received within this is answered "
+        "408 (gRPC DEADLINE_EXCEEDED)"
+    )
+    stream_window_groups: int = Field(
+        64, gt=0, description="groups of one gRPC ReweightStream read and not yet answered; a client that does not "
+        "read its results is not read further (backpressure)"
     )
     prepare_threads: int = Field(
         1, ge=1, description="threads that decode images and tokenize (the forward has its own thread)"

@@ -261,3 +261,25 @@ def test_html_reflows_in_a_narrow_browser_window(engine, tmp_path):
     found = re.search(r"<title>scroll:(\d+)</title>", proc.stdout)
     assert found, (proc.returncode, proc.stderr[-2000:])
     assert int(found.group(1)) <= 600
+
+
+def test_a_page_past_the_drawn_ones_is_a_422_and_the_early_bound_holds(server):
+    """The pages a long group fills stay under the bound the server checks before the forward
+    (kawhi.pipeline.explain.most_pages); a page between the two is refused after drawing."""
+    from kawhi.pipeline.explain import most_pages
+    from kawhi_client.schema import RolloutGroup
+
+    group = example_groups()[0]
+    paragraph = "The bars rise from left to right and the last one is the tallest of all. " * 4
+    group = dict(group, responses=[dict(r, text="\n\n".join([paragraph] * 6)) for r in group["responses"]])
+    with server.client() as client:
+        resp = client.post("/v1/explain", json={"groups": [group]})
+        assert resp.status_code == 200, resp.text[:300]
+        pages = int(resp.headers["x-kawhi-pages"])
+        assert pages > 1
+        engine = server.state.pipeline().engine
+        parsed = RolloutGroup.model_validate({k: v for k, v in group.items() if k != "image"} | {"image": {"sha256": "ab" * 32}})
+        assert pages <= most_pages(engine, parsed)
+        last = client.post(f"/v1/explain?page={pages}", json={"groups": [group]})
+        assert last.status_code == 200 and last.content != resp.content
+        assert_problem(client.post(f"/v1/explain?page={pages + 1}", json={"groups": [group]}), 422, None)

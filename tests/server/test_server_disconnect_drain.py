@@ -172,3 +172,79 @@ def test_drain_is_bounded_by_the_drain_timeout_and_answers_503() -> None:
         stopped = time.monotonic() - t0
         assert not srv.thread.is_alive()
         assert stopped < drain + 0.5, f"shutdown took {stopped:.2f} s for a drain timeout of {drain} s"
+
+
+def _abandoned_body(path: str, content_type: str, first_bytes: bytes) -> bytes:
+    """The head of a POST declaring 5000 body bytes and only the first few of them."""
+    head = (f"POST {path} HTTP/1.1\r\nHost: kawhi\r\nContent-Type: {content_type}\r\n"
+            "Content-Length: 5000\r\n\r\n").encode()
+    return head + first_bytes
+
+
+ABANDONED = [
+    ("/v1/reweight", "application/json", b'{"groups": [' + b" " * 100),
+    ("/v1/explain", "application/json", b'{"groups": [' + b" " * 100),
+    ("/v1/images", "image/png", b"\x89PNG\r\n\x1a\n" + b"\0" * 100),
+    ("/v1/images", "multipart/form-data; boundary=kb",
+     b'--kb\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n' + b"\0" * 100),
+]
+
+
+def test_a_client_gone_while_sending_its_body_is_a_499_without_a_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 26.1: the body never finishes, the socket closes: client-closed (499), not a 500."""
+    with ProductServer() as srv, caplog.at_level("INFO"):
+        for path, content_type, first in ABANDONED:
+            conn = srv.raw(_abandoned_body(path, content_type, first))
+            time.sleep(0.2)  # the route is reading the body
+            conn.close()
+        routes = ("/v1/reweight", "/v1/explain", "/v1/images")
+
+        def answered(status: str) -> float:
+            text = srv.metrics()
+            return sum(metric(text, "kawhi_requests_total", f'frontend="http",route="{r}",status="{status}"')
+                       for r in routes)
+
+        _until(lambda: answered("499") == len(ABANDONED))
+        text = srv.metrics()
+        assert answered("500") == 0 and metric(text, "kawhi_errors_total", 'type="internal"') == 0
+        assert metric(text, "kawhi_errors_total", 'type="client-closed"') == len(ABANDONED)
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= 40], [r.getMessage() for r in caplog.records]
+    access = [r for r in caplog.records if r.name == "kawhi.server.access" and getattr(r, "path", "") in routes]
+    assert sorted(r.status for r in access) == [499] * len(ABANDONED)
+
+
+def _explain_bytes(body: dict, query: str = "") -> bytes:
+    data = json.dumps(body).encode()
+    return (f"POST /v1/explain{query} HTTP/1.1\r\nHost: kawhi\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n").encode() + data
+
+
+def test_an_abandoned_explain_is_dropped_before_its_forward() -> None:
+    """Issue 26.2: an explain whose client has gone is not computed (nor drawn): 499, its group dropped."""
+    with ProductServer(batch_wait_ms=0) as srv:
+        first: dict = {}
+        first_thread = _post_in_thread(srv.url, {"groups": [small_group(1)]}, first)
+        assert srv.engine.entered.wait(20)  # the forward is busy with the first request
+        gone = [srv.raw(_explain_bytes({"groups": [small_group(20 + i)]})) for i in range(3)]
+        _until(lambda: metric(srv.metrics(), "kawhi_queue_depth") == 3)
+        for conn in gone:
+            conn.close()
+        _until(lambda: metric(srv.metrics(), "kawhi_queue_dropped_total", 'reason="client-closed"') == 3)
+        srv.engine.gate.set()
+        first_thread.join(30)
+        assert first["response"].status_code == 200
+        text = srv.metrics()
+        assert srv.engine.groups_run == 1
+        assert metric(text, "kawhi_requests_total", 'frontend="http",route="/v1/explain",status="499"') == 3
+        assert metric(text, "kawhi_requests_total", 'frontend="http",route="/v1/explain",status="200"') == 0
+
+
+def test_an_explain_page_no_group_can_fill_is_refused_before_the_forward() -> None:
+    """Issue 26.2: ``page`` is checked before the computation (the forward stays gated: never run)."""
+    with ProductServer(request_timeout_s=5) as srv:
+        body = {"groups": [small_group(3)]}
+        for query, accept in (("?page=100000", "image/png"), ("?page=2", "text/html")):
+            r = httpx.post(srv.url + "/v1/explain" + query, json=body, headers={"accept": accept}, timeout=30)
+            assert r.status_code == 422 and r.json()["type"].endswith("/validation"), (query, r.text[:300])
+            assert "page" in r.json()["detail"]
+        assert not srv.engine.entered.is_set() and srv.engine.groups_run == 0

@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from kawhi_client.grpc._proto import kawhi_pb2 as pb
 
 from kawhi.grpc.health import HealthServicer
+from kawhi.grpc.messages import decoder
 from kawhi.grpc.servicer import SERVICE, KawhiServicer
 from kawhi.pipeline.service import ReweightService
 
@@ -55,21 +56,22 @@ def _message_or_bytes(message: Any) -> bytes:
 
 
 def add_servicer(servicer: KawhiServicer, server: grpc.aio.Server) -> None:
-    """``kawhi_pb2_grpc.add_KawhiServicer_to_server``, with Reweight answering bytes as they are."""
+    """``kawhi_pb2_grpc.add_KawhiServicer_to_server``, with Reweight answering bytes as they are and
+    requests that are no message handed over as ``Undecodable`` (answered INVALID_ARGUMENT)."""
     from google.protobuf import struct_pb2
 
     handlers = {
         "Reweight": grpc.unary_unary_rpc_method_handler(
-            servicer.Reweight, request_deserializer=pb.ReweightRequest.FromString,
+            servicer.Reweight, request_deserializer=decoder(pb.ReweightRequest),
             response_serializer=_message_or_bytes),
         "ReweightStream": grpc.stream_stream_rpc_method_handler(
-            servicer.ReweightStream, request_deserializer=pb.ReweightRequest.FromString,
+            servicer.ReweightStream, request_deserializer=decoder(pb.ReweightRequest),
             response_serializer=pb.ReweightStreamResult.SerializeToString),
         "PutImage": grpc.stream_unary_rpc_method_handler(
-            servicer.PutImage, request_deserializer=pb.ImageChunk.FromString,
+            servicer.PutImage, request_deserializer=decoder(pb.ImageChunk),
             response_serializer=pb.ImageInfo.SerializeToString),
         "Info": grpc.unary_unary_rpc_method_handler(
-            servicer.Info, request_deserializer=pb.InfoRequest.FromString,
+            servicer.Info, request_deserializer=decoder(pb.InfoRequest),
             response_serializer=struct_pb2.Struct.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))

@@ -32,8 +32,9 @@ from kawhi_client.routing import GRPC_METADATA_KEY
 from kawhi_client.schema import GroupResult, Problem
 
 from kawhi.errors import KawhiError
-from kawhi.grpc.messages import PROTOBUF, parse_group_message, parse_request_message
+from kawhi.grpc.messages import PROTOBUF, Undecodable, parse_group_message, parse_request_message
 from kawhi.logs import accept_request_id, request_id_var
+from kawhi.pipeline.admit import check_request_size
 from kawhi.pipeline.auth import bearer_token, key_is_valid, unauthorized
 from kawhi.pipeline.service import ReweightService
 
@@ -96,7 +97,10 @@ class _Rpc:
             labels = ("grpc", self.route, self.code.name)
             self.state.metrics.requests.labels(*labels).inc()
             self.state.metrics.request_duration.labels(*labels).observe(time.perf_counter() - self.started)
-            request_id_var.reset(self.token)
+            try:
+                request_id_var.reset(self.token)
+            except ValueError:  # wound up in another task's Context (a closed stream's): nothing to restore
+                pass
 
     async def _abort(self, err: KawhiError) -> None:
         self.state.count_error(err)
@@ -135,6 +139,8 @@ class KawhiServicer(pb_grpc.KawhiServicer):
     async def Reweight(self, request: pb.ReweightRequest, context: grpc.aio.ServicerContext) -> bytes:
         """The answer as the serialised message (kawhi.grpc.server sends bytes as they are)."""
         async with _Rpc(self.state, context, "Reweight"):
+            if isinstance(request, Undecodable):
+                raise request.error()
             self.state.metrics.observe_routing_key(_metadata(context, GRPC_METADATA_KEY) or None)
             service = self.state
             service.require_engine()  # loading / draining
@@ -145,13 +151,21 @@ class KawhiServicer(pb_grpc.KawhiServicer):
 
     async def ReweightStream(
         self, requests: AsyncIterator[pb.ReweightRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ReweightStreamResult]:
+    ) -> None:
+        """Results are written with ``context.write``, not yielded: a call cancelled while a write
+        waits on flow control cancels this coroutine there, so the cleanup below runs at once (a
+        generator left at its ``yield`` would be closed by asyncio's finalizer, late and in
+        another Context)."""
         async with _Rpc(self.state, context, "ReweightStream"):
             self.state.require_engine()  # loading / draining: the whole stream is refused
             self.state.metrics.observe_routing_key(_metadata(context, GRPC_METADATA_KEY) or None)
             done: asyncio.Queue = asyncio.Queue()
             tasks: set[asyncio.Task] = set()
-            reading = asyncio.ensure_future(self._read_stream(requests, context, done, tasks))
+            # Backpressure: a group takes a place before it is read on and gives it back once its
+            # result is sent; a client that does not read its results stops the reading, and the
+            # HTTP/2 flow control then stops its sending.
+            window = asyncio.Semaphore(self.state.settings.stream_window_groups)
+            reading = asyncio.ensure_future(self._read_stream(requests, context, done, tasks, window))
             try:
                 pending_reader = True
                 while pending_reader or tasks or not done.empty():
@@ -161,7 +175,13 @@ class KawhiServicer(pb_grpc.KawhiServicer):
                         continue
                     if isinstance(item, BaseException):
                         raise item
-                    yield item
+                    try:
+                        await context.write(item)
+                    except Exception:
+                        if context.cancelled() or context.done():  # the caller went away during the write
+                            raise asyncio.CancelledError() from None
+                        raise
+                    window.release()
             finally:
                 reading.cancel()
                 for t in list(tasks):
@@ -169,14 +189,18 @@ class KawhiServicer(pb_grpc.KawhiServicer):
 
     async def _read_stream(
         self, requests: AsyncIterator[pb.ReweightRequest], context: grpc.aio.ServicerContext,
-        done: asyncio.Queue, tasks: set[asyncio.Task],
+        done: asyncio.Queue, tasks: set[asyncio.Task], window: asyncio.Semaphore,
     ) -> None:
         try:
             k = 0
             async for message in requests:
-                options = convert.options_from_message(message.options) if message.HasField("options") else None
+                if isinstance(message, Undecodable):
+                    raise message.error()  # the stream's framing is lost: the call ends INVALID_ARGUMENT
+                check_request_size(len(message.groups), self.state.limits)  # the unary limit, per message
+                options = message.options if message.HasField("options") else None
                 arrays = message.token_arrays if message.HasField("token_arrays") else True
                 for j, group in enumerate(message.groups):
+                    await window.acquire()
                     task = asyncio.ensure_future(self._one_group(k, j, group, options, arrays, context, done))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
@@ -184,11 +208,11 @@ class KawhiServicer(pb_grpc.KawhiServicer):
             done.put_nowait(None)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # a broken inbound stream ends the call
+        except Exception as exc:  # a broken inbound stream ends the call (a KawhiError: its status)
             done.put_nowait(exc)
 
     async def _one_group(
-        self, k: int, j: int, group: pb.RolloutGroup, options: dict[str, Any] | None, token_arrays: bool,
+        self, k: int, j: int, group: pb.RolloutGroup, options: pb.Options | None, token_arrays: bool,
         context: grpc.aio.ServicerContext, done: asyncio.Queue,
     ) -> None:
         """One group of a stream through the pipeline as a one-group request; any problem
@@ -208,7 +232,7 @@ class KawhiServicer(pb_grpc.KawhiServicer):
         done.put_nowait(msg)
 
     async def _group_result(
-        self, k: int, j: int, group: pb.RolloutGroup, options: dict[str, Any] | None, token_arrays: bool,
+        self, k: int, j: int, group: pb.RolloutGroup, options: pb.Options | None, token_arrays: bool,
         context: grpc.aio.ServicerContext,
     ) -> pb.ReweightStreamResult:
         service = self.state
@@ -237,17 +261,29 @@ class KawhiServicer(pb_grpc.KawhiServicer):
         async with _Rpc(self.state, context, "PutImage"):
             if self.state.draining:
                 self.state.require_engine()
-            limit = self.state.settings.max_image_bytes
-            parts: list[bytes] = []
-            size = 0
-            async for chunk in chunks:
-                size += len(chunk.data)
-                if size > limit:  # stop reading: never hold more than the limit
-                    raise KawhiError("too-large", f"the image is over the limit of {limit} bytes")
-                parts.append(chunk.data)
-            stored = await self.state.store_image(b"".join(parts))
+            timeout = self.state.settings.body_timeout_s
+            try:  # a stalled upload is cut as a stalled HTTP body is (408 there)
+                data = await asyncio.wait_for(self._upload(chunks), timeout=timeout)
+            except asyncio.TimeoutError:
+                raise KawhiError("request-timeout", f"the upload did not arrive within {timeout:g} s") from None
+            stored = await self.state.store_image(data)
             return pb.ImageInfo(**stored.to_dict())
+
+    async def _upload(self, chunks: AsyncIterator[pb.ImageChunk]) -> bytes:
+        limit = self.state.settings.max_image_bytes
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in chunks:
+            if isinstance(chunk, Undecodable):
+                raise chunk.error()
+            size += len(chunk.data)
+            if size > limit:  # stop reading: never hold more than the limit
+                raise KawhiError("too-large", f"the image is over the limit of {limit} bytes")
+            parts.append(chunk.data)
+        return b"".join(parts)
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> Any:
         async with _Rpc(self.state, context, "Info"):
+            if isinstance(request, Undecodable):
+                raise request.error()
             return convert.to_struct(self.state.info().to_dict())

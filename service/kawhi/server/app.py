@@ -20,12 +20,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from kawhi import __version__
 from kawhi.errors import TYPE_BASE, KawhiError
 from kawhi.pipeline.parse import validation_error
-from kawhi.pipeline.service import ReweightService
+from kawhi.pipeline.service import ClientClosed, ReweightService
 from kawhi.server.middleware import RequestContextMiddleware, _BodyTooLarge
 from kawhi.server.problems import problem_response
 from kawhi.settings import Settings
@@ -89,6 +90,18 @@ def _install_error_handlers(app: FastAPI, state: ReweightService) -> None:
     async def _too_large(request: Request, exc: _BodyTooLarge) -> Response:
         limit = state.settings.max_body_bytes
         return respond(request, KawhiError("too-large", f"request body exceeds {limit} bytes"))
+
+    # The client went away: nobody reads an answer. 499 is what the access log and the metrics
+    # record (not a 5xx: the alert on 5xx is about the server); no traceback, one info line.
+    @app.exception_handler(ClientDisconnect)
+    async def _gone_while_sending(request: Request, exc: ClientDisconnect) -> Response:
+        state.count_error(KawhiError("client-closed", "the client closed the connection while sending its body"))
+        log.info("client closed the request while sending its body")
+        return Response(status_code=499)
+
+    @app.exception_handler(ClientClosed)
+    async def _gone_while_waiting(request: Request, exc: ClientClosed) -> Response:
+        return Response(status_code=499)  # counted and logged by the service, which dropped the queued groups
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> Response:

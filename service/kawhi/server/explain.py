@@ -17,7 +17,8 @@ from fastapi import Depends, Request
 from starlette.responses import Response
 
 from kawhi.errors import KawhiError
-from kawhi.pipeline.service import ClientClosed, ReweightService
+from kawhi.pipeline.explain import most_pages
+from kawhi.pipeline.service import ReweightService
 from kawhi.server.routes import caller_timeout, disconnect_watch, get_service, read_body, v1
 
 __all__ = ["choose_media_type", "explain"]
@@ -91,15 +92,29 @@ async def explain(request: Request, state: ReweightService = Depends(get_service
     try:
         body = await read_body(request, state.settings.body_timeout_s)
         admission = await state.admit_body(body, request.headers.get("content-type", ""))
-        try:
-            view = await state.explain(admission, deadline, heatmap=heatmap, client_gone=disconnect_watch(request))
-        except ClientClosed:
-            return Response(status_code=499)
+        _check_page(state, admission, media, page)
+        view = await state.explain(admission, deadline, heatmap=heatmap, client_gone=disconnect_watch(request))
         body_out, pages = await asyncio.to_thread(_draw, view, media, page)
         return Response(body_out, media_type=media + ("; charset=utf-8" if media == HTML else ""),
                         headers={"X-Kawhi-Pages": str(pages)})
     finally:
         state.leave()
+
+
+def _check_page(state: ReweightService, admission: Any, media: str, page: int) -> None:
+    """Refuse, before the computation, a page the view cannot have: any but 1 for HTML (one
+    document), one past the most a PNG view of this group could fill. A page within that
+    bound but past the pages drawn is refused after drawing (the count depends on the weights)."""
+    if page == 1:
+        return
+    if media == HTML:
+        raise KawhiError("validation", f"page={page} but the text/html view is one document; page is for image/png")
+    groups = admission.parsed.groups
+    group = groups[0] if len(groups) == 1 else None
+    if group is not None:  # otherwise the service refuses the request
+        bound = most_pages(state.pipeline().engine, group, admission.config)
+        if page > bound:
+            raise KawhiError("validation", f"page={page} but this group's view has at most {bound} page(s)")
 
 
 def _draw(view: Any, media: str, page: int) -> tuple[bytes, int]:

@@ -22,7 +22,7 @@ from kawhi import __version__
 from kawhi.engine.images import ImageLimits
 from kawhi.errors import PROBLEM_MEDIA_TYPE, KawhiError, pointer
 from kawhi.pipeline.answers import JSON
-from kawhi.pipeline.service import ClientClosed, ReweightService
+from kawhi.pipeline.service import ReweightService
 from kawhi.server.auth import require_api_key
 from kawhi.server.problems import problem_response
 
@@ -82,7 +82,8 @@ def caller_timeout(request: Request) -> float | None:
 
 
 async def read_body(request: Request, timeout_s: float) -> bytes:
-    """The whole body, or 408 when the client does not send it within ``timeout_s``."""
+    """The whole body, or 408 when the client does not send it within ``timeout_s`` (a client
+    that closes the connection first raises starlette's ClientDisconnect: answered 499)."""
     try:
         return await asyncio.wait_for(request.body(), timeout=timeout_s)
     except asyncio.TimeoutError:
@@ -212,10 +213,8 @@ async def reweight(request: Request, state: ReweightService = Depends(get_servic
     try:
         body = await read_body(request, state.settings.body_timeout_s)
         admission = await state.admit_body(body, request.headers.get("content-type", ""))  # missing -> 415
-        try:
-            answer = await state.reweight(admission, deadline, JSON, client_gone=disconnect_watch(request))
-        except ClientClosed:
-            return Response(status_code=499)  # nobody reads it; the access log and metrics record 499
+        # a client gone before its answer: ClientClosed, answered 499 by the app's handler
+        answer = await state.reweight(admission, deadline, JSON, client_gone=disconnect_watch(request))
         return Response(answer.payload, media_type="application/json", headers={"X-Kawhi-Cache": answer.source})
     finally:
         state.leave()
