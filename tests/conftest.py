@@ -3,7 +3,7 @@ are on sys.path through pyproject.toml's ``pythonpath``).
 
 Layout: tests/engine (library), tests/models, tests/heads (head sets, discovery), tests/server
 (FastAPI server), tests/cli, tests/client (SDK), tests/grpc, tests/pipeline,
-tests/integrations (trainers), tests/deploy (Dockerfile, chart, packaging), tests/repo
+tests/integrations (trainers), tests/ray_serve (Ray Serve, a local Ray), tests/deploy (Dockerfile, chart, packaging), tests/repo
 (docs links, bench scripts); helpers live in tests/support and are imported by their
 module names (`from server_fixtures import ...`, `from tiny_models import ...`,
 `from test_integration_helpers import ...`, `from planted_heads import ...`).
@@ -79,6 +79,9 @@ FILE_MARKS: dict[str, tuple[str, ...]] = {
     "test_deploy_image.py": ("deploy", "slow"),
     "test_deploy_affinity.py": ("deploy", "slow"),
     "test_ingress_hash.py": ("deploy", "slow"),
+    # ray_serve: a local Ray with two demo-model replicas; `kawhi ray serve` subprocesses
+    "test_ray_serve.py": ("slow",),
+    "test_ray_cli.py": ("slow",),
     # repo: bench scripts on the demo model
     "test_bench_smoke.py": ("slow",),
     "test_bench_sharing_smoke.py": ("slow",),

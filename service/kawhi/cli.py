@@ -1,5 +1,5 @@
 """The `kawhi` command: `kawhi reweight` (batch JSONL), `kawhi explain` (pictures), `kawhi heads`,
-`kawhi info` and `kawhi serve` (HTTP).
+`kawhi info`, `kawhi serve` (HTTP) and `kawhi ray serve` (on a Ray cluster, kawhi.ray).
 
 `kawhi reweight` runs the same request pipeline as the server (kawhi.pipeline): one
 output line per input line, a bad line becomes an error record with the same type and
@@ -388,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
         serve.set_defaults(func=lambda _args, _exc=exc: _missing_server(_exc))
     else:
         add_serve_parser(sub)
+        from kawhi.ray.cli import add_ray_parser
+
+        add_ray_parser(sub)
     return parser
 
 

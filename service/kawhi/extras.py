@@ -30,6 +30,7 @@ EXTRA_OF_MODULE = {
     "grpc_health": "grpc",
     "grpc_reflection": "server",
     "matplotlib": "explain",
+    "ray": "ray",
 }
 
 TORCH_HINT = ("without torch yet, install it first: the CPU wheel from PyTorch's CPU index "

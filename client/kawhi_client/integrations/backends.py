@@ -120,7 +120,9 @@ def as_backend(obj: Any) -> Any:
     * a ``kawhi_client.Client`` — wrapped in ``HttpBackend``;
     * a ``kawhi.engine.engine.Engine`` — wrapped in ``InProcessBackend``;
     * a URL string (``"http://kawhi:8000"``) — ``HttpBackend(url)``;
-    * ``"in-process"`` — ``InProcessBackend()`` (the embedded kawhi-tiny model, docs/tiny.md).
+    * ``"in-process"`` — ``InProcessBackend()`` (the embedded kawhi-tiny model, docs/tiny.md);
+    * ``"ray://kawhi"`` or a Ray Serve ``DeploymentHandle`` — ``RayBackend`` (kawhi on Ray Serve,
+      called through the handle: image bytes as bytes, no HTTP).
     """
     if obj is None:
         raise TypeError("a KAWHI backend is required: a URL, a kawhi_client.Client, a kawhi Engine, "
@@ -132,12 +134,20 @@ def as_backend(obj: Any) -> Any:
             return InProcessBackend()
         if obj.startswith(("http://", "https://")):
             return HttpBackend(obj)
-        raise ValueError(f"backend string {obj!r}: expected an http(s):// URL or 'in-process'")
+        if obj.startswith("ray://"):
+            from kawhi_client.integrations.ray_backend import RayBackend
+
+            return RayBackend.from_url(obj)
+        raise ValueError(f"backend string {obj!r}: expected an http(s):// URL, ray://<app> or 'in-process'")
     from kawhi_client.client import Client
 
     if isinstance(obj, Client):
         return HttpBackend(obj)
     module = type(obj).__module__ or ""
+    if module.startswith("ray.serve") and type(obj).__name__ == "DeploymentHandle":
+        from kawhi_client.integrations.ray_backend import RayBackend
+
+        return RayBackend(obj)
     if module.startswith("kawhi.engine") and hasattr(obj, "prepare") and hasattr(obj, "run"):
         return InProcessBackend(obj)
     if callable(getattr(obj, "reweight", None)):

@@ -112,7 +112,7 @@ def kawhi_settings(config: Any) -> dict[str, Any]:
     the command line), else the environment (``KAWHI_URL``, ``KAWHI_ON_ERROR``,
     ``KAWHI_OPTIONS`` as JSON, ``KAWHI_INNER_REWARD_MANAGER``, ``KAWHI_MODEL``, ``KAWHI_DEVICE``).
 
-    Keys: ``url`` (an http(s) URL, or ``in-process``), ``on_error``, ``options`` (API
+    Keys: ``url`` (an http(s) URL, ``ray://<Serve app>`` or ``in-process``), ``on_error``, ``options`` (API
     options), ``inner`` (the wrapped reward manager, default ``naive``), ``model`` and
     ``device`` (for ``in-process``), ``client`` (keyword arguments of
     ``kawhi_client.Client``: ``timeout``, ``retries``, ``wait_ready``, ``api_key``,
@@ -166,6 +166,10 @@ def reweighter_from_config(config: Any) -> Reweighter:
         from kawhi_client.integrations.common import InProcessBackend
 
         backend: Any = InProcessBackend(model=s["model"], device=s["device"])
+    elif str(url).startswith("ray://"):  # kawhi on Ray Serve, through its DeploymentHandle (no HTTP)
+        from kawhi_client.integrations.ray_backend import RayBackend
+
+        backend = RayBackend.from_url(str(url), timeout_s=s["deadline_s"])
     else:
         from kawhi_client.client import Client
 
