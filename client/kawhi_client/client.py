@@ -32,7 +32,7 @@ from kawhi_client.config import (
     retry_policy,
     unreachable_grace,
 )
-from kawhi_client.core import Core
+from kawhi_client.core import Core, CoreViews
 from kawhi_client.drivers import AsyncDriver, SyncDriver
 from kawhi_client.planning import GroupLike, OptionsLike, wire_fields
 from kawhi_client.schema import GroupResult, ReweightResponse
@@ -40,7 +40,7 @@ from kawhi_client.schema import GroupResult, ReweightResponse
 __all__ = ["AsyncClient", "Client", "ClientConfig", "ClientStats", "Limits", "RetryPolicy", "Timeouts",
            "parse_retry_after"]
 
-class _Base:
+class _Base(CoreViews):
     """What ``Client`` and ``AsyncClient`` share: the constructor and the read-only views."""
 
     _core: Core
@@ -135,31 +135,8 @@ class _Base:
         raise NotImplementedError
 
     @property
-    def config(self) -> ClientConfig:
-        """The resolved settings (URL, headers, timeouts, retry policy ...)."""
-        return self._core.config
-
-    @property
     def base_url(self) -> str:
         return self._core.base_url
-
-    @property
-    def stats(self) -> ClientStats:
-        """Counters: HTTP attempts, retries, uploads, re-uploads, requests, groups."""
-        return self._core.stats
-
-    @property
-    def limits(self) -> Limits | None:
-        """The limits read from ``/v1/info`` (None before the first call)."""
-        return self._core.limits
-
-    @property
-    def retry_policy(self) -> RetryPolicy:
-        return self._core.retry
-
-    @property
-    def timeouts(self) -> Timeouts:
-        return self._core.timeouts
 
     @property
     def replicas(self) -> tuple[str, ...]:

@@ -57,7 +57,7 @@ import httpx
 
 from kawhi_client.actions import RETRY_EXCEPTIONS, Call, Job, Lookup, Parallel, Sleep, check_action, resume  # noqa: F401 (re-exported)
 from kawhi_client.affinity import HUNG_COOLDOWN_S, HUNG_EXCEPTIONS, ReplicaJobs, ReplicaTimeout
-from kawhi_client.config import ClientConfig, ClientStats, Limits, parse_retry_after
+from kawhi_client.config import ClientConfig, ClientStats, Limits, RetryPolicy, Timeouts, parse_retry_after
 from kawhi_client.dialect import HttpDialect
 from kawhi_client.errors import KawhiConnectionError, KawhiError, KawhiHTTPError, KawhiTimeout, error_from_response
 from kawhi_client.images import HeldImages
@@ -240,3 +240,35 @@ def _describe(failure: Any) -> str:
     return type(failure).__name__
 
 
+class CoreViews:
+    """The read-only views every client (HTTP or gRPC, sync or async) gives of its Core."""
+
+    _core: Core
+
+    @property
+    def config(self) -> ClientConfig:
+        """The resolved settings (endpoints, headers, timeouts, retry policy ...)."""
+        return self._core.config
+
+    @property
+    def stats(self) -> ClientStats:
+        """Counters: attempts (``http_requests``, gRPC calls included), retries, failovers,
+        replica timeouts, uploads, re-uploads, requests, groups."""
+        return self._core.stats
+
+    @property
+    def limits(self) -> Limits | None:
+        """The limits read from the server's info (None before the first call)."""
+        return self._core.limits
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        return self._core.retry
+
+    @property
+    def timeouts(self) -> Timeouts:
+        return self._core.timeouts
+
+    @property
+    def max_in_flight(self) -> int:
+        return self._core.max_in_flight

@@ -34,15 +34,13 @@ from kawhi_client.actions import Call, Job
 from kawhi_client.config import (
     DEFAULT_FAILOVER_TIMEOUT_S,
     ClientConfig,
-    ClientStats,
-    Limits,
     RetryPolicy,
     Timeouts,
     ready_timeout,
     retry_policy,
     unreachable_grace,
 )
-from kawhi_client.core import Core
+from kawhi_client.core import Core, CoreViews
 from kawhi_client.drivers import SyncDriver
 from kawhi_client.grpc import convert, transport
 from kawhi_client.grpc._proto import kawhi_pb2 as pb
@@ -65,7 +63,7 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 SERVICE = transport.SERVICE
 
 
-class _GrpcBase:
+class _GrpcBase(CoreViews):
     """What ``GrpcClient`` and ``AsyncGrpcClient`` share: the constructor and the read-only views.
 
     Args:
@@ -155,32 +153,6 @@ class _GrpcBase:
 
     def _open(self) -> None:
         raise NotImplementedError
-
-    @property
-    def config(self) -> ClientConfig:
-        return self._core.config
-
-    @property
-    def stats(self) -> ClientStats:
-        """Counters: attempts (``http_requests``), retries, failovers, replica timeouts, uploads ..."""
-        return self._core.stats
-
-    @property
-    def limits(self) -> Limits | None:
-        """The limits read from ``Info`` (None before the first call)."""
-        return self._core.limits
-
-    @property
-    def retry_policy(self) -> RetryPolicy:
-        return self._core.retry
-
-    @property
-    def timeouts(self) -> Timeouts:
-        return self._core.timeouts
-
-    @property
-    def max_in_flight(self) -> int:
-        return self._core.max_in_flight
 
     @property
     def token_arrays(self) -> bool:
