@@ -160,7 +160,7 @@ def smoke(image: str, ready_timeout: float, result: dict[str, Any]) -> None:
         f"command {argv}")
     user = (config.get("User") or "0").split(":")[0]
     check(user == str(EXPECTED_UID), f"the image runs as uid {EXPECTED_UID} (non-root, the chart's runAsUser)")
-    check("KAWHI_MODEL" not in env, "no KAWHI_MODEL in the image: the demo model is the default")
+    check("KAWHI_MODEL" not in env, "no KAWHI_MODEL in the image: the embedded kawhi-tiny is the default")
     healthcheck = (info.get("Healthcheck") or {}).get("Test") or []
     check(healthcheck[:1] == ["CMD"], "the image carries its HEALTHCHECK (docker format)")
 
