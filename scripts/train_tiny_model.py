@@ -90,8 +90,6 @@ def main() -> int:
     parser.add_argument("--fewest-until", type=float, default=0.5)
     parser.add_argument("--init", type=Path, default=None,
                         help="continue from this trained model folder (weights and tokenizer) instead of a fresh one")
-    parser.add_argument("--data-offset", type=int, default=None,
-                        help="first train-split item index (default: after the items the --init run used)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args()
 
@@ -111,7 +109,7 @@ def main() -> int:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.init)
     earlier_steps = int(previous.get("total_steps", previous.get("steps", 0)))
     # a continued run sees new training items: it starts where the runs before it stopped
-    offset = earlier_steps * args.batch if args.data_offset is None else args.data_offset
+    offset = earlier_steps * args.batch
     reference = QwenVLReference(model, tokenizer, image_processor(), MODEL_NAME)
     reference.split_attention = False
     parameters = sum(p.numel() for p in model.parameters())

@@ -99,10 +99,21 @@ def _shape_object(draw: ImageDraw.ImageDraw, rng: random.Random, shape: str, col
     return SceneObject(shape, colour, (x0, y0, x1 + 1, y1 + 1), (cell,))
 
 
-def shape_scene(rng: random.Random, size: int, count: int | None = None) -> tuple[Image.Image, list[SceneObject]]:
-    """1-4 shapes of different kinds and colours, each in its own cell (``count``: fixed, else drawn)."""
+def shape_counts() -> tuple[int, int]:
+    """The fewest and the most shapes a scene holds."""
+    return 1, len(SHAPES)
+
+
+def bar_counts(cells: int) -> tuple[int, int]:
+    """The fewest and the most bars a chart of ``cells`` columns holds."""
+    return 2, min(4, cells)
+
+
+def shape_scene(rng: random.Random, size: int, fewest: bool = False) -> tuple[Image.Image, list[SceneObject]]:
+    """1-4 shapes of different kinds and colours, each in its own cell (``fewest``: one shape)."""
     cells = size // CELL
-    count = rng.randint(1, len(SHAPES)) if count is None else count
+    low, high = shape_counts()
+    count = low if fewest else rng.randint(low, high)
     shapes = rng.sample(SHAPES, count)
     colours = rng.sample(sorted(COLOURS), count)
     places = rng.sample([(r, c) for r in range(cells) for c in range(cells)], count)
@@ -112,11 +123,12 @@ def shape_scene(rng: random.Random, size: int, count: int | None = None) -> tupl
     return image, objects
 
 
-def bar_chart(rng: random.Random, size: int, count: int | None = None) -> tuple[Image.Image, list[SceneObject]]:
+def bar_chart(rng: random.Random, size: int, fewest: bool = False) -> tuple[Image.Image, list[SceneObject]]:
     """2-4 bars of different colours and heights (1..cells cells), one per column, left to right
-    (``count``: fixed, else drawn)."""
+    (``fewest``: two bars)."""
     cells = size // CELL
-    count = rng.randint(2, min(4, cells)) if count is None else count
+    low, high = bar_counts(cells)
+    count = low if fewest else rng.randint(low, high)
     columns = sorted(rng.sample(range(cells), count))
     values = rng.sample(range(1, cells + 1), count)
     colours = rng.sample(sorted(COLOURS), count)
@@ -143,36 +155,36 @@ def place_of(obj: SceneObject, size: int) -> str:
 # ------------------------------------------------------------------ questions
 
 
-def _shape_colour(rng: random.Random, size: int, count: int | None = None):
-    image, objects = shape_scene(rng, size, count)
+def _shape_colour(rng: random.Random, size: int, fewest: bool = False):
+    image, objects = shape_scene(rng, size, fewest)
     i = rng.randrange(len(objects))
     return image, f"What colour is the {objects[i].kind}?", objects[i].colour, objects, (i,)
 
 
-def _shape_place(rng: random.Random, size: int, count: int | None = None):
-    image, objects = shape_scene(rng, size, count)
+def _shape_place(rng: random.Random, size: int, fewest: bool = False):
+    image, objects = shape_scene(rng, size, fewest)
     i = rng.randrange(len(objects))
     return image, f"Where is the {objects[i].kind}?", place_of(objects[i], size), objects, (i,)
 
 
-def _shape_count(rng: random.Random, size: int, count: int | None = None):
-    image, objects = shape_scene(rng, size, count)
+def _shape_count(rng: random.Random, size: int, fewest: bool = False):
+    image, objects = shape_scene(rng, size, fewest)
     return image, "How many shapes are there?", str(len(objects)), objects, tuple(range(len(objects)))
 
 
-def _bar_tallest(rng: random.Random, size: int, count: int | None = None):
-    image, objects = bar_chart(rng, size, count)
+def _bar_tallest(rng: random.Random, size: int, fewest: bool = False):
+    image, objects = bar_chart(rng, size, fewest)
     i = max(range(len(objects)), key=lambda j: objects[j].value)
     return image, "Which bar is the tallest?", objects[i].colour, objects, (i,)
 
 
-def _bar_count(rng: random.Random, size: int, count: int | None = None):
-    image, objects = bar_chart(rng, size, count)
+def _bar_count(rng: random.Random, size: int, fewest: bool = False):
+    image, objects = bar_chart(rng, size, fewest)
     return image, "How many bars are there?", str(len(objects)), objects, tuple(range(len(objects)))
 
 
-def _bar_value(rng: random.Random, size: int, count: int | None = None):
-    image, objects = bar_chart(rng, size, count)
+def _bar_value(rng: random.Random, size: int, fewest: bool = False):
+    image, objects = bar_chart(rng, size, fewest)
     i = rng.randrange(len(objects))
     return image, f"How tall is the {objects[i].colour} bar?", str(objects[i].value), objects, (i,)
 
@@ -194,9 +206,11 @@ def answer_set(kind: str, cells: int = DEFAULT_SIZE // CELL) -> tuple[str, ...]:
     if kind == "shape_place":
         return PLACES
     if kind == "shape_count":
-        return tuple(str(n) for n in range(1, len(SHAPES) + 1))
+        low, high = shape_counts()
+        return tuple(str(n) for n in range(low, high + 1))
     if kind == "bar_count":
-        return tuple(str(n) for n in range(2, min(4, cells) + 1))
+        low, high = bar_counts(cells)
+        return tuple(str(n) for n in range(low, high + 1))
     if kind == "bar_value":
         return tuple(str(n) for n in range(1, cells + 1))
     raise ValueError(f"unknown kind {kind!r}; kinds: {', '.join(KINDS)}")
@@ -205,9 +219,6 @@ def answer_set(kind: str, cells: int = DEFAULT_SIZE // CELL) -> tuple[str, ...]:
 def chance(kind: str, size: int = DEFAULT_SIZE) -> float:
     """Accuracy of a uniform guess from the kind's answer set."""
     return 1.0 / len(answer_set(kind, size // CELL))
-
-
-FEWEST_OBJECTS = {"shape": 1, "bar": 2}
 
 
 def make_item(kind: str, index: int, seed: int = 0, size: int = DEFAULT_SIZE, split: str = "train",
@@ -224,8 +235,7 @@ def make_item(kind: str, index: int, seed: int = 0, size: int = DEFAULT_SIZE, sp
     if size < 2 * CELL or size % CELL:
         raise ValueError(f"size must be a multiple of {CELL} and at least {2 * CELL}, got {size}")
     rng = random.Random(f"kawhi-tiny/{split}/{kind}/{seed}/{size}/{index}")
-    count = FEWEST_OBJECTS[kind.split("_")[0]] if fewest_objects else None
-    image, question, answer, objects, asked = KINDS[kind](rng, size, count)
+    image, question, answer, objects, asked = KINDS[kind](rng, size, fewest_objects)
     return TinyItem(kind, image, question, answer, tuple(objects), asked, split, seed, index)
 
 
