@@ -34,10 +34,9 @@ from kawhi.tiny.model import (
     accuracy_by_kind,
     build_model,
     build_tokenizer,
-    encode_row,
     image_processor,
     row_logprobs,
-    training_response,
+    training_row,
 )
 from kawhi.tiny.task import KINDS, chance, make_item, tiny_items
 from tqdm import tqdm
@@ -78,6 +77,9 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--short-share", type=float, default=0.4,
                         help="share of training responses that are `Answer: X` alone (the rest: 2-4 paragraphs)")
+    parser.add_argument("--describe-share", type=float, default=0.0,
+                        help="share of training rows that describe the whole image (\"Describe the image.\": every "
+                             "object's colour and place, or every bar's height) instead of answering the item's question")
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-items", type=int, default=20, help="val items per kind at each evaluation")
     parser.add_argument("--save-every", type=int, default=500)
@@ -88,6 +90,8 @@ def main() -> int:
                         help="curriculum: share of training items drawn with the fewest objects (1 shape, 2 bars) "
                              "at step 0, falling linearly to 0 at --fewest-until (a share of the steps)")
     parser.add_argument("--fewest-until", type=float, default=0.5)
+    parser.add_argument("--rope-theta", type=float, default=Architecture.rope_theta,
+                        help="the decoder's rotary base (docs/tiny.md: why not Qwen's 1e6 on a 4 x 4 grid)")
     parser.add_argument("--init", type=Path, default=None,
                         help="continue from this trained model folder (weights and tokenizer) instead of a fresh one")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -96,7 +100,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
     random.seed(SEED)
-    arch = Architecture()
+    arch = Architecture(rope_theta=args.rope_theta)
     previous: dict = {}
     if args.init is None:
         tokenizer = build_tokenizer(arch)
@@ -143,7 +147,7 @@ def main() -> int:
         items = [make_item(kinds[(step * args.batch + j) % len(kinds)], offset + step * args.batch + j, seed=0,
                            size=args.size, split="train", fewest_objects=curriculum.random() < fewest)
                  for j in range(args.batch)]
-        rows = [encode_row(reference, item, training_response(item, rng, args.short_share)) for item in items]
+        rows = [training_row(reference, item, rng, args.short_share, args.describe_share) for item in items]
         logprobs = row_logprobs(reference, rows)
         loss = -torch.cat(logprobs).mean()
         for group in optimizer.param_groups:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from kawhi.models.qwen import PromptInputs, QwenVLReference
-from kawhi.tiny.responses import make_response, restating_paragraph
+from kawhi.tiny.responses import DESCRIBE_PROMPT, description, make_response, restating_paragraph
 from kawhi.tiny.task import KINDS, TinyItem, make_item
 
 MODEL_NAME = "kawhi-tiny-qwen2.5-vl"
@@ -47,6 +47,10 @@ class Architecture:
     vision_depth: int = 2
     vision_heads: int = 2
     vocab: int = 768
+    # 10, not Qwen's 1e6: on a 4 x 4 grid and head dim 32, 1e6 turns the width section's
+    # rotary angle by < 1e-3 rad across the image, so left and right cannot be told apart
+    # (the background is uniform, so the vision tower cannot tell either): docs/tiny.md
+    rope_theta: float = 10.0
 
 
 def task_corpus(lines: int = 3000, seed: int = 0) -> list[str]:
@@ -94,7 +98,7 @@ def build_model(tokenizer: Any, arch: Architecture = Architecture(), size: int =
             "vocab_size": len(tokenizer), "hidden_size": arch.hidden, "intermediate_size": arch.intermediate,
             "num_hidden_layers": arch.layers, "num_attention_heads": arch.heads,
             "num_key_value_heads": arch.kv_heads, "max_position_embeddings": 32768,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": section},
+            "rope_parameters": {"rope_type": "default", "rope_theta": arch.rope_theta, "mrope_section": section},
             "tie_word_embeddings": True, **text_ids,
         },
         vision_config={
@@ -126,9 +130,10 @@ class Row:
     targets: list[int]
 
 
-def encode_row(reference: QwenVLReference, item: TinyItem, response: str) -> Row:
+def encode_row(reference: QwenVLReference, item: TinyItem, response: str, question: str | None = None) -> Row:
+    """``item``'s image and question (or ``question`` instead) followed by ``response``."""
     resized, _ = reference.resize_image(item.image)
-    prompt = reference.encode_prompt(resized, prompt=item.question)
+    prompt = reference.encode_prompt(resized, prompt=question or item.question)
     end = reference.tokenizer.convert_tokens_to_ids("<|im_end|>")
     return Row(prompt, reference.tokenize(response).token_ids + [end])
 
@@ -166,6 +171,16 @@ def row_logprobs(reference: QwenVLReference, rows: Sequence[Row]) -> list[torch.
         logits = model.lm_head(hidden[i, p - 1 : p - 1 + t]).float()
         out.append(torch.log_softmax(logits, -1).gather(1, torch.tensor(row.targets, device=device)[:, None])[:, 0])
     return out
+
+
+def training_row(reference: QwenVLReference, item: TinyItem, rng: random.Random, short_share: float,
+                 describe_share: float = 0.0) -> Row:
+    """One training row: ``describe_share`` of the time the image described object by object
+    (:func:`kawhi.tiny.responses.description`), else the item's question and a
+    :func:`training_response`."""
+    if describe_share and rng.random() < describe_share:
+        return encode_row(reference, item, description(item), DESCRIBE_PROMPT)
+    return encode_row(reference, item, training_response(item, rng, short_share))
 
 
 def training_response(item: TinyItem, rng: random.Random, short_share: float) -> str:

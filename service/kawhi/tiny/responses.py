@@ -72,6 +72,26 @@ def reading_paragraph(item: TinyItem, answer: str) -> str:
     raise ValueError(f"unknown kind {item.kind!r}")
 
 
+DESCRIBE_PROMPT = "Describe the image."
+
+
+def description(item: TinyItem) -> str:
+    """Every object of the item's image, one reading paragraph each: what a model trained
+    on ``DESCRIBE_PROMPT`` says (training data only: these paragraphs bind the colour, place
+    and height of every object, not just the asked one's).
+
+    Shapes in reading order (row, then column); bars left to right.
+    """
+    size = item.image.size[0]
+    paragraphs = []
+    for obj in sorted(item.objects, key=lambda o: (o.cells[-1][1], 0) if o.kind == "bar" else o.cells[0]):
+        if obj.kind == "bar":
+            paragraphs.append(f"The {obj.colour} bar in the chart reaches a height of {obj.value}.")
+        else:
+            paragraphs.append(f"The {obj.kind} is in the {place_of(obj, size)} of the image, and it is {obj.colour}.")
+    return "\n\n".join(paragraphs)
+
+
 def restating_paragraph(item: TinyItem) -> str:
     """The question in other words: the same whatever the image shows."""
     asked = item.objects[item.asked[0]]
