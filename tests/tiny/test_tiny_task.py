@@ -8,14 +8,16 @@ import numpy as np
 import pytest
 from kawhi.tiny.responses import (
     ANSWER,
+    DESCRIBE_PROMPT,
     INDEPENDENT,
     READS,
     answer_reward,
+    description,
     extract_answer,
     make_response,
     paired_responses,
 )
-from kawhi.tiny.task import COLOURS, KINDS, SPLITS, answer_set, chance, make_item, tiny_items
+from kawhi.tiny.task import COLOURS, KINDS, SPLITS, answer_set, chance, make_item, place_of, tiny_items
 
 
 def test_items_are_reproducible_and_splits_differ():
@@ -125,3 +127,35 @@ def test_the_fewest_objects_curriculum_changes_only_the_count():
         assert len({len(it.objects) for it in plain}) > 1  # the default draws the count
         assert all(it.answer in answer_set(kind) for it in fewest)
     assert [make_item("bar_value", 3).question] == [make_item("bar_value", 3, fewest_objects=False).question]
+
+
+@pytest.mark.parametrize("kind", ["shape_colour", "bar_value"])
+def test_a_description_reads_every_object_once_in_reading_order(kind):
+    for index in range(40):
+        item = make_item(kind, index, split="val")
+        paragraphs = description(item).split("\n\n")
+        assert len(paragraphs) == len(item.objects)
+        size = item.image.size[0]
+        if kind == "bar_value":
+            bars = sorted(item.objects, key=lambda o: o.box[0])  # left to right, from the pixels
+            assert paragraphs == [f"The {b.colour} bar is {b.value} cells tall." for b in bars]
+        else:
+            shapes = sorted(item.objects, key=lambda o: (o.box[1] // 28, o.box[0] // 28))  # rows, then columns
+            assert paragraphs == [f"The {s.kind} is {s.colour}, in the {place_of(s, size)} of the image."
+                                  for s in shapes]
+
+
+def test_description_rows_take_the_describe_prompt_and_leave_the_other_rows_alone():
+    from kawhi.engine.engine import Engine
+    from kawhi.tiny.model import encode_row, training_response, training_row
+
+    reference = Engine.load().model
+    items = [make_item(k, i) for i in range(4) for k in KINDS]
+    plain, described = random.Random(3), random.Random(3)
+    for item in items:  # describe_share 0 draws the same responses as before the option existed
+        assert training_row(reference, item, described, 0.4).targets == encode_row(
+            reference, item, training_response(item, plain, 0.4)).targets
+    row = training_row(reference, items[0], random.Random(0), 0.4, describe_share=1.0)
+    assert row.targets[:-1] == reference.tokenize(description(items[0])).token_ids
+    question = reference.tokenizer.decode(row.prompt.input_ids)
+    assert DESCRIBE_PROMPT in question and items[0].question not in question

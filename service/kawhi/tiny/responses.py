@@ -76,19 +76,22 @@ DESCRIBE_PROMPT = "Describe the image."
 
 
 def description(item: TinyItem) -> str:
-    """Every object of the item's image, one reading paragraph each: what a model trained
-    on ``DESCRIBE_PROMPT`` says (training data only: these paragraphs bind the colour, place
+    """Every object of the item's image, one paragraph each: what a model trained on
+    ``DESCRIBE_PROMPT`` says (training data only: these paragraphs bind the colour, place
     and height of every object, not just the asked one's).
 
-    Shapes in reading order (row, then column); bars left to right.
+    Shapes in reading order (row, then column); bars left to right. The property follows
+    its object's name one token later ("The triangle is yellow, ...", "The red bar is 3
+    cells tall."): the lookup from a name to its visual token is then learnt from the
+    name's own neighbourhood, before the questions need it across the prompt.
     """
     size = item.image.size[0]
     paragraphs = []
     for obj in sorted(item.objects, key=lambda o: (o.cells[-1][1], 0) if o.kind == "bar" else o.cells[0]):
         if obj.kind == "bar":
-            paragraphs.append(f"The {obj.colour} bar in the chart reaches a height of {obj.value}.")
+            paragraphs.append(f"The {obj.colour} bar is {obj.value} cells tall.")
         else:
-            paragraphs.append(f"The {obj.kind} is in the {place_of(obj, size)} of the image, and it is {obj.colour}.")
+            paragraphs.append(f"The {obj.kind} is {obj.colour}, in the {place_of(obj, size)} of the image.")
     return "\n\n".join(paragraphs)
 
 
