@@ -81,3 +81,21 @@ def test_a_continued_run_starts_from_the_weights_and_items_where_the_first_stopp
     after = Engine.load(second).model.model.state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed  # one more optimiser step moved the weights it started from
+
+
+def test_the_lookup_probe_splits_attention_over_asked_other_and_background_tokens():
+    """A smoke test of bench.tiny_lookup on the embedded model: per layer and head the three
+    shares are attention weights of single tokens, so each lies in [0, 1] and the asked token
+    plus one other object's plus one background token's cannot exceed the whole."""
+    from bench.tiny_lookup import lookup_shares, reference_for
+
+    reference = reference_for(TINY_MODEL_DIR)
+    for at in ("answer", "name"):
+        shares = lookup_shares(reference, at, items=6)
+        assert shares["items"] >= 2
+        layers = reference.model.config.text_config.num_hidden_layers
+        heads = reference.model.config.text_config.num_attention_heads
+        for key in ("asked", "other", "background"):
+            assert len(shares[key]) == layers and all(len(row) == heads for row in shares[key])
+        for a, o, b in zip(*(sum(shares[k], []) for k in ("asked", "other", "background"))):
+            assert 0 <= a <= 1 and 0 <= o <= 1 and 0 <= b <= 1 and a + o + b <= 1 + 1e-6

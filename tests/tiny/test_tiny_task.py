@@ -133,15 +133,15 @@ def test_the_fewest_objects_curriculum_changes_only_the_count():
 def test_a_description_reads_every_object_once_in_reading_order(kind):
     for index in range(40):
         item = make_item(kind, index, split="val")
-        paragraphs = description(item).split("\n\n")
+        paragraphs = description(item).split("\n")
         assert len(paragraphs) == len(item.objects)
         size = item.image.size[0]
         if kind == "bar_value":
             bars = sorted(item.objects, key=lambda o: o.box[0])  # left to right, from the pixels
-            assert paragraphs == [f"The {b.colour} bar is {b.value} cells tall." for b in bars]
+            assert paragraphs == [f"The {b.colour} {b.value}" for b in bars]
         else:
             shapes = sorted(item.objects, key=lambda o: (o.box[1] // 28, o.box[0] // 28))  # rows, then columns
-            assert paragraphs == [f"The {s.kind} is {s.colour}, in the {place_of(s, size)} of the image."
+            assert paragraphs == [f"The {s.kind} {s.colour} {place_of(s, size)}"
                                   for s in shapes]
 
 

@@ -76,23 +76,25 @@ DESCRIBE_PROMPT = "Describe the image."
 
 
 def description(item: TinyItem) -> str:
-    """Every object of the item's image, one paragraph each: what a model trained on
-    ``DESCRIBE_PROMPT`` says (training data only: these paragraphs bind the colour, place
-    and height of every object, not just the asked one's).
+    """Every object of the item's image, one line each: what a model trained on
+    ``DESCRIBE_PROMPT`` says (training data only: these lines bind the colour, place and
+    height of every object, not just the asked one's).
 
-    Shapes in reading order (row, then column); bars left to right. The property follows
-    its object's name one token later ("The triangle is yellow, ...", "The red bar is 3
-    cells tall."): the lookup from a name to its visual token is then learnt from the
-    name's own neighbourhood, before the questions need it across the prompt.
+    Shapes in reading order (row, then column) as "The triangle yellow top left"; bars left
+    to right as "The red 3" (the leading word keeps each name the same token as in the
+    questions). The property is the very next token after its object's name, so the
+    lookup from a name to its visual token is learnt in one hop (the name's own query),
+    before a question needs it across the prompt (docs/tiny.md: with sentences the answer
+    position attended to every visual token alike after 2,000 steps).
     """
     size = item.image.size[0]
-    paragraphs = []
+    lines = []
     for obj in sorted(item.objects, key=lambda o: (o.cells[-1][1], 0) if o.kind == "bar" else o.cells[0]):
         if obj.kind == "bar":
-            paragraphs.append(f"The {obj.colour} bar is {obj.value} cells tall.")
+            lines.append(f"The {obj.colour} {obj.value}")
         else:
-            paragraphs.append(f"The {obj.kind} is {obj.colour}, in the {place_of(obj, size)} of the image.")
-    return "\n\n".join(paragraphs)
+            lines.append(f"The {obj.kind} {obj.colour} {place_of(obj, size)}")
+    return "\n".join(lines)
 
 
 def restating_paragraph(item: TinyItem) -> str:
