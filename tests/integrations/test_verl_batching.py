@@ -13,7 +13,7 @@ import pytest
 from kawhi.pipeline.local import LocalService
 from kawhi_client.integrations.common import Reweighter, Rollout, RowResult
 from kawhi_client.integrations.verl import SampleBatcher
-from server_fixtures import demo_engine, png_bytes
+from server_fixtures import default_engine, png_bytes
 
 
 def compute_score_batch(run_single: Any, samples: list[Any]) -> list[Any]:
@@ -58,7 +58,7 @@ def test_a_raising_policy_fails_every_sample_of_the_call() -> None:
 
 
 def test_a_group_of_samples_is_sent_as_one_group_with_the_same_weights() -> None:
-    engine = demo_engine()
+    engine = default_engine()
     sent: list[list[dict]] = []
 
     class Backend:
