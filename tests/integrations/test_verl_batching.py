@@ -83,4 +83,6 @@ def test_a_group_of_samples_is_sent_as_one_group_with_the_same_weights() -> None
     assert len(sent) == 1 and [len(g["responses"]) for g in sent[0]] == [4, 4]
     for r, row in zip(rollouts, together):
         (alone,) = reweighter.reweight([r])
-        assert row.reweighted and row.token_weights == pytest.approx(alone.token_weights, abs=1e-9)
+        # 1e-6: a float32 forward of four responses rounds differently from one of a single response
+        # (~1e-7 on kawhi-tiny's activations); a row given another row's weights is off by > 0.1
+        assert row.reweighted and row.token_weights == pytest.approx(alone.token_weights, abs=1e-6)
