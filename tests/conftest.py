@@ -41,7 +41,7 @@ FILE_MARKS: dict[str, tuple[str, ...]] = {
     "test_tiny_model.py": ("slow",),
     # the real 151,936-token vocabulary: 2 x 1,024 tokens scored, and 1.2 GB of logits in the control arm
     "test_logprobs_vocab_memory.py": ("slow",),
-    # server: demo model loads, subprocess servers
+    # server: model loads, subprocess servers
     "test_server.py": ("slow",),
     "test_server_lifecycle.py": ("slow",),
     "test_server_redis.py": ("slow",),
@@ -79,10 +79,10 @@ FILE_MARKS: dict[str, tuple[str, ...]] = {
     "test_deploy_image.py": ("deploy", "slow"),
     "test_deploy_affinity.py": ("deploy", "slow"),
     "test_ingress_hash.py": ("deploy", "slow"),
-    # ray_serve: a local Ray with two demo-model replicas; `kawhi ray serve` subprocesses
+    # ray_serve: a local Ray with two kawhi-tiny replicas; `kawhi ray serve` subprocesses
     "test_ray_serve.py": ("slow",),
     "test_ray_cli.py": ("slow",),
-    # repo: bench scripts on the demo model
+    # repo: bench scripts on the embedded model
     "test_bench_smoke.py": ("slow",),
     "test_bench_sharing_smoke.py": ("slow",),
 }
@@ -154,8 +154,8 @@ def unused_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def demo_server() -> Iterator[Any]:
-    """One in-process server on the demo model with default settings, shared by the session
+def default_server() -> Iterator[Any]:
+    """One in-process server on the default model (kawhi-tiny) with default settings, shared by the session
     (a `server_fixtures.ServerThread`; `.url`, `.client()`). Tests that need other settings
     start their own ServerThread."""
     from server_fixtures import ServerThread

@@ -12,7 +12,7 @@ import pytest
 from server_fixtures import ROOT, subprocess_env
 
 EXAMPLES = ROOT / "examples"
-DEMO = ROOT / "service" / "kawhi" / "models" / "demo"
+TINY = ROOT / "service" / "kawhi" / "models" / "tiny"
 
 
 def kawhi(*args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess:
@@ -75,8 +75,8 @@ def test_stdin_to_stdout_with_provenance() -> None:
 def test_a_cached_hub_id_loads_offline_and_info_prints_json(tmp_path: Path) -> None:
     cache = tmp_path / "hub"
     snapshot = cache / "models--kawhi-test--tiny-vl" / "snapshots" / "0123456789abcdef"
-    # a hub snapshot carries no embedded-model label (KAWHI_DEMO.json would name it the demo)
-    shutil.copytree(DEMO, snapshot, ignore=shutil.ignore_patterns("KAWHI_*.json"))
+    # a hub snapshot carries no embedded-model label (KAWHI_MODEL_CARD.json would name it kawhi-tiny)
+    shutil.copytree(TINY, snapshot, ignore=shutil.ignore_patterns("KAWHI_*.json"))
     (cache / "models--kawhi-test--tiny-vl" / "refs").mkdir()
     (cache / "models--kawhi-test--tiny-vl" / "refs" / "main").write_text("0123456789abcdef")
     run = kawhi("info", "--model", "kawhi-test/tiny-vl", HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")

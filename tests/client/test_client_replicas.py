@@ -1,4 +1,4 @@
-"""Three real `kawhi serve` replicas (demo model, loopback ports) and a workload of groups
+"""Three real `kawhi serve` replicas (kawhi-tiny, loopback ports) and a workload of groups
 sent one sample per request: every group's requests land on one replica, the work spreads
 over the replicas, the affinity ratio equals one replica's, a SIGSTOPped replica (hung, its
 TCP still accepting) is failed over after the failover timeout, and SIGKILLing a replica

@@ -11,8 +11,8 @@
   their references (Service labels, port name, metrics path) resolved, and the
   PrometheusRule's rules run through promtool;
 * hadolint on the Dockerfile (fails on warning or worse; every inline ignore must
-  carry a justification) and checks of what the image promises (non-root, demo
-  model by default, /healthz healthcheck, port);
+  carry a justification) and checks of what the image promises (non-root, kawhi-tiny
+  by default, /healthz healthcheck, port);
 * promtool on deploy/prometheus (config, rules, rule unit tests); every metric and
   label the dashboard, alerts and autoscaler use exists in the service's metrics;
 * a real ``kawhi serve`` started with the chart's ConfigMap as its environment,
@@ -222,7 +222,7 @@ def test_settings_are_real_and_parse(rendered: dict[str, list[dict]], scenario: 
                 assert str(got) == value, name
 
 
-def test_default_values_serve_the_demo_model(rendered: dict[str, list[dict]]) -> None:
+def test_default_values_serve_the_embedded_model(rendered: dict[str, list[dict]]) -> None:
     docs = rendered["default"]
     env = container_env(docs)
     assert "KAWHI_MODEL" not in env  # unset -> the embedded kawhi-tiny model

@@ -2,8 +2,8 @@
 server with the chart's environment, the operations guide (part 1, the chart: test_deploy.py).
 
 * hadolint on the Dockerfile (fails on warning or worse; every inline ignore must
-  carry a justification) and checks of what the image promises (non-root, demo
-  model by default, /healthz healthcheck, port);
+  carry a justification) and checks of what the image promises (non-root, kawhi-tiny
+  by default, /healthz healthcheck, port);
 * promtool on deploy/prometheus (config, rules, rule unit tests); every metric and
   label the dashboard, alerts and autoscaler use exists in the service's metrics;
 * a real ``kawhi serve`` started with the chart's ConfigMap as its environment,
@@ -103,7 +103,7 @@ def test_dockerfile_promises() -> None:
     final = ins[max(i for i, (w, _) in enumerate(ins) if w == "FROM"):]
     users = [r for w, r in final if w == "USER"]
     assert users and users[-1].split(":")[0] == str(IMAGE_UID)
-    # listens where the chart expects; demo model unless KAWHI_MODEL is given
+    # listens where the chart expects; kawhi-tiny unless KAWHI_MODEL is given
     env_text = " ".join(r for w, r in ins if w == "ENV")
     assert "KAWHI_HOST=0.0.0.0" in env_text and f"KAWHI_PORT={CONTAINER_PORT}" in env_text
     assert f"KAWHI_GRPC_PORT={GRPC_PORT}" in env_text
@@ -141,10 +141,10 @@ def test_dockerignore_allows_exactly_what_the_build_copies() -> None:
     assert copied == allowed, (copied, allowed)
     for path in copied:
         assert (ROOT / path).exists(), path
-    # the demo model travels inside the wheel (package data), so the image serves it with no mount
+    # the default model, kawhi-tiny, travels inside the wheel (package data), so the image serves it with no mount
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert "models/demo/*.safetensors" in pyproject
-    assert (ROOT / "service" / "kawhi" / "models" / "demo" / "model.safetensors").is_file()
+    assert "models/tiny/*.safetensors" in pyproject
+    assert (ROOT / "service" / "kawhi" / "models" / "tiny" / "model.safetensors").is_file()
 
 
 # ============================================================================ deploy/: compose, Prometheus, Grafana
@@ -166,7 +166,7 @@ def test_compose_file() -> None:
     for var in re.findall(r"\$\{(KAWHI_[A-Z0-9_]+)", (DEPLOY / "docker-compose.yml").read_text()):
         assert var[6:].lower() in fields, var
     assert kawhi["environment"]["KAWHI_REDIS_URL"] == "redis://redis:6379/0"
-    assert kawhi["environment"]["KAWHI_MODEL"] == "${KAWHI_MODEL:-}", "empty by default: the demo model"
+    assert kawhi["environment"]["KAWHI_MODEL"] == "${KAWHI_MODEL:-}", "empty by default: the embedded kawhi-tiny"
     assert kawhi["ports"] == [f"127.0.0.1:{CONTAINER_PORT}:{CONTAINER_PORT}", f"127.0.0.1:{GRPC_PORT}:{GRPC_PORT}"]
     assert kawhi["environment"]["KAWHI_GRPC_PORT"] == str(GRPC_PORT)
     assert kawhi["read_only"] is True and any(t.startswith("/tmp") for t in kawhi["tmpfs"])
@@ -349,7 +349,7 @@ def _grpc_health(port: int) -> str:
 def test_chart_env_starts_a_server_that_answers_its_probes(rendered: dict[str, list[dict]], tmp_path: Path,
                                                            unused_port: int) -> None:
     """`kawhi serve` (the image's ENTRYPOINT + CMD) with the default ConfigMap as its environment:
-    the startup/readiness path turns 200 once the demo model is loaded, liveness answers,
+    the startup/readiness path turns 200 once kawhi-tiny is loaded, liveness answers,
     /metrics exports what the dashboard and alerts read."""
     import httpx
 

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 from kawhi.engine.config import MethodConfig
-from kawhi.engine.engine import DEMO_MODEL_DIR, Engine, EngineLimits, GroupError, OptionsError
+from kawhi.engine.engine import DEMO_MODEL_DIR, TINY_MODEL_DIR, Engine, EngineLimits, GroupError, OptionsError
 from kawhi.engine.images import decode_image, sha256_hex
 from kawhi.pipeline.local import LocalService
 from kawhi_client.schema import RolloutGroup
@@ -40,9 +40,9 @@ def group_dict(rewards=(1.0, 0.0, 1.0), texts=TEXTS, **extra) -> dict:
 
 
 @pytest.fixture(scope="module")
-def demo_engine():
-    """The random-weight demo: these tests pin its specifics (no heads file, its tokenizer)."""
-    return Engine.load(DEMO_MODEL_DIR)
+def default_engine():
+    """kawhi-tiny, what Engine.load() gives with no model (nothing here depends on its weights)."""
+    return Engine.load(TINY_MODEL_DIR)
 
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)
@@ -92,28 +92,28 @@ def test_end_to_end_on_each_architecture_is_deterministic(tiny_engine):
     assert len(first.responses[1].paragraphs) == 2
 
 
-def test_demo_engine_group_advantages_follow_grpo(demo_engine):
-    result = LocalService(demo_engine).reweight([group_dict(rewards=(1.0, 0.0, 1.0))])[0]
+def test_group_advantages_follow_grpo(default_engine):
+    result = LocalService(default_engine).reweight([group_dict(rewards=(1.0, 0.0, 1.0))])[0]
     rewards = np.array([1.0, 0.0, 1.0])
     expected = (rewards - rewards.mean()) / (rewards.std() + 1e-6)
     np.testing.assert_allclose([r.advantage for r in result.responses], expected)
-    check_api_shapes(result, group_dict(), demo_engine.defaults)
+    check_api_shapes(result, group_dict(), default_engine.defaults)
 
 
-def test_seed_changes_background_sample_only(demo_engine):
-    a = LocalService(demo_engine).reweight([group_dict()], {"seed": 1})[0]
-    b = LocalService(demo_engine).reweight([group_dict()], {"seed": 2})[0]
+def test_seed_changes_background_sample_only(default_engine):
+    a = LocalService(default_engine).reweight([group_dict()], {"seed": 1})[0]
+    b = LocalService(default_engine).reweight([group_dict()], {"seed": 2})[0]
     assert a.key_tokens == b.key_tokens
     assert a.selected_tokens != b.selected_tokens
 
 
-def test_token_ids_are_scored_exactly(demo_engine):
-    tokenizer = demo_engine.model.tokenizer
+def test_token_ids_are_scored_exactly(default_engine):
+    tokenizer = default_engine.model.tokenizer
     ids = tokenizer("Step 1: the radius\n\nAnswer: 42.", add_special_tokens=False)["input_ids"] + [
         tokenizer.convert_tokens_to_ids("<|im_end|>")]
     raw = group_dict(rewards=(1.0, 0.0), texts=["ignored", "x"])
     raw["responses"][0]["token_ids"] = ids
-    result = LocalService(demo_engine).reweight([raw])[0]
+    result = LocalService(default_engine).reweight([raw])[0]
     assert len(result.responses[0].token_advantages) == len(ids)
     assert len(result.responses[0].paragraphs) == 2
 
@@ -124,46 +124,48 @@ def test_token_ids_are_scored_exactly(demo_engine):
     {"heads": [0, 2]}, {"normalize": "mean"}, {"estimator": "drgrpo"}, {"estimator": "rloo"},
     {"std": "unbiased"}, {"temperature": 5.0, "smoothing": 0.5, "w_min": 0.2, "w_max": 0.8},
 ])
-def test_every_switch_runs_and_keeps_the_contract(demo_engine, options):
+def test_every_switch_runs_and_keeps_the_contract(default_engine, options):
     raw = group_dict()
-    config = demo_engine.resolve_options(options)
-    result = LocalService(demo_engine).reweight([raw], options)[0]
+    config = default_engine.resolve_options(options)
+    result = LocalService(default_engine).reweight([raw], options)[0]
     check_api_shapes(result, raw, config)
 
 
-def test_switches_change_what_they_should(demo_engine):
+def test_switches_change_what_they_should(default_engine):
     def alphas(options):
-        result = LocalService(demo_engine).reweight([group_dict()], options)[0]
+        result = LocalService(default_engine).reweight([group_dict()], options)[0]
         return [p.alpha for p in result.responses[0].paragraphs]
 
     base = alphas({})
-    for options in ({"rope": "before"}, {"similarity": "key_key"}, {"regions": "inverse"}, {"heads": [1]}):
+    preset = default_engine.info()["heads"]
+    other_heads = [0] if preset != [0] else [1]
+    for options in ({"rope": "before"}, {"similarity": "key_key"}, {"regions": "inverse"}, {"heads": other_heads}):
         assert not np.allclose(alphas(options), base), options
-    all_regions = LocalService(demo_engine).reweight([group_dict()], {"regions": "all"})[0]
+    all_regions = LocalService(default_engine).reweight([group_dict()], {"regions": "all"})[0]
     assert all_regions.selected_tokens == list(range(all_regions.grid[0] * all_regions.grid[1]))
-    token_level = LocalService(demo_engine).reweight([group_dict()], {"granularity": "token"})[0].responses[0]
+    token_level = LocalService(default_engine).reweight([group_dict()], {"granularity": "token"})[0].responses[0]
     assert len(token_level.paragraphs) == len(token_level.token_weights)
 
 
-def test_mean_normalisation_preserves_the_total_advantage(demo_engine):
-    response = LocalService(demo_engine).reweight([group_dict()], {"normalize": "mean"})[0].responses[0]
+def test_mean_normalisation_preserves_the_total_advantage(default_engine):
+    response = LocalService(default_engine).reweight([group_dict()], {"normalize": "mean"})[0].responses[0]
     assert math.isclose(np.mean(response.token_weights), 1.0, rel_tol=1e-9)
     assert math.isclose(sum(response.token_advantages), response.advantage * len(response.token_weights),
                         rel_tol=1e-9)
 
 
-def test_given_advantages_bypass_the_estimator(demo_engine):
+def test_given_advantages_bypass_the_estimator(default_engine):
     raw = group_dict(advantages=[0.5, -1.0, 2.0])
-    result = LocalService(demo_engine).reweight([raw])[0]
+    result = LocalService(default_engine).reweight([raw])[0]
     assert [r.advantage for r in result.responses] == [0.5, -1.0, 2.0]
 
 
-def test_documented_rules_single_equal_empty(demo_engine):
-    single = LocalService(demo_engine).reweight([group_dict(rewards=(1.0,), texts=TEXTS[:1])])[0]
+def test_documented_rules_single_equal_empty(default_engine):
+    single = LocalService(default_engine).reweight([group_dict(rewards=(1.0,), texts=TEXTS[:1])])[0]
     assert single.responses[0].advantage == 0.0
-    equal = LocalService(demo_engine).reweight([group_dict(rewards=(1.0, 1.0, 1.0))])[0]
+    equal = LocalService(default_engine).reweight([group_dict(rewards=(1.0, 1.0, 1.0))])[0]
     assert all(r.advantage == 0.0 and set(r.token_advantages) == {0.0} for r in equal.responses)
-    empty = LocalService(demo_engine).reweight([group_dict(rewards=(1.0, 0.0), texts=["", "Answer: 3."])])[0]
+    empty = LocalService(default_engine).reweight([group_dict(rewards=(1.0, 0.0), texts=["", "Answer: 3."])])[0]
     assert empty.error is None
     assert empty.responses[0].token_advantages == [] and empty.responses[0].paragraphs == []
 
@@ -180,18 +182,18 @@ def test_documented_rules_single_equal_empty(demo_engine):
     (lambda g: g["responses"][0].update(text="word " * 20000), "/responses/0/text", 413),
     (lambda g: g.update(prompt=None, messages=[{"role": "user", "content": "no image here"}]), "/messages", 422),
 ])
-def test_bad_groups_get_a_pointer(demo_engine, mutate, pointer, status):
+def test_bad_groups_get_a_pointer(default_engine, mutate, pointer, status):
     """Through admit (counts and sizes) and the engine (what needs the model), as every front end."""
     raw = group_dict()
     mutate(raw)
-    result = LocalService(demo_engine).reweight([raw])[0]
+    result = LocalService(default_engine).reweight([raw])[0]
     assert result.error is not None, pointer
     assert result.error.pointer == pointer and result.error.status == status
 
 
-def test_given_estimator_needs_advantages(demo_engine):
+def test_given_estimator_needs_advantages(default_engine):
     with pytest.raises(GroupError) as info:
-        prepare(demo_engine, group_dict(), {"estimator": "given"})
+        prepare(default_engine, group_dict(), {"estimator": "given"})
     assert info.value.pointer == "/advantages"
 
 
@@ -199,43 +201,45 @@ def test_given_estimator_needs_advantages(demo_engine):
     ({"heads": [99]}, "heads"), ({"temperature": 0.0}, "temperature"), ({"w_min": 2.0}, "w_min"),
     ({"skip_ratio": 1.5}, "skip_ratio"), ({"bogus": 1}, "options"),
 ])
-def test_bad_options_name_the_field(demo_engine, options, field):
+def test_bad_options_name_the_field(default_engine, options, field):
     with pytest.raises(OptionsError) as info:
-        demo_engine.resolve_options(options)
+        default_engine.resolve_options(options)
     assert info.value.field == field
 
 
-def test_one_bad_group_does_not_hide_the_good_ones(demo_engine):
+def test_one_bad_group_does_not_hide_the_good_ones(default_engine):
     bad = group_dict()
     bad["responses"][0]["reward"] = float("nan")
-    results = LocalService(demo_engine).reweight([group_dict(), bad, {"not": "a group"}, group_dict()])
+    results = LocalService(default_engine).reweight([group_dict(), bad, {"not": "a group"}, group_dict()])
     assert [r.error is None for r in results] == [True, False, False, True]
     assert results[1].error.pointer == "/responses/0/reward"
     assert results[0].model_dump() == results[3].model_dump()
 
 
-def test_region_cache_is_used(demo_engine):
+def test_region_cache_is_used(default_engine):
     class DictCache(dict):
         def set(self, key, value):
             self[key] = value
 
     cache = DictCache()
     raw = group_dict()
-    config = demo_engine.resolve_options(None)
+    config = default_engine.resolve_options(None)
     data = base64.b64decode(raw["image"]["data"])
     group = RolloutGroup.model_validate(raw)
-    first = demo_engine.prepare(group, config, decode_image(data), image_sha256=sha256_hex(data), region_cache=cache)
+    first = default_engine.prepare(group, config, decode_image(data), image_sha256=sha256_hex(data), region_cache=cache)
     assert len(cache) == 1
     key = next(iter(cache))
     cache[key] = {"grid": list(first.regions.grid), "key": [0], "selected": [0, 1]}
-    second = demo_engine.prepare(group, config, decode_image(data), image_sha256=sha256_hex(data), region_cache=cache)
+    second = default_engine.prepare(group, config, decode_image(data), image_sha256=sha256_hex(data), region_cache=cache)
     assert second.regions.selected.tolist() == [0, 1]
 
 
-def test_info_labels_the_demo(demo_engine):
-    info = demo_engine.info()
+def test_info_labels_the_demo():
+    # the demo itself is under test: its label, and no heads file (all heads)
+    demo = Engine.load(DEMO_MODEL_DIR)
+    info = demo.info()
     assert info["is_demo"] is True and "demo" in info["model"]
-    assert info["heads"] == list(range(demo_engine.model.num_heads))
+    assert info["heads"] == list(range(demo.model.num_heads))
     assert info["defaults"]["temperature"] == 0.1
 
 
@@ -263,16 +267,16 @@ def test_real_qwen_token_ids_from_a_trainer_are_scored_one_to_one():
         assert tokenizer.decode(ids[0][p.token_start:p.token_end]) == decoded.text[p.char_start:p.char_end]
 
 
-def test_batching_groups_together_changes_no_result(demo_engine):
+def test_batching_groups_together_changes_no_result(default_engine):
     """Groups with different images and prompts give the same results whether the engine
     runs them in one batched forward or one at a time."""
     other = group_dict(texts=TEXTS[::-1])
     other["image"]["data"] = base64.b64encode(png_bytes(300, 120)).decode()
     other["prompt"] = "A much longer prompt about the figure, so the two prefixes differ in length."
-    merging = Engine(demo_engine.model, limits=EngineLimits(merge_groups=True))
-    assert merging._merge_groups and not demo_engine._merge_groups  # CPU default: no merging
+    merging = Engine(default_engine.model, limits=EngineLimits(merge_groups=True))
+    assert merging._merge_groups and not default_engine._merge_groups  # CPU default: no merging
     together = LocalService(merging).reweight([group_dict(), other])
-    alone = LocalService(demo_engine).reweight([group_dict()]) + LocalService(demo_engine).reweight([other])
+    alone = LocalService(default_engine).reweight([group_dict()]) + LocalService(default_engine).reweight([other])
     for a, b in zip(together, alone):
         assert a.key_tokens == b.key_tokens and a.selected_tokens == b.selected_tokens
         for ra, rb in zip(a.responses, b.responses):
@@ -280,9 +284,9 @@ def test_batching_groups_together_changes_no_result(demo_engine):
             np.testing.assert_allclose([p.alpha for p in ra.paragraphs], [p.alpha for p in rb.paragraphs], atol=1e-6)
 
 
-def test_schema_errors_point_at_the_field_in_process(demo_engine):
+def test_schema_errors_point_at_the_field_in_process(default_engine):
     """In-process schema errors get the same JSON pointer the server and CLI give."""
     bad = group_dict()
     bad["responses"][1]["reward"] = "high"
-    result = LocalService(demo_engine).reweight([bad])[0]
+    result = LocalService(default_engine).reweight([bad])[0]
     assert result.error.pointer == "/responses/1/reward" and result.error.status == 422

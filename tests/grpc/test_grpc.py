@@ -1,6 +1,6 @@
 """The gRPC front end over real sockets: the same numbers and the same errors as HTTP.
 
-Every server here is the demo model behind a real uvicorn with the gRPC listener
+Every server here is kawhi-tiny behind a real uvicorn with the gRPC listener
 attached (tests/grpc_fixtures.py); calls go through real grpc channels.
 """
 
@@ -37,7 +37,7 @@ def stub(server: GrpcServerThread) -> Any:
 
 
 def token_group(seed: int = 0) -> dict[str, Any]:
-    """A group scored on the trainer's own token ids (the demo vocabulary is [0, 540))."""
+    """A group scored on the trainer's own token ids (ids in [20, 520): inside kawhi-tiny's vocabulary, past its special tokens)."""
     g = small_group(seed)
     g["id"] = f"t{seed}"
     g["responses"] = [

@@ -1,5 +1,5 @@
 """``GrpcClient`` and ``AsyncGrpcClient`` on the shared sans-I/O core, against a real server
-(the demo model behind uvicorn with the gRPC listener attached, real sockets): the async
+(kawhi-tiny behind uvicorn with the gRPC listener attached, real sockets): the async
 client answers what the sync one and the HTTP client answer, an image the server evicted
 is uploaded again and the call repeated, and each kind of failure reaches the core as the
 HTTP client would see it (a transport failure as its httpx exception, our problem as its

@@ -1,5 +1,5 @@
 """``GrpcClient`` and ``AsyncGrpcClient`` over three real ``kawhi serve`` replicas with gRPC
-listeners (demo model, loopback ports): every group's calls land on the replica rendezvous
+listeners (kawhi-tiny, loopback ports): every group's calls land on the replica rendezvous
 hashing picks for its routing key (the same key and ranking as the HTTP client), and a
 SIGSTOPped replica (hung, its TCP still accepting) is failed over after the failover
 timeout — with the timeout off, every attempt waits out its whole deadline there. What each

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from kawhi.pipeline.local import LocalService
 from kawhi_client.integrations import InProcessBackend
-from test_integration_helpers import demo_engine, png, small_image
+from test_integration_helpers import default_engine, png, small_image
 
 
 class RecordingEngine(LocalService):
-    """The real demo engine, recording what reaches it: the groups and the bytes its
+    """The real kawhi-tiny engine, recording what reaches it: the groups and the bytes its
     image loader answers."""
 
     def __init__(self, engine: Any) -> None:
@@ -39,7 +39,7 @@ def group(image: Any, **extra: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def engine() -> Any:
-    return demo_engine()
+    return default_engine()
 
 
 def test_image_bytes_reach_the_engine_unchanged_and_never_as_base64(engine: Any) -> None:

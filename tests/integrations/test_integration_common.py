@@ -25,7 +25,7 @@ from kawhi_client.integrations import (
     as_backend,
 )
 from kawhi_client.integrations.inputs import image_bytes, insert_image_placeholder, tokenizer_fingerprint, wire_messages
-from test_integration_helpers import ROOT, demo_engine, free_port, kawhi_serve, png, small_image
+from test_integration_helpers import ROOT, default_engine, free_port, kawhi_serve, png, small_image
 
 
 class FakeBackend:
@@ -205,7 +205,7 @@ def test_as_backend_accepts_what_users_have() -> None:
     assert isinstance(as_backend(url), HttpBackend)
     client = Client(url, wait_ready=False)
     assert as_backend(client).client is client
-    engine = demo_engine()
+    engine = default_engine()
     assert as_backend(engine).engine is engine
     fake = FakeBackend()
     assert as_backend(fake) is fake
@@ -216,9 +216,9 @@ def test_as_backend_accepts_what_users_have() -> None:
 
 
 def test_in_process_and_http_backends_give_the_same_advantages_and_real_group_errors() -> None:
-    engine = demo_engine()
+    engine = default_engine()
     rows = rollouts()[:3] + [
-        # a token id outside the demo vocabulary: the service refuses this group with a pointer
+        # a token id outside the model's vocabulary: the service refuses this group with a pointer
         Rollout(token_ids=[10, 99999], image=png(small_image("line_plot.png")), prompt="p2", advantage=1.0)]
     options = {"granularity": "sentence"}
     with pytest.warns(KawhiFallbackWarning, match="token_ids"):
@@ -238,11 +238,11 @@ def test_in_process_and_http_backends_give_the_same_advantages_and_real_group_er
 
 
 def test_tokenizer_check_compares_the_trainers_tokenizer_with_the_services() -> None:
-    from kawhi.engine.engine import DEMO_MODEL_DIR
+    from kawhi.engine.engine import TINY_MODEL_DIR
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR, local_files_only=True)
-    engine = demo_engine()
+    tok = AutoTokenizer.from_pretrained(TINY_MODEL_DIR, local_files_only=True)
+    engine = default_engine()
     assert tokenizer_fingerprint(tok) == engine.info()["tokenizer_fingerprint"]
     assert Reweighter(InProcessBackend(engine)).check_tokenizer(tok) is True
 
@@ -257,14 +257,14 @@ def test_tokenizer_check_compares_the_trainers_tokenizer_with_the_services() -> 
     assert dead.check_tokenizer(tok) is None  # unreachable: the reweight call reports it, under the policy
 
 
-def test_a_client_without_token_arrays_gives_the_same_rows(demo_server: Any) -> None:
+def test_a_client_without_token_arrays_gives_the_same_rows(default_server: Any) -> None:
     """token_arrays=False: the service sends paragraphs only, and the Reweighter rebuilds each
     token's weight and advantage from them; the rows equal those of the full answer."""
     from kawhi_client.integrations import HttpBackend
 
     sent = [r for r in rollouts() if r.token_ids and r.advantage != 0.0]
-    full = Reweighter(HttpBackend(demo_server.url)).reweight(sent)
-    lean = Reweighter(HttpBackend(demo_server.url, token_arrays=False)).reweight(sent)
+    full = Reweighter(HttpBackend(default_server.url)).reweight(sent)
+    lean = Reweighter(HttpBackend(default_server.url, token_arrays=False)).reweight(sent)
     assert all(row.reweighted for row in full) and all(row.reweighted for row in lean)
     for a, b in zip(full, lean):
         assert b.token_weights == pytest.approx(a.token_weights, abs=1e-12)

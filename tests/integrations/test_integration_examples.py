@@ -28,6 +28,7 @@ def test_trl_example_marks_exactly_three_kawhi_lines() -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl not installed")
 def test_trl_example_runs_a_demo_step(tmp_path: Any) -> None:
+    # the example's own --demo smoke mode runs here: it loads the demo as policy and reference (examples/trl_grpo.py)
     env = {k: v for k, v in os.environ.items() if not k.startswith("KAWHI_")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "service"), str(ROOT / "client"), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, str(TRL_EXAMPLE), "--demo", "--max-steps", "1",

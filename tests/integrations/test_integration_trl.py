@@ -1,5 +1,5 @@
 """TRL's GRPOTrainer (trl 1.16) with KAWHI: real optimisation steps on CPU with a tiny
-Qwen2.5-VL policy (the demo model's config, random weights), against a live `kawhi serve`
+Qwen2.5-VL policy (kawhi-tiny's weights, the model the service serves), against a live `kawhi serve`
 subprocess and against the in-process engine.
 
 The proof that the loss saw KAWHI's token advantages, not the uniform ones:
@@ -29,7 +29,15 @@ from kawhi.pipeline.local import LocalService
 from kawhi_client import Client
 from kawhi_client.integrations import InProcessBackend, KawhiFallbackWarning, KawhiIntegrationError
 from kawhi_client.integrations.trl import KawhiGRPOTrainer
-from test_integration_helpers import demo_engine, demo_policy, demo_processor, free_port, kawhi_serve, png, small_image
+from test_integration_helpers import (
+    default_engine,
+    free_port,
+    kawhi_serve,
+    png,
+    small_image,
+    tiny_policy,
+    tiny_processor,
+)
 from transformers import TrainerCallback
 from trl import GRPOConfig
 
@@ -89,11 +97,11 @@ class RecordingTrainer(KawhiGRPOTrainer):
 
 
 def run_one_step(tmp_path: Any, kawhi: Any, **kwargs: Any) -> tuple[RecordingTrainer, Any, GradCapture]:
-    policy = demo_policy()
+    policy = tiny_policy()
     initial = copy.deepcopy(policy)
     grads = GradCapture()
     trainer = RecordingTrainer(model=policy, reward_funcs=alternating_reward, args=grpo_args(tmp_path),
-                               train_dataset=make_dataset(), processing_class=demo_processor(),
+                               train_dataset=make_dataset(), processing_class=tiny_processor(),
                                callbacks=[grads], kawhi=kawhi, **kwargs)
     trainer.train()
     return trainer, initial, grads
@@ -214,7 +222,7 @@ def test_trl_step_against_live_kawhi_serve(tmp_path: Any) -> None:
 
 
 def test_trl_step_in_process_engine(tmp_path: Any) -> None:
-    engine = demo_engine()
+    engine = default_engine()
     trainer, initial, grads = run_one_step(tmp_path, kawhi=InProcessBackend(engine), kawhi_options=OPTIONS)
     assert trainer.kawhi.backend.kind == "in-process" and trainer.kawhi_tokenizer_ok is True
     assert trainer.kawhi.policy.reweighted_rows == 4
@@ -253,6 +261,6 @@ def test_trl_service_down_raise_is_the_default(tmp_path: Any) -> None:
 
 def test_trl_bad_options_fail_at_construction(tmp_path: Any) -> None:
     with pytest.raises(ValueError, match="temprature"):
-        KawhiGRPOTrainer(model=demo_policy(), reward_funcs=alternating_reward, args=grpo_args(tmp_path),
-                         train_dataset=make_dataset(), processing_class=demo_processor(),
-                         kawhi=InProcessBackend(demo_engine()), kawhi_options={"temprature": 0.1})
+        KawhiGRPOTrainer(model=tiny_policy(), reward_funcs=alternating_reward, args=grpo_args(tmp_path),
+                         train_dataset=make_dataset(), processing_class=tiny_processor(),
+                         kawhi=InProcessBackend(default_engine()), kawhi_options={"temprature": 0.1})

@@ -1,9 +1,9 @@
 """TRL's GRPOTrainer (trl 1.16) with its KL reference log-probs taken from the service
 (``KawhiGRPOTrainer(kawhi_ref_logprobs=True)``): real optimisation steps on CPU with the
-tiny demo Qwen2.5-VL policy, ``beta`` > 0, no reference model in the trainer.
+kawhi-tiny Qwen2.5-VL as the policy, ``beta`` > 0, no reference model in the trainer.
 
-1. The service serves the policy's own initial weights (a live ``kawhi serve`` of the demo
-   model, which the policy is loaded from): the KL term TRL logs at step 0 is ~0, the
+1. The service serves the policy's own initial weights (a live ``kawhi serve`` of kawhi-tiny,
+   which the policy is loaded from): the KL term TRL logs at step 0 is ~0, the
    ``ref_per_token_logps`` the loss received equal the log-probs the service returns to
    this test's own request and the policy's own log-probs computed here by hand.
 2. The service serves a different reference (in-process engine, final norm scaled): the
@@ -24,7 +24,7 @@ import torch
 from kawhi.pipeline.local import LocalService
 from kawhi_client import Client
 from kawhi_client.integrations import InProcessBackend, KawhiIntegrationError
-from test_integration_helpers import demo_policy, demo_processor, kawhi_serve, png, small_image
+from test_integration_helpers import kawhi_serve, png, small_image, tiny_policy, tiny_processor
 from test_integration_trl import PROMPTS, RecordingTrainer, alternating_reward, grpo_args, make_dataset, unshuffle
 
 BETA, TEMPERATURE = 0.04, 0.7
@@ -37,13 +37,13 @@ def ref_args(tmp_path: Any) -> Any:
 
 
 def left_padding_processor() -> Any:
-    processor = demo_processor()
+    processor = tiny_processor()
     processor.tokenizer.padding_side = "left"  # as TRL's own AutoProcessor(..., padding_side="left")
     return processor
 
 
 def run_step(tmp_path: Any, kawhi: Any, **kwargs: Any) -> tuple[RecordingTrainer, Any]:
-    policy = demo_policy()
+    policy = tiny_policy()
     initial = copy.deepcopy(policy)
     trainer = RecordingTrainer(model=policy, reward_funcs=alternating_reward, args=ref_args(tmp_path),
                                train_dataset=make_dataset(), processing_class=left_padding_processor(), kawhi=kawhi,
@@ -115,10 +115,10 @@ def test_trl_kl_reference_from_live_service_sharing_the_policys_weights(tmp_path
 
 
 def test_trl_loss_uses_the_services_reference_logprobs(tmp_path: Any) -> None:
-    from kawhi.engine.engine import DEMO_MODEL_DIR, Engine
+    from kawhi.engine.engine import TINY_MODEL_DIR, Engine
     from kawhi.models.qwen import QwenVLReference
 
-    reference = QwenVLReference.from_pretrained(DEMO_MODEL_DIR, dtype="float32", name="other-reference")
+    reference = QwenVLReference.from_pretrained(TINY_MODEL_DIR, dtype="float32", name="other-reference")
     with torch.no_grad():
         reference._base.language_model.norm.weight.mul_(2.0)  # a reference that is not the policy
     engine = Engine(reference)
@@ -142,10 +142,10 @@ def test_trl_loss_uses_the_services_reference_logprobs(tmp_path: Any) -> None:
 
 
 def test_trl_ref_logprobs_switch_refuses_what_it_cannot_honour(tmp_path: Any) -> None:
-    from server_fixtures import demo_engine
+    from server_fixtures import default_engine
 
-    common = dict(model=demo_policy(), reward_funcs=alternating_reward, train_dataset=make_dataset(),
-                  kawhi=InProcessBackend(demo_engine()), kawhi_ref_logprobs=True)
+    common = dict(model=tiny_policy(), reward_funcs=alternating_reward, train_dataset=make_dataset(),
+                  kawhi=InProcessBackend(default_engine()), kawhi_ref_logprobs=True)
     from kawhi_client.integrations.trl import KawhiGRPOTrainer
 
     with pytest.raises(ValueError, match="beta > 0"):
@@ -158,7 +158,7 @@ def test_trl_ref_logprobs_switch_refuses_what_it_cannot_honour(tmp_path: Any) ->
     with pytest.raises(ValueError, match="sync_ref_model"):  # the service's reference never moves
         KawhiGRPOTrainer(args=frozen, processing_class=left_padding_processor(), **common)
     with pytest.raises(ValueError, match="pads on the left"):  # TRL would misalign a shorter prompt's image
-        KawhiGRPOTrainer(args=ref_args(tmp_path), processing_class=demo_processor(), **common)
+        KawhiGRPOTrainer(args=ref_args(tmp_path), processing_class=tiny_processor(), **common)
 
 
 def test_trl_service_down_fails_the_step_even_under_fallback(tmp_path: Any) -> None:

@@ -25,7 +25,7 @@ import pytest
 from kawhi.pipeline.local import LocalService
 from kawhi_client.integrations import KawhiFallbackWarning, KawhiIntegrationError
 from kawhi_client.integrations import verl as kv
-from test_integration_helpers import ROOT, demo_engine, free_port, kawhi_serve, png, small_image
+from test_integration_helpers import ROOT, default_engine, free_port, kawhi_serve, png, small_image
 
 HAVE_VERL = importlib.util.find_spec("verl") is not None and importlib.util.find_spec("ray") is not None
 needs_verl = pytest.mark.skipif(not HAVE_VERL, reason="verl (and ray) not installed: see docs/integrations.md")
@@ -98,10 +98,10 @@ def test_settings_from_config_or_environment(monkeypatch: Any) -> None:
 
 
 def tokenizer() -> Any:
-    from kawhi.engine.engine import DEMO_MODEL_DIR
+    from kawhi.engine.engine import TINY_MODEL_DIR
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(DEMO_MODEL_DIR, local_files_only=True)
+    return AutoTokenizer.from_pretrained(TINY_MODEL_DIR, local_files_only=True)
 
 
 def raw_prompt(question: str, image_name: str) -> list[dict[str, Any]]:
@@ -150,13 +150,13 @@ def legacy_batch() -> Any:
 
 
 def verl_config(tmp_path: Any, kawhi: dict[str, Any]) -> Any:
-    from kawhi.engine.engine import DEMO_MODEL_DIR
+    from kawhi.engine.engine import TINY_MODEL_DIR
     from omegaconf import OmegaConf
 
     score = tmp_path / "score.py"
     score.write_text(SCORE_FN)
     return OmegaConf.create({
-        "actor_rollout_ref": {"model": {"path": str(DEMO_MODEL_DIR), "tokenizer_path": None}},
+        "actor_rollout_ref": {"model": {"path": str(TINY_MODEL_DIR), "tokenizer_path": None}},
         "reward": {
             "num_workers": 1,
             "reward_model": {"enable": False, "enable_resource_pool": False},
@@ -164,8 +164,8 @@ def verl_config(tmp_path: Any, kawhi: dict[str, Any]) -> Any:
                                "module": {"path": "pkg://kawhi_client.integrations.verl", "name": None}},
             "custom_reward_function": {"path": str(score), "name": "compute_score", "reward_kwargs": {}},
             "sandbox_fusion": None,
-            # the in-process reference is the demo, whose tokenizer the demo policy above shares
-            "kawhi": {"model": str(DEMO_MODEL_DIR), **kawhi},
+            # the in-process reference is kawhi-tiny, whose tokenizer the policy above shares
+            "kawhi": {"model": str(TINY_MODEL_DIR), **kawhi},
         },
         "algorithm": {"adv_estimator": "grpo_kawhi", "norm_adv_by_std_in_grpo": True, "gamma": 1.0, "lam": 1.0},
     })
@@ -287,7 +287,7 @@ def test_verl_reward_manager_on_an_agent_loop_sample_in_process(tmp_path: Any) -
     assert info["acc"] == 1.0 and info[kv.FALLBACK_KEY] == 0.0
     weights, reason, _ = kv.decode_weights(info[kv.WEIGHTS_KEY])
     assert reason is None and len(weights) == len(response)
-    (direct,) = LocalService(demo_engine()).reweight([{
+    (direct,) = LocalService(default_engine()).reweight([{
         "image": {"data": base64.b64encode(png(small_image(image))).decode()},
         "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
         "responses": [{"text": "", "token_ids": response.tolist()}], "advantages": [1.0]}])
@@ -314,7 +314,7 @@ def test_verl_reward_loop_and_grpo_kawhi_end_to_end(tmp_path: Any, ray_session: 
                 weights = expected_weights(out, lambda groups: probe.reweight(groups))
     else:
         config, out, extra = run("in-process")
-        weights = expected_weights(out, lambda groups: LocalService(demo_engine()).reweight(
+        weights = expected_weights(out, lambda groups: LocalService(default_engine()).reweight(
             [{**g, "image": {"data": base64.b64encode(g["image"]).decode()}} for g in groups]))
 
     assert list(extra[kv.FALLBACK_KEY]) == [0.0, 0.0, 0.0, 0.0]

@@ -21,7 +21,7 @@ import pytest
 from kawhi.pipeline.local import LocalService
 from kawhi_client.integrations import KawhiIntegrationError
 from kawhi_client.integrations import verl as kv
-from test_integration_helpers import demo_engine, demo_policy, png, reference_logprobs, small_image
+from test_integration_helpers import default_engine, png, reference_logprobs, small_image, tiny_policy
 from test_integration_verl import PROMPTS, legacy_batch, needs_verl, ray_session, verl_config  # noqa: F401
 
 TEMPERATURE = 0.8
@@ -68,11 +68,11 @@ def test_role_mapping_builds_no_reference_worker_when_the_service_provides_it(tm
 
 
 def policy_logprobs(batch: Any) -> Any:
-    """(B, T) log-probs of each response under the demo policy (the weights the service serves),
+    """(B, T) log-probs of each response under the kawhi-tiny policy (the weights the service serves),
     by a plain transformers forward of image + chat prompt + response, at verl's temperature."""
     import torch
 
-    policy = demo_policy().eval()
+    policy = tiny_policy().eval()
     T = batch.batch["responses"].shape[1]
     out = torch.zeros(len(batch), T)
     for i in range(len(batch)):
@@ -122,7 +122,7 @@ def test_verl_kl_stages_run_on_the_services_reference_logprobs(tmp_path: Any, ra
         question = item.non_tensor_batch["raw_prompt"][0]["content"][1]["text"]
         (_, image_name, _), = [p for p in PROMPTS if p[0] == question]
         ids = item.batch["responses"][:int(mask[i].sum())].tolist()
-        (direct,) = LocalService(demo_engine()).reweight([{
+        (direct,) = LocalService(default_engine()).reweight([{
             "image": {"data": base64.b64encode(png(small_image(image_name))).decode()},
             "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
             "responses": [{"text": "", "token_ids": ids}], "advantages": [1.0]}],

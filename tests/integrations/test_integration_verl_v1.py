@@ -5,12 +5,12 @@ Real: Ray actors (verl's agent-loop workers, reward-loop workers, TransferQueue 
 controller), verl's config (its own Hydra ``ppo_trainer``), its loaders
 (``load_class_from_fqn`` for the agent-loop manager, ``get_trainer_cls`` in a fresh Ray
 process that only ran the setup hook), its single-turn agent loop building the prompt with
-the demo model's processor, its reward loop scoring with a custom reward function, its
+kawhi-tiny's processor, its reward loop scoring with a custom reward function, its
 TransferQueue, and the trainer's own ``_compute_advantage`` / ``_compute_ref_log_prob``
-(verl's GRPO, then KAWHI's scaling). A live ``kawhi serve`` (demo model) answers.
+(verl's GRPO, then KAWHI's scaling). A live ``kawhi serve`` (kawhi-tiny) answers.
 
 Stand-ins: the processor's video part (torchvision, which would pull another torch; the
-agent loop, verl's ``SingleTurnAgentLoop``, gets the image-only demo processor through
+agent loop, verl's ``SingleTurnAgentLoop``, gets the image-only kawhi-tiny processor through
 verl's ``agent_loop_config_path``), and, because they need a GPU, the rollout engine (``ScriptedLLM`` answers verl's
 ``LLMServerClient.generate`` with scripted token ids) and the actor's forward that writes
 ``old_log_probs`` (this test writes zeros there: GRPO does not read them). The trainer object
@@ -31,12 +31,12 @@ from typing import Any
 import pytest
 from test_integration_helpers import (
     ROOT,
-    demo_policy,
     free_port,
     kawhi_serve,
     png,
     reference_logprobs,
     small_image,
+    tiny_policy,
 )
 
 HAVE_VERL = all(importlib.util.find_spec(m) is not None for m in ("verl", "ray", "transfer_queue"))
@@ -44,7 +44,7 @@ pytestmark = pytest.mark.skipif(not HAVE_VERL, reason="verl, ray and TransferQue
                                                       "bash scripts/test_verl.sh")
 
 N = 3  # rollout.n
-AGENT_LOOP = "demo_single_turn"  # verl's SingleTurnAgentLoop with the demo processor (verl_v1_fakes)
+AGENT_LOOP = "tiny_single_turn"  # verl's SingleTurnAgentLoop with kawhi-tiny's processor (verl_v1_fakes)
 TEMPERATURE = 0.8
 PROMPTS = [("How long is the altitude CD?", "triangle.png"), ("Which bar is the tallest?", "bar_chart.png")]
 RESPONSES = ["The legs are 6 and 8, so AB = 10.\n\nThe area is 24.\n\nCD = 2 * 24 / 10 = 4.8.",
@@ -58,10 +58,10 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kw
 
 
 def tokenizer() -> Any:
-    from kawhi.engine.engine import DEMO_MODEL_DIR
+    from kawhi.engine.engine import TINY_MODEL_DIR
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(DEMO_MODEL_DIR, local_files_only=True)
+    return AutoTokenizer.from_pretrained(TINY_MODEL_DIR, local_files_only=True)
 
 
 def scripted_responses() -> list[list[int]]:
@@ -74,19 +74,19 @@ def verl_config(tmp_path: Any, kawhi: dict[str, Any]) -> Any:
     """verl's own ppo_trainer config with what `python -m kawhi_client.integrations.verl_v1` adds."""
     import verl
     from hydra import compose, initialize_config_dir
-    from kawhi.engine.engine import DEMO_MODEL_DIR
+    from kawhi.engine.engine import TINY_MODEL_DIR
     from kawhi_client.integrations import verl_v1
     from omegaconf import OmegaConf
 
     score = tmp_path / "score.py"
     score.write_text(SCORE_FN)
     agent_loops = tmp_path / "agent_loops.yaml"
-    agent_loops.write_text(f"- name: {AGENT_LOOP}\n  _target_: verl_v1_fakes.DemoProcessorAgentLoop\n")
+    agent_loops.write_text(f"- name: {AGENT_LOOP}\n  _target_: verl_v1_fakes.TinyProcessorAgentLoop\n")
     overrides = [
         f"actor_rollout_ref.rollout.agent.agent_loop_config_path={agent_loops}",
         "trainer.use_v1=true", f"trainer.v1.trainer_mode={verl_v1.TRAINER_MODE}",
         f"++actor_rollout_ref.rollout.agent.agent_loop_manager_class={verl_v1.MANAGER_CLASS}",
-        f"actor_rollout_ref.model.path={DEMO_MODEL_DIR}", f"actor_rollout_ref.rollout.n={N}",
+        f"actor_rollout_ref.model.path={TINY_MODEL_DIR}", f"actor_rollout_ref.rollout.n={N}",
         f"actor_rollout_ref.rollout.temperature={TEMPERATURE}", "actor_rollout_ref.rollout.agent.num_workers=1",
         "actor_rollout_ref.actor.use_kl_loss=true", "algorithm.adv_estimator=grpo",
         "actor_rollout_ref.rollout.name=vllm",  # a name only: ScriptedLLM stands in for the engine
@@ -218,8 +218,8 @@ def sample_prompt(data: Any, i: int) -> tuple[str, str]:
 
 
 def plain_reference_forward(question: str, image_name: str, ids: list[int]) -> Any:
-    """Per-token log-probs of ``ids`` under the demo model at verl's temperature (a plain forward)."""
-    return reference_logprobs(demo_policy().eval(), question, image_name, ids, TEMPERATURE)
+    """Per-token log-probs of ``ids`` under kawhi-tiny at verl's temperature (a plain forward)."""
+    return reference_logprobs(tiny_policy().eval(), question, image_name, ids, TEMPERATURE)
 
 
 # ---------------------------------------------------------------------- tests

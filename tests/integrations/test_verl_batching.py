@@ -13,7 +13,7 @@ import pytest
 from kawhi.pipeline.local import LocalService
 from kawhi_client.integrations.common import Reweighter, Rollout, RowResult
 from kawhi_client.integrations.verl import SampleBatcher
-from server_fixtures import demo_engine, png_bytes
+from server_fixtures import default_engine, png_bytes
 
 
 def compute_score_batch(run_single: Any, samples: list[Any]) -> list[Any]:
@@ -58,7 +58,7 @@ def test_a_raising_policy_fails_every_sample_of_the_call() -> None:
 
 
 def test_a_group_of_samples_is_sent_as_one_group_with_the_same_weights() -> None:
-    engine = demo_engine()
+    engine = default_engine()
     sent: list[list[dict]] = []
 
     class Backend:
@@ -83,4 +83,6 @@ def test_a_group_of_samples_is_sent_as_one_group_with_the_same_weights() -> None
     assert len(sent) == 1 and [len(g["responses"]) for g in sent[0]] == [4, 4]
     for r, row in zip(rollouts, together):
         (alone,) = reweighter.reweight([r])
-        assert row.reweighted and row.token_weights == pytest.approx(alone.token_weights, abs=1e-9)
+        # 1e-6: a float32 forward of four responses rounds differently from one of a single response
+        # (~1e-7 on kawhi-tiny's activations); a row given another row's weights is off by > 0.1
+        assert row.reweighted and row.token_weights == pytest.approx(alone.token_weights, abs=1e-6)

@@ -1,4 +1,6 @@
-"""The embedded demo model: shipped, reproducible from its script, offline, labelled."""
+"""The embedded demo model: shipped, reproducible from its script, offline, labelled.
+
+The demo itself is under test here, so these are the tests that keep it (docs/tiny.md, done-when checks)."""
 
 from __future__ import annotations
 

@@ -227,9 +227,9 @@ def test_cli_flags(tmp_path):
 
 def test_http_round_trip_equals_the_engine():
     import httpx
-    from server_fixtures import ServerThread, demo_engine
+    from server_fixtures import ServerThread, default_engine
 
-    engine = demo_engine()
+    engine = default_engine()
     raw = wire_group(engine.model, True)
     options = {"return_ref_logprobs": True, "return_entropy": True, "logprob_temperature": 0.9}
     expected = LocalService(engine).reweight([raw], options)[0]

@@ -3,7 +3,7 @@
 Two parts: hand-written raw bodies (the JSON classes of the boundary: depth, NaN,
 overflow, surrogates, UTF-8, digits, media type) and hypothesis-driven mutation of a
 valid request (a value replaced, a member deleted, an option set to a hostile value).
-Bounded: FUZZ_EXAMPLES requests against one in-thread server with the demo model.
+Bounded: FUZZ_EXAMPLES requests against one in-thread server with kawhi-tiny.
 """
 
 from __future__ import annotations

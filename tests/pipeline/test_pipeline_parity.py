@@ -20,9 +20,8 @@ from typing import Any
 
 import pytest
 from grpc_fixtures import GrpcServerThread
-from kawhi.engine.engine import DEMO_MODEL_DIR
 from kawhi.pipeline.local import LocalService
-from server_fixtures import ROOT, b64, demo_engine, png_bytes, small_group, subprocess_env
+from server_fixtures import ROOT, b64, default_engine, png_bytes, small_group, subprocess_env
 
 # The CLI has no limit flags: every front end runs with the default limits here.
 
@@ -160,7 +159,7 @@ def server() -> Any:
 def test_every_front_end_agrees(server: GrpcServerThread, tmp_path) -> None:
     groups = _bad_groups() + [small_group(7)]
     # in-process (same model, defaults and limits as the server)
-    engine = demo_engine(server.settings)
+    engine = default_engine(server.settings)
     local = [r.model_dump(mode="json") for r in LocalService(engine).reweight(copy.deepcopy(groups))]
     # HTTP, one request with per-group errors
     body = json.dumps({"groups": groups, "per_group_errors": True}, allow_nan=True)  # NaN/Infinity literals
@@ -168,18 +167,16 @@ def test_every_front_end_agrees(server: GrpcServerThread, tmp_path) -> None:
         r = client.post("/v1/reweight", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 200, r.text[:500]
     remote = r.json()["results"]
-    # CLI, one group per line, the same model and limits as the server (the CLI's default is kawhi-tiny)
-    same_model = ["--model", str(DEMO_MODEL_DIR)]
+    # CLI, one group per line, the same model (the default, kawhi-tiny) and limits as the server
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps(g, allow_nan=True) + "\n" for g in groups))
     out = tmp_path / "out.jsonl"
-    run = subprocess.run([sys.executable, "-m", "kawhi.cli", "reweight", str(src), "-o", str(out), "-q", *same_model],
+    run = subprocess.run([sys.executable, "-m", "kawhi.cli", "reweight", str(src), "-o", str(out), "-q"],
                          capture_output=True, text=True, timeout=600, env=subprocess_env(), cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
     cli = [json.loads(line) for line in out.read_text().splitlines()]
     # kawhi explain, the same file
-    run = subprocess.run([sys.executable, "-m", "kawhi.cli", "explain", str(src), "-o", str(tmp_path / "views"),
-                          *same_model],
+    run = subprocess.run([sys.executable, "-m", "kawhi.cli", "explain", str(src), "-o", str(tmp_path / "views")],
                          capture_output=True, text=True, timeout=600, env=subprocess_env(), cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
     explained = _explain_errors(run.stderr, len(groups))
@@ -226,7 +223,7 @@ def test_bad_options_agree(server: GrpcServerThread) -> None:
     """Request-level: the same bad option is the same type and pointer in-process and over HTTP."""
     from kawhi.errors import KawhiError
 
-    engine = demo_engine(server.settings)
+    engine = default_engine(server.settings)
     cases = [({"w_min": -1.0, "w_max": -1.0}, "/options/w_min"), ({"temperature": 1e300}, "/options/temperature"),
              ({"seed": -1}, "/options/seed"), ({"seed": 2**64}, "/options/seed"),
              ({"normalize": "mean", "w_min": 0.0, "w_max": 0.0}, "/options/w_max"),

@@ -1,5 +1,5 @@
 """``kawhi ray serve --address <cluster>``: a subprocess that joins a running Ray (started here,
-small, as a verl team's cluster would be running), deploys one replica of the demo model,
+small, as a verl team's cluster would be running), deploys one replica of kawhi-tiny,
 answers over HTTP on the port it was given, and exits 0 on SIGTERM. A model that does not load
 is one line and exit 1. Runs after test_ray_serve.py's cluster is gone (one Ray at a time on a
 shared machine).
@@ -84,10 +84,10 @@ def ready(proc: subprocess.Popen, tmp: Path, url: str, timeout: float) -> None:
 
 
 def test_kawhi_ray_serve_answers_over_http_and_stops_on_sigterm(cluster: str, ray_tmp: Path) -> None:
-    from kawhi.engine.engine import DEMO_MODEL_DIR
+    from kawhi.engine.engine import TINY_MODEL_DIR
 
     port = free_port()
-    proc = kawhi_ray_serve(ray_tmp, "--address", cluster, "--model", str(DEMO_MODEL_DIR), "--port", str(port))
+    proc = kawhi_ray_serve(ray_tmp, "--address", cluster, "--model", str(TINY_MODEL_DIR), "--port", str(port))
     try:
         ready(proc, ray_tmp, f"http://127.0.0.1:{port}", timeout=300)
         group = {"image": {"data": b64(png_bytes(56, 56))}, "prompt": "What is drawn?",

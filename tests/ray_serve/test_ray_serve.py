@@ -1,4 +1,4 @@
-"""kawhi on Ray Serve (kawhi.ray), on a real local Ray: two replicas of the demo model.
+"""kawhi on Ray Serve (kawhi.ray), on a real local Ray: two replicas of kawhi-tiny.
 
 The folder is not named ``ray``: with tests/ on sys.path a ``ray`` folder would shadow an
 absent Ray as a namespace package.
@@ -41,10 +41,10 @@ def free_port() -> int:
 
 
 def settings() -> Any:
-    from kawhi.engine.engine import DEMO_MODEL_DIR
+    from kawhi.engine.engine import TINY_MODEL_DIR
     from kawhi.settings import Settings
 
-    return Settings(model=str(DEMO_MODEL_DIR), torch_threads=1, log_level="warning")
+    return Settings(model=str(TINY_MODEL_DIR), torch_threads=1, log_level="warning")
 
 
 @pytest.fixture(scope="module")

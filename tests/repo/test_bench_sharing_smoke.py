@@ -1,5 +1,6 @@
 """The prefix-sharing, MFU, wire, split-attention and gRPC-vs-HTTP benchmarks stay runnable (tiny sizes,
-demo model). Shapes of the results only, never timings."""
+bench's ``demo`` kind, which is the embedded default model: ``Engine.load()`` and ``kawhi serve`` with no
+--model, i.e. kawhi-tiny). Shapes of the results only, never timings."""
 
 from __future__ import annotations
 

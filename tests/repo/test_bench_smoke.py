@@ -1,4 +1,5 @@
-"""The benchmark harness stays runnable: one tiny pass of every suite on the demo model.
+"""The benchmark harness stays runnable: one tiny pass of every suite on the embedded default model
+(bench's `demo` kind: Engine.load(), i.e. kawhi-tiny).
 
 Asserts the shape of the results (fields, finite positive numbers, no failed request),
 never a timing: timings belong to bench/README.md, not to CI.

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from server_fixtures import assert_problem, demo_engine, example_groups
+from server_fixtures import assert_problem, default_engine, example_groups
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -49,7 +49,7 @@ def test_visual_token_alignment_refuses_an_empty_response():
 
 @pytest.fixture(scope="module")
 def engine():
-    return demo_engine()
+    return default_engine()
 
 
 def load(ref):
@@ -144,8 +144,8 @@ def test_cli_explain_bad_line_is_one_line_and_the_rest_go_on(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def server(demo_server):
-    return demo_server
+def server(default_server):
+    return default_server
 
 
 def test_post_explain_answers_png_or_html(server):

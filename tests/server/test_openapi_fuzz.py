@@ -1,5 +1,5 @@
 """The OpenAPI document says what the server enforces, and a bounded schemathesis run
-(``--checks all``, ~500 cases) against a real ``kawhi serve`` (demo model, loopback,
+(``--checks all``, ~500 cases) against a real ``kawhi serve`` (kawhi-tiny, loopback,
 ephemeral port) finds nothing.
 
 One check is left out, deliberately: ``positive_data_acceptance`` (ST202, "schema-valid

@@ -1,4 +1,4 @@
-"""The HTTP service end to end: real uvicorn, real httpx, the real demo engine.
+"""The HTTP service end to end: real uvicorn, real httpx, the real kawhi-tiny engine.
 
 Redis, SIGTERM and start-up behaviour are in test_server_redis.py and
 test_server_lifecycle.py.
@@ -22,7 +22,7 @@ from server_fixtures import (
     ServerThread,
     assert_problem,
     b64,
-    demo_engine,
+    default_engine,
     example_groups,
     metric,
     png_bytes,
@@ -64,7 +64,7 @@ def post_json(client: httpx.Client, body: Any, **kw: Any) -> httpx.Response:
 
 def in_process(server: ServerThread, groups: list[dict], options: Any = None) -> list[dict]:
     """The engine's own in-process answer for these groups (same model, defaults and limits)."""
-    engine = demo_engine(server.settings)
+    engine = default_engine(server.settings)
     return [r.model_dump(mode="json") for r in LocalService(engine).reweight(copy.deepcopy(groups), options)]
 
 

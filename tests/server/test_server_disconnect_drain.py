@@ -16,11 +16,11 @@ from typing import Any
 
 import httpx
 import pytest
-from server_fixtures import demo_engine, metric, small_group
+from server_fixtures import default_engine, metric, small_group
 
 
 class GatedEngine:
-    """The demo engine whose forward waits until ``gate`` opens; counts the groups it ran."""
+    """The kawhi-tiny engine whose forward waits until ``gate`` opens; counts the groups it ran."""
 
     def __init__(self, engine: Any) -> None:
         self._engine = engine
@@ -48,7 +48,7 @@ class ProductServer:
 
         overrides.setdefault("log_level", "warning")
         self.settings = Settings(port=0, **overrides)
-        self.engine = GatedEngine(demo_engine(self.settings))
+        self.engine = GatedEngine(default_engine(self.settings))
         self.app = create_app(self.settings, engine=self.engine)
         self.state = self.app.state.kawhi
         self.server = make_server(self.settings, self.app)

@@ -16,7 +16,7 @@ from server_fixtures import ServerThread
 class GrpcServerThread(ServerThread):
     """create_app + attach (the gRPC listener on a free port) under a real uvicorn, in a thread."""
 
-    def __init__(self, engine: Any = "demo", **overrides: Any) -> None:
+    def __init__(self, engine: Any = "default", **overrides: Any) -> None:
         overrides.setdefault("grpc_port", 0)
         super().__init__(engine, **overrides)
         from kawhi.grpc.server import attach

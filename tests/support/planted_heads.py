@@ -35,7 +35,7 @@ from kawhi.discovery.discover import VQAItem
 from kawhi.discovery.scoring import AnswerScorer
 from kawhi.models.qwen import QwenVLReference, qwen_vl_token_ids
 from PIL import Image
-from tiny_models import demo_tokenizer
+from tiny_models import tiny_tokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 PLANTED = (1, 3)
@@ -68,7 +68,7 @@ def _config(tokenizer) -> transformers.Qwen2_5_VLConfig:
 
 
 def planted_reference(*, image_blind: bool = False, seed: int = 0) -> QwenVLReference:
-    tokenizer = demo_tokenizer()
+    tokenizer = tiny_tokenizer()
     config = _config(tokenizer)
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)

@@ -1,8 +1,8 @@
 """Fixtures for the server tests: a real uvicorn in a thread, a real redis-server, real HTTP.
 
 Imported by module name (tests/conftest.py puts tests/support on sys.path); the shared
-fixtures built on it (demo_server, unused_port) are in tests/conftest.py.
-Nothing here fakes the engine: servers run the embedded demo model, loaded once per
+fixtures built on it (default_server, unused_port) are in tests/conftest.py.
+Nothing here fakes the engine: servers run the embedded kawhi-tiny model, loaded once per
 test session and shared by every in-thread server (each server still has its own
 app, batcher, caches and metrics).
 """
@@ -160,10 +160,9 @@ _MODEL: Any = None
 _MODEL_LOCK = threading.Lock()
 
 
-def demo_engine(settings: Any = None) -> Any:
-    """A real demo-model Engine configured exactly as `kawhi serve --model <demo>` would build it
-    from ``settings`` (the random-weight demo: server tests pin its specifics and its tokenizer,
-    which the test policies share).
+def default_engine(settings: Any = None) -> Any:
+    """A real kawhi-tiny Engine (the default model) configured exactly as `kawhi serve` with no
+    --model would build it from ``settings``; the test policies (tiny_models) share its tokenizer.
 
     The weights are loaded once per session; each call wraps them in a new Engine
     with the settings' method defaults and limits (the same as app.load_engine).
@@ -176,12 +175,12 @@ def demo_engine(settings: Any = None) -> Any:
     settings = settings if settings is not None else Settings()
     with _MODEL_LOCK:
         if _MODEL is None:
-            from kawhi.engine.engine import DEMO_MODEL_DIR
+            from kawhi.engine.engine import TINY_MODEL_DIR
 
-            _MODEL = load_engine(Settings(model=str(DEMO_MODEL_DIR)))
+            _MODEL = load_engine(Settings(model=str(TINY_MODEL_DIR)))
     base = _MODEL
     return Engine(base.model, settings.method_config(), limits=engine_limits(settings), is_demo=base.is_demo,
-                  model_name=base.model_name)
+                  model_name=base.model_name, model_card=base.model_card)
 
 
 # ---------------------------------------------------------------------- in-thread server
@@ -190,14 +189,16 @@ def demo_engine(settings: Any = None) -> Any:
 class ServerThread:
     """create_app(settings, engine) under a real uvicorn on a free port, in a thread."""
 
-    def __init__(self, engine: Any = "demo", **overrides: Any) -> None:
+    def __init__(self, engine: Any = "default", **overrides: Any) -> None:
+        """engine: "default" (the shared kawhi-tiny engine), an Engine, or None (the app loads
+        the one its settings name, as `kawhi serve` does)."""
         import uvicorn
         from kawhi.server.app import create_app
         from kawhi.settings import Settings
 
         overrides.setdefault("log_level", "warning")
         self.settings = Settings(**overrides)
-        self.app = create_app(self.settings, engine=demo_engine(self.settings) if engine == "demo" else engine)
+        self.app = create_app(self.settings, engine=default_engine(self.settings) if engine == "default" else engine)
         self.state = self.app.state.kawhi
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -1,5 +1,5 @@
 """Helpers of the trainer-integration tests (tests/integrations/; this module holds no tests): a live
-`kawhi serve` subprocess, the demo engine, small images, the demo policy for TRL.
+`kawhi serve` subprocess, the kawhi-tiny engine, small images, the kawhi-tiny policy for the trainers.
 
 Imported by those tests only (not a conftest, so other suites are unaffected).
 """
@@ -26,15 +26,15 @@ EXAMPLES = ROOT / "examples"
 
 @contextlib.contextmanager
 def kawhi_serve(*extra_args: str, ready_timeout: float = 120.0) -> Iterator[str]:
-    """`kawhi serve` (the demo model, whose tokenizer the test policies share; a later --model in
+    """`kawhi serve` (kawhi-tiny, whose tokenizer the test policies share; a later --model in
     ``extra_args`` wins) in a subprocess on a free port; yields its URL; stops it."""
-    from kawhi.engine.engine import DEMO_MODEL_DIR
+    from kawhi.engine.engine import TINY_MODEL_DIR
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("KAWHI_")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "service"), str(ROOT / "client"), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "kawhi.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--log-level", "warning", "--model", str(DEMO_MODEL_DIR), *extra_args]
+           "--log-level", "warning", "--model", str(TINY_MODEL_DIR), *extra_args]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -64,11 +64,11 @@ def kawhi_serve(*extra_args: str, ready_timeout: float = 120.0) -> Iterator[str]
 
 
 @functools.cache
-def demo_engine() -> Any:
-    """The random-weight demo model: the test policies (tiny_models) share its tokenizer."""
-    from kawhi.engine.engine import DEMO_MODEL_DIR, Engine
+def default_engine() -> Any:
+    """kawhi-tiny, the default model: the test policies (tiny_models, tiny_policy) share its tokenizer."""
+    from kawhi.engine.engine import TINY_MODEL_DIR, Engine
 
-    return Engine.load(DEMO_MODEL_DIR)
+    return Engine.load(TINY_MODEL_DIR)
 
 
 def small_image(name: str = "triangle.png", side: int = 84) -> Any:
@@ -84,12 +84,12 @@ def png(image: Any) -> bytes:
     return buf.getvalue()
 
 
-def demo_processor() -> Any:
-    """A Qwen2.5-VL processor over the demo model's tokenizer and image processor.
+def tiny_processor() -> Any:
+    """A Qwen2.5-VL processor over kawhi-tiny's tokenizer and image processor.
 
     Built by hand because AutoProcessor also wants the video processor, which needs
     torchvision (not installed: it would pull another torch)."""
-    from kawhi.engine.engine import DEMO_MODEL_DIR
+    from kawhi.engine.engine import TINY_MODEL_DIR
     from transformers import AutoTokenizer, Qwen2_5_VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -99,30 +99,30 @@ def demo_processor() -> Any:
                 return None
             return super().check_argument_for_proper_class(argument_name, argument)
 
-    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR, local_files_only=True)
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(DEMO_MODEL_DIR, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL_DIR, local_files_only=True)
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(TINY_MODEL_DIR, local_files_only=True)
     return _ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-                               chat_template=(DEMO_MODEL_DIR / "chat_template.jinja").read_text())
+                               chat_template=(TINY_MODEL_DIR / "chat_template.jinja").read_text())
 
 
-def demo_policy(seed: int = 0) -> Any:
-    """The demo Qwen2.5-VL (random weights, about 1 MB) as a trainable float32 policy."""
+def tiny_policy(seed: int = 0) -> Any:
+    """kawhi-tiny's Qwen2.5-VL (about 5 MB) as a trainable float32 policy: the weights the service serves."""
     import torch
-    from kawhi.engine.engine import DEMO_MODEL_DIR
+    from kawhi.engine.engine import TINY_MODEL_DIR
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(seed)
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(DEMO_MODEL_DIR, dtype=torch.float32,
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(TINY_MODEL_DIR, dtype=torch.float32,
                                                               local_files_only=True)
 
 
 def reference_logprobs(policy: Any, question: str, image_name: str, ids: list[int], temperature: float) -> Any:
-    """Per-token log-probs of ``ids`` under ``policy`` (the demo weights the service serves), by a plain
+    """Per-token log-probs of ``ids`` under ``policy`` (the kawhi-tiny weights the service serves), by a plain
     transformers forward of image + chat prompt + response at ``temperature``: the oracle the
     service's reference log-probs are checked against."""
     import torch
 
-    ref = demo_engine().model
+    ref = default_engine().model
     resized, _ = ref.resize_image(small_image(image_name))
     prompt = ref.encode_prompt(resized, messages=[{"role": "user", "content": [{"type": "image"},
                                                                              {"type": "text", "text": question}]}])

@@ -1,6 +1,6 @@
 """Tiny random-weight reference models of each supported architecture, built offline.
 
-They share the embedded demo model's tokenizer, so they load in well under a second
+They share the embedded kawhi-tiny model's tokenizer, so they load in well under a second
 and exercise each architecture's real transformers code (vision tower, 3-D RoPE,
 GQA, Qwen3-VL's q/k norms and deepstack).
 """
@@ -11,7 +11,7 @@ import functools
 
 import torch
 import transformers
-from kawhi.engine.engine import DEMO_MODEL_DIR
+from kawhi.engine.engine import TINY_MODEL_DIR
 from kawhi.models.qwen import QwenVLReference, qwen_vl_token_ids
 from transformers import AutoTokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -20,8 +20,10 @@ ARCHITECTURES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 @functools.cache
-def demo_tokenizer():
-    return AutoTokenizer.from_pretrained(DEMO_MODEL_DIR, local_files_only=True)
+def tiny_tokenizer():
+    """kawhi-tiny's byte-level tokenizer: the servers under test run kawhi-tiny, so token ids
+    from these policies mean the same to them."""
+    return AutoTokenizer.from_pretrained(TINY_MODEL_DIR, local_files_only=True)
 
 
 def _config(model_type: str, tokenizer, vocab_size: int | None = None) -> transformers.PretrainedConfig:
@@ -55,7 +57,7 @@ def tiny_reference(model_type: str, seed: int = 0, name: str | None = None, *,
     """A QwenVLReference over a freshly initialised tiny model of ``model_type``.
 
     real_qwen_vocab: use the real Qwen2.5-VL tokenizer (151,936-row embedding) instead
-    of the demo one, so token ids are those a real Qwen trainer produces.
+    of kawhi-tiny's, so token ids are those a real Qwen trainer produces.
     """
     if real_qwen_vocab:
         from kawhi.models.qwen_tokenizer import QWEN2_VL_VOCAB_SIZE, build_qwen2_vl_tokenizer
@@ -63,7 +65,7 @@ def tiny_reference(model_type: str, seed: int = 0, name: str | None = None, *,
         tokenizer = build_qwen2_vl_tokenizer()
         config = _config(model_type, tokenizer, QWEN2_VL_VOCAB_SIZE)
     else:
-        tokenizer = demo_tokenizer()
+        tokenizer = tiny_tokenizer()
         config = _config(model_type, tokenizer)
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)

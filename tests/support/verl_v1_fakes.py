@@ -35,21 +35,21 @@ def _single_turn_agent_loop() -> Any:
     return SingleTurnAgentLoop
 
 
-class DemoProcessorAgentLoop(_single_turn_agent_loop()):  # type: ignore[misc]
+class TinyProcessorAgentLoop(_single_turn_agent_loop()):  # type: ignore[misc]
     """verl's own ``SingleTurnAgentLoop`` without torchvision.
 
     torchvision is not installed here (its PyPI build is a CUDA build of another torch),
     and verl needs it in two places on the VL path: ``AutoProcessor`` also builds the
     Qwen2.5-VL video processor, and ``qwen_vl_utils.process_vision_info`` (which only
     collects the message's images) imports it. So this loop gets the image-only processor
-    the kawhi tests build (``demo_processor``) and collects the images of the messages
+    the kawhi tests build (``tiny_processor``) and collects the images of the messages
     itself; prompt building, generation, and the output are verl's. Registered for the test
     through verl's ``agent_loop_config_path`` (its plug point for agent loops)."""
 
     def __init__(self, *args: Any, processor: Any = None, **kwargs: Any) -> None:
-        from test_integration_helpers import demo_processor
+        from test_integration_helpers import tiny_processor
 
-        super().__init__(*args, processor=processor if processor is not None else demo_processor(), **kwargs)
+        super().__init__(*args, processor=processor if processor is not None else tiny_processor(), **kwargs)
 
     async def process_multi_modal_info(self, messages: list[dict]) -> dict:
         images = [part["image"].convert("RGB") for m in messages if isinstance(m.get("content"), list)
