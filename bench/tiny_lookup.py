@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 from kawhi.engine.engine import TINY_MODEL_DIR
-from kawhi.models.qwen import PromptInputs, QwenVLReference
-from kawhi.tiny.model import MODEL_NAME, encode_row, image_processor
+from kawhi.models.qwen import QwenVLReference
+from kawhi.tiny.model import MODEL_NAME, Row, encode_row, image_processor, rows_forward
 from kawhi.tiny.responses import DESCRIBE_PROMPT
 from kawhi.tiny.task import make_item
 
@@ -49,8 +49,7 @@ def lookup_shares(reference: QwenVLReference, at: str, items: int) -> dict:
     token, on another object's token (mean over the others) and on a background token (mean
     over the background), over the val shape-colour items among the first ``items`` that
     hold two or more shapes."""
-    model = reference.model
-    text = model.config.text_config
+    text = reference.model.config.text_config
     shares = {k: torch.zeros(text.num_hidden_layers, text.num_attention_heads) for k in ("asked", "other", "background")}
     used = 0
     for index in range(items):
@@ -62,13 +61,8 @@ def lookup_shares(reference: QwenVLReference, at: str, items: int) -> dict:
             row = encode_row(reference, item, "Answer:")
         else:
             row = encode_row(reference, item, f"The {asked.kind}", DESCRIBE_PROMPT)
-        ids = torch.cat([row.prompt.input_ids, torch.tensor(row.targets[:-1])])  # without the end-of-turn
-        full = PromptInputs(ids, row.prompt.pixel_values, row.prompt.image_grid_thw, row.prompt.visual_positions,
-                            row.prompt.grid)
-        out = model.model(input_ids=ids[None], pixel_values=row.prompt.pixel_values,
-                          image_grid_thw=row.prompt.image_grid_thw,
-                          mm_token_type_ids=(ids[None] == reference.image_token_id).int(),
-                          position_ids=reference.prompt_positions(full), output_attentions=True)
+        # the reading position is the last token: the row without its end-of-turn
+        out = rows_forward(reference, [Row(row.prompt, row.targets[:-1])], output_attentions=True)
         rows, cols = row.prompt.grid  # visual_positions are row-major over this grid
         token = {(r, c): int(row.prompt.visual_positions[r * cols + c]) for r in range(rows) for c in range(cols)}
         others = [token[o.cells[0]] for j, o in enumerate(item.objects) if j != item.asked[0]]

@@ -139,13 +139,13 @@ def encode_row(reference: QwenVLReference, item: TinyItem, response: str, questi
     return Row(prompt, reference.tokenize(response).token_ids + [end])
 
 
-def row_logprobs(reference: QwenVLReference, rows: Sequence[Row]) -> list[torch.Tensor]:
-    """Each row's per-token log-probs of its targets, (T_i,), from one batched forward.
+def rows_forward(reference: QwenVLReference, rows: Sequence[Row], **kwargs: Any) -> Any:
+    """The decoder's output (``model.model``) for ``rows`` (each its prompt then its targets)
+    in one batched forward; ``kwargs`` go to the model (``output_attentions=True``, ...).
 
     Rows are right-padded (the causal mask keeps real tokens from seeing pads); each row
     gets its own multimodal rotary positions from the model's rule.
     """
-    model = reference.model
     seqs = [torch.cat([r.prompt.input_ids, torch.tensor(r.targets, dtype=torch.long)]) for r in rows]
     longest = max(len(s) for s in seqs)
     ids = torch.full((len(rows), longest), reference.pad_token_id, dtype=torch.long)
@@ -158,14 +158,22 @@ def row_logprobs(reference: QwenVLReference, rows: Sequence[Row]) -> list[torch.
         positions[:, i, : len(seq)] = own
         positions[:, i, len(seq):] = own[:, -1:] + torch.arange(1, longest - len(seq) + 1)
     device = reference.device
-    hidden = model.model(
+    return reference.model.model(
         input_ids=ids.to(device),
         pixel_values=torch.cat([r.prompt.pixel_values for r in rows]).to(device, reference.dtype),
         image_grid_thw=torch.cat([r.prompt.image_grid_thw for r in rows]).to(device),
         mm_token_type_ids=(ids == reference.image_token_id).int().to(device),
         position_ids=positions.to(device),
         use_cache=False,
-    ).last_hidden_state
+        **kwargs,
+    )
+
+
+def row_logprobs(reference: QwenVLReference, rows: Sequence[Row]) -> list[torch.Tensor]:
+    """Each row's per-token log-probs of its targets, (T_i,), from one batched forward
+    (:func:`rows_forward`)."""
+    model, device = reference.model, reference.device
+    hidden = rows_forward(reference, rows).last_hidden_state
     out = []
     for i, row in enumerate(rows):
         p, t = len(row.prompt.input_ids), len(row.targets)
